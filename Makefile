@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` and `make test`.
+SHELL := /bin/bash
+VENV  := .venv/bin
+PORT  ?= 6789
+
+.PHONY: run test lint typecheck unit bench clean venv-server venv-test
+
+venv-server:
+	@scripts/bootstrap.sh server
+
+venv-test:
+	@scripts/bootstrap.sh server,test
+
+## run: set up and start a local shardq cluster on loopback (Ctrl-C stops it)
+run: venv-server
+	$(VENV)/shardq up --port $(PORT)
+
+## test: set up and run everything CI runs
+test: venv-test lint typecheck unit
+
+lint:
+	$(VENV)/ruff check sdk node gateway operator tests loadtest
+	$(VENV)/lint-imports
+
+typecheck:
+	$(VENV)/mypy sdk node gateway
+
+unit:
+	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+## bench: the benchmarks, written to BENCHMARKS.md
+bench: venv-test
+	$(VENV)/python loadtest/bench.py --write BENCHMARKS.md
+
+clean:
+	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache

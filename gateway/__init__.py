@@ -1,0 +1,1 @@
+"""shardq.gateway: the stateless router in front of the nodes."""

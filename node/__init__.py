@@ -1,0 +1,1 @@
+"""shardq.node: one storage node (engine, WAL, servers). Import ``Node`` from ``runtime``."""

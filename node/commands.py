@@ -1,0 +1,313 @@
+"""One handler per protocol command: validate, call the engine, shape the answer.
+
+Handlers take the parsed request and the calling session and return the
+answer object (a dict), or ``PENDING`` when a PULL must wait (the runtime
+answers it later). They raise ``ShardqError`` for refusals; the caller turns
+those into ``{"ok":false,...}``. Transport-agnostic: the TCP server and the
+HTTP routes call the same handlers. No I/O here.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+from orjson import Fragment
+
+from shardq import protocol as P
+from shardq.errors import (
+    AuthenticationRequired,
+    CronNotFound,
+    InvalidRequest,
+    InvalidToken,
+    PayloadTooLarge,
+)
+from shardq.job import EVENTS
+
+from .jobs import Job
+
+if TYPE_CHECKING:
+    from .runtime import Node
+
+Answer = dict[str, Any]
+OK: Answer = {"ok": True}
+PENDING: Answer = {"ok": None}  # sentinel: the answer comes later (blocked PULL)
+Handler = Callable[[P.Request, "Caller"], Answer]
+
+
+class Caller(Protocol):
+    """What a handler needs of the connection that sent the command."""
+
+    owner: int
+    authed: bool
+    subscriptions: dict[str, frozenset[str]]
+    pending_rid: str | int | None
+
+
+def raw(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def wire_result(result: bytes | None) -> Any:
+    return None if result is None else Fragment(result)
+
+
+class Commands:
+    """The command table of a node, bound to its runtime."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.engine = node.engine
+        self.max_payload = node.settings.storage.max_payload
+        self.tokens = tuple(t.encode() for t in node.settings.tokens)
+        self.table: dict[str, Handler] = {
+            name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
+        }
+
+    def authenticate(self, token: object) -> bool:
+        if not self.tokens:
+            return True
+        if type(token) is not str:
+            return False
+        given = token.encode()
+        ok = False
+        for known in self.tokens:  # check every token: time does not tell which matched
+            ok |= hmac.compare_digest(given, known)
+        return ok
+
+    def handler(self, cmd: str, caller: Caller) -> Handler:
+        fn = self.table.get(cmd)
+        if fn is None:
+            raise InvalidRequest(f"unknown command '{cmd[:64]}'")
+        if not caller.authed and cmd != "AUTH":
+            raise AuthenticationRequired()
+        return fn
+
+    # -- jobs in ----------------------------------------------------------------------------
+
+    def payload(self, data: Any) -> bytes:
+        blob = orjson.dumps(data)
+        if len(blob) > self.max_payload:
+            raise PayloadTooLarge(len(blob), self.max_payload)
+        return blob
+
+    def push(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        spec = P.job_spec(req)
+        data = self.payload(spec.data)
+        job = self.node.push(queue, [spec], [data])[0]
+        return {"ok": True, "id": job.id}
+
+    def pushb(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        specs = P.check_jobs(req)
+        payload = self.payload
+        jobs = self.node.push(queue, specs, [payload(s.data) for s in specs])
+        return {"ok": True, "ids": [j.id for j in jobs]}
+
+    # -- jobs out -----------------------------------------------------------------------------
+
+    def pull(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        timeout = _timeout(req)
+        jobs = self.engine.pull(queue, caller.owner, 1)
+        if jobs:
+            return {"ok": True, "job": self.node.job_wire(jobs[0])}
+        if timeout == 0:
+            return {"ok": True, "job": None}
+        return self.node.wait(caller, queue, 1, timeout, single=True)
+
+    def pullb(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        count = P.check_count(req, required=True)
+        timeout = _timeout(req)
+        jobs = self.engine.pull(queue, caller.owner, count)
+        if jobs:
+            return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
+        if timeout == 0:
+            return {"ok": True, "jobs": []}
+        return self.node.wait(caller, queue, count, timeout, single=False)
+
+    def ack(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        result = req.get("result")
+        self.engine.ack(job_id, None if result is None else raw(result), _lease(lease))
+        return OK
+
+    def ackb(self, req: P.Request, caller: Caller) -> Answer:
+        ids = P.check_ids(req)
+        results = req.get("results")
+        blobs: list[bytes | None] | None = None
+        if results is not None:
+            if type(results) is not list or len(results) != len(ids):
+                raise InvalidRequest("field 'results' must be an array as long as 'ids'")
+            blobs = [None if r is None else raw(r) for r in results]
+        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs)]}
+
+    def fail(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        error = P.opt_str(req, "error")
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        self.engine.fail(job_id, error, _lease(lease))
+        return OK
+
+    def touch(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        extend = P.opt_int(req, "extend", 1, P.MAX_MS, default=0)
+        deadline = self.engine.touch(job_id, _lease(lease), extend or None)
+        return {"ok": True, "deadline": deadline}
+
+    def cancel(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.cancel(P.check_id(req))
+        return OK
+
+    def progress(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        value = P.check_progress(req)
+        message = P.opt_str(req, "message")
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        self.engine.progress(job_id, value, message, _lease(lease))
+        return OK
+
+    def getprogress(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        value, message = self.engine.get_progress(job_id)
+        return {"ok": True, "progress": {"id": job_id, "progress": value, "message": message}}
+
+    def getresult(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        return {"ok": True, "id": job_id, "result": wire_result(self.engine.get_result(job_id))}
+
+    def getjob(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        found = self.engine.get_job(job_id)
+        if found is None:
+            return {"ok": True, "job": None}
+        if isinstance(found, Job):
+            return {"ok": True, "job": self.node.job_wire(found)}
+        return {
+            "ok": True,
+            "job": {
+                "id": job_id, "state": found.state.value, "finished_at": found.at,
+                "result": wire_result(found.result),
+            },
+        }
+
+    # -- DLQ ----------------------------------------------------------------------------------
+
+    def dlq(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        count = P.check_count(req, required=False, default=100)
+        return {"ok": True, "jobs": [self.node.job_wire(j) for j in self.engine.dlq(queue, count)]}
+
+    def retrydlq(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        job_id = None if req.get("id") is None else P.check_id(req)
+        return {"ok": True, "ids": [self.engine.retry_dlq(queue, job_id)]}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def subscribe(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        events = frozenset(P.check_events(req))
+        self.node.subscribe(caller, queue, events)
+        return OK
+
+    def unsubscribe(self, req: P.Request, caller: Caller) -> Answer:
+        self.node.unsubscribe(caller, P.check_queue(req))
+        return OK
+
+    # -- queue control ------------------------------------------------------------------------
+
+    def pause(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), paused=True)
+        return OK
+
+    def resume(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), paused=False)
+        return OK
+
+    def ratelimit(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        self.engine.set_queue(queue, rate_limit=P.check_limit(req))
+        return OK
+
+    def ratelimitclear(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), rate_limit=None)
+        return OK
+
+    def setconcurrency(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        self.engine.set_queue(queue, concurrency_limit=P.check_limit(req))
+        return OK
+
+    def clearconcurrency(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), concurrency_limit=None)
+        return OK
+
+    # -- cron ---------------------------------------------------------------------------------
+
+    def cron(self, req: P.Request, caller: Caller) -> Answer:
+        name = P.check_str(req, "name")
+        queue = P.check_queue(req)
+        data = self.payload(P.check_data(req))
+        schedule = P.check_str(req, "schedule", 256)
+        priority = P.opt_int(req, "priority", P.MIN_PRIORITY, P.MAX_PRIORITY)
+        self.engine.add_cron(name, queue, data, schedule, priority)
+        return OK
+
+    def crondelete(self, req: P.Request, caller: Caller) -> Answer:
+        if not self.engine.delete_cron(P.check_str(req, "name")):
+            raise CronNotFound()
+        return OK
+
+    def cronlist(self, req: P.Request, caller: Caller) -> Answer:
+        crons = [
+            {
+                "name": name, "queue": e["queue"], "data": Fragment(e["data"]),
+                "schedule": e["schedule"], "priority": e["priority"], "next_run": e["next_run"],
+            }
+            for name, e in sorted(self.engine.crons.entries.items())
+        ]
+        return {"ok": True, "crons": crons}
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def stats(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, **self.node.stats()}
+
+    def metrics(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, "metrics": self.node.metrics()}
+
+    def listqueues(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, "queues": self.node.list_queues()}
+
+    def topology(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, "topology": self.node.topology()}
+
+    def auth(self, req: P.Request, caller: Caller) -> Answer:
+        token = req.get("token")
+        if token is None:
+            raise InvalidRequest("missing field 'token'")
+        if not self.authenticate(token):
+            raise InvalidToken()
+        caller.authed = True
+        return OK
+
+
+def _timeout(req: P.Request) -> int | None:
+    """PULL's wait in ms: None = wait indefinitely (field absent or null)."""
+    if req.get("timeout") is None:
+        return None
+    return P.opt_int(req, "timeout", 0, P.MAX_MS)
+
+
+def _lease(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+__all__ = ["EVENTS", "OK", "PENDING", "Caller", "Commands"]

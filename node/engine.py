@@ -1,0 +1,791 @@
+"""The queue engine of one node: pure, synchronous, no I/O, driven by a clock.
+
+Servers parse a request, call one method here, and reply. Every state change
+goes through ``apply`` with a record (see ``records.py``) that is also appended
+to ``journal``; the runtime drains the journal into the WAL before the reply
+leaves, and recovery feeds the same records back through ``apply``. So the
+live path and the replay path are one code path.
+
+Indexes, one per state: waiting = each queue's ready heap, delayed = the
+``delayed`` timer heap, waiting-children = ``children``, active = ``active``,
+dead = each queue's ``dlq``, completed/cancelled/expired = ``finished``.
+Heaps hold single ints (see ``jobs.ready_key``) and are cleaned lazily: an
+entry whose job is gone or changed is skipped when popped.
+
+Must not: do I/O, read the real time (use ``clock``), or block.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from shardq.errors import (
+    DuplicateJob,
+    InvalidRequest,
+    JobNotActive,
+    JobNotFound,
+    LeaseExpired,
+)
+from shardq.protocol import JobSpec
+from shardq.slots import SLOTS, slot_of
+
+from . import records as R
+from . import state
+from .cron import CronTable
+from .jobs import (
+    ACTIVE,
+    CANCELLED,
+    COMPLETED,
+    DEAD,
+    DELAYED,
+    EXPIRED,
+    ID_MASK,
+    PLAIN,
+    WAITING,
+    WAITING_CHILDREN,
+    Job,
+    JobOpts,
+    Lease,
+    QueueState,
+    TokenBucket,
+    timer_key,
+)
+
+Clock = Callable[[], int]
+Event = tuple[str, str, dict[str, Any]]  # (event, queue, JOB)
+heappush = heapq.heappush
+heappop = heapq.heappop
+#: How a parent's end reads in its children's DLQ error ("Parent job 7 failed").
+_OUTCOME = {DEAD: "failed", CANCELLED: "was cancelled", EXPIRED: "expired"}
+
+
+@dataclass
+class EngineConfig:
+    """Job-model settings of a node (all times in ms)."""
+
+    #: Lease of an active job that has no ``timeout`` of its own; TOUCH/PROGRESS extend it.
+    default_lease_ms: int = 30 * 60 * 1000
+    #: Retry delays are ``backoff * 2**(n-1)``, capped here (or at ``backoff`` if larger).
+    max_backoff_ms: int = 60 * 60 * 1000
+    #: Results (and the final state) of finished jobs are kept this many / this long.
+    results_max: int = 100_000
+    results_ttl_ms: int = 24 * 60 * 60 * 1000
+
+
+class Finished:
+    """What is remembered of a finished job: its final state, when, and its result."""
+
+    __slots__ = ("at", "result", "state")
+
+    def __init__(self, state: Any, at: int, result: bytes | None) -> None:
+        self.state = state
+        self.at = at
+        self.result = result
+
+
+class Engine:
+    """All queues of one node. Every public mutator returns its answer or raises."""
+
+    def __init__(self, clock: Clock, config: EngineConfig | None = None) -> None:
+        self.clock = clock
+        self.config = config or EngineConfig()
+        self.jobs: dict[int, Job] = {}  # every live job: waiting/delayed/children/active/dead
+        self.queues: dict[str, QueueState] = {}
+        self.seqs = [0] * SLOTS  # last seq handed out per slot
+        self.active: dict[int, Lease] = {}
+        self.owned: dict[int, set[int]] = {}  # lease owner -> ids it holds
+        self.delayed: list[int] = []  # timer heap: run_at << 53 | id
+        self.expiries: list[int] = []  # timer heap: created_at + ttl
+        self.deadlines: list[int] = []  # timer heap: lease deadlines
+        self.children: dict[int, set[int]] = {}  # waiting-children: child -> pending parents
+        self.dependents: dict[int, list[int]] = {}  # parent -> children waiting on it
+        self.finished: OrderedDict[int, Finished] = OrderedDict()
+        self.crons = CronTable()
+        self.journal: list[R.Record] = []
+        self.events: list[Event] = []
+        self.wakeups: set[str] = set()  # queues that may now serve a blocked PULL
+        self.watch: dict[str, int] = {}  # queue name ("*" = all) -> subscriber count
+        self.emitting = True  # False while replaying
+        self.total_pushed = 0
+        self.total_completed = 0
+        self.total_failed = 0
+        self.recent: list[tuple[int, int, int]] = []  # (second, completions, sum run ms)
+        self._apply: dict[int, Callable[[Any], Any]] = {
+            R.PUSH: self._a_push, R.START: self._a_start, R.ACK: self._a_ack,
+            R.FAIL: self._a_fail, R.RELEASE: self._a_release, R.TIMEOUT: self._a_timeout,
+            R.PROMOTE: self._a_promote, R.EXPIRE: self._a_expire, R.CANCEL: self._a_cancel,
+            R.PROGRESS: self._a_progress, R.RETRYDLQ: self._a_retry_dlq,
+            R.QUEUE: self._a_queue, R.CRON: self._a_cron, R.CRONDEL: self._a_cron_delete,
+            R.CRONFIRE: self._a_cron_fire, R.SLOT: self._a_slot, R.JOB: self._a_job,
+            R.FINISHED: self._a_finished,
+        }
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def apply(self, rec: R.Record) -> Any:
+        """Apply one record (live or replayed)."""
+        return self._apply[rec[0]](rec)
+
+    def _log(self, rec: R.Record) -> Any:
+        result = self._apply[rec[0]](rec)
+        self.journal.append(rec)
+        return result
+
+    def _emit(self, event: str, job: Job) -> None:
+        watch = self.watch
+        if watch and self.emitting and (job.queue.name in watch or "*" in watch):
+            self.events.append((event, job.queue.name, job.wire()))
+
+    def queue(self, name: str) -> QueueState:
+        q = self.queues.get(name)
+        if q is None:
+            q = self.queues[name] = QueueState(name, slot_of(name))
+        return q
+
+    def _job(self, job_id: int) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def _active(self, job_id: int, lease: int | None, not_found: type[JobNotFound]) -> Job:
+        job = self.jobs.get(job_id)
+        if lease is not None and job is not None:
+            if job.state is not ACTIVE or job.started_at != lease:
+                raise LeaseExpired(job_id)
+            return job
+        if job is None or job.state is not ACTIVE:
+            raise not_found(job_id)
+        return job
+
+    # -- push -------------------------------------------------------------------------------
+
+    def push(self, queue: str, specs: list[JobSpec], payloads: list[bytes]) -> list[Job]:
+        """Create jobs (all or none). ``payloads[i]`` is the raw JSON of ``specs[i].data``."""
+        now = self.clock()
+        q = self.queues.get(queue)
+        unique = q.unique if q is not None else {}
+        seen: set[str] = set()
+        for spec in specs:
+            key = spec.unique_key
+            if key is not None:
+                if key in unique or key in seen:
+                    raise DuplicateJob(key)
+                seen.add(key)
+            if spec.depends_on:
+                for parent in spec.depends_on:
+                    self._check_parent(parent)
+        slot = (q.slot if q is not None else self.queue(queue).slot)
+        seq = self.seqs[slot]
+        rows = []
+        for spec, data in zip(specs, payloads, strict=True):
+            seq += 1
+            rows.append((
+                seq * SLOTS + slot, data, spec.priority, now + spec.delay, spec.max_attempts,
+                spec.backoff, spec.ttl, spec.timeout, spec.unique_key, spec.depends_on,
+            ))
+        jobs: list[Job] = self._log((R.PUSH, now, queue, rows))
+        return jobs
+
+    def _check_parent(self, parent: int) -> None:
+        if parent in self.jobs or parent in self.finished:
+            return
+        seq, slot = divmod(parent, SLOTS)
+        if 0 < seq <= self.seqs[slot]:
+            return  # finished before the retention window: counts as completed
+        raise InvalidRequest(f"depends_on: job {parent} not found")
+
+    def _a_push(self, rec: R.Record) -> list[Job]:
+        _, now, queue, rows = rec
+        q = self.queue(queue)
+        seqs = self.seqs
+        jobs = self.jobs
+        out = []
+        for row in rows:
+            jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps = row
+            if max_att or backoff or ttl or timeout or key is not None or deps:
+                opts = JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps or ()))
+            else:
+                opts = PLAIN
+            job = Job(jid, q, data, prio, now, run_at, opts)
+            jobs[jid] = job
+            seq, slot = divmod(jid, SLOTS)
+            if seq > seqs[slot]:
+                seqs[slot] = seq
+            if key is not None:
+                q.unique[key] = jid
+            if ttl:
+                heappush(self.expiries, timer_key(now + ttl, jid))
+            if deps and self._wait_for_parents(job, deps, now):
+                pass
+            elif run_at > now:
+                job.state = DELAYED
+                q.n_delayed += 1
+                heappush(self.delayed, timer_key(run_at, jid))
+            else:
+                q.n_waiting += 1
+                heappush(q.ready, job.ready_key())
+            out.append(job)
+        if q.n_waiting:
+            self.wakeups.add(queue)
+        q.pushed += len(rows)
+        self.total_pushed += len(rows)
+        return out
+
+    # -- dependencies -----------------------------------------------------------------------
+
+    def _wait_for_parents(self, job: Job, parents: Iterable[int], now: int) -> bool:
+        """Put ``job`` in waiting-children if some parent is unfinished; True if so.
+
+        A parent that is dead, cancelled or expired sends the job to the DLQ at once.
+        """
+        pending = set()
+        for parent in parents:
+            pjob = self.jobs.get(parent)
+            if pjob is not None:
+                if pjob.state is DEAD:
+                    self._kill_child(job, now, f"Parent job {parent} failed")
+                    return True
+                pending.add(parent)
+                continue
+            done = self.finished.get(parent)
+            if done is not None and done.state is not COMPLETED:
+                self._kill_child(job, now, f"Parent job {parent} {_OUTCOME[done.state]}")
+                return True
+        if not pending:
+            return False
+        job.state = WAITING_CHILDREN
+        job.queue.n_children += 1
+        self.children[job.id] = pending
+        for parent in pending:
+            self.dependents.setdefault(parent, []).append(job.id)
+        return True
+
+    def _kill_child(self, job: Job, now: int, error: str) -> None:
+        job.own_opts().error = error
+        self._to_dlq(job, now)
+
+    def _parent_done(self, parent: int, now: int, completed: bool, why: str = "") -> None:
+        """A parent finished: release or kill the children waiting on it (iteratively)."""
+        todo = [(parent, completed, why)]
+        while todo:
+            pid, ok, reason = todo.pop()
+            for child_id in self.dependents.pop(pid, ()):
+                pending = self.children.get(child_id)
+                child = self.jobs.get(child_id)
+                if pending is None or child is None or child.state is not WAITING_CHILDREN:
+                    continue
+                if ok:
+                    pending.discard(pid)
+                    if pending:
+                        continue
+                del self.children[child_id]
+                child.queue.n_children -= 1
+                if ok:
+                    self._make_ready(child, now)
+                else:
+                    child.state = WAITING  # so _to_dlq sees a live job
+                    self._kill_child(child, now, f"Parent job {pid} {reason}")
+                    todo.append((child_id, False, _OUTCOME[DEAD]))
+
+    def _make_ready(self, job: Job, now: int) -> None:
+        q = job.queue
+        if job.run_at > now:
+            job.state = DELAYED
+            q.n_delayed += 1
+            heappush(self.delayed, timer_key(job.run_at, job.id))
+        else:
+            job.state = WAITING
+            q.n_waiting += 1
+            heappush(q.ready, job.ready_key())
+            self.wakeups.add(q.name)
+
+    # -- pull -------------------------------------------------------------------------------
+
+    def pull(self, queue: str, owner: int, count: int = 1) -> list[Job]:
+        """Lease up to ``count`` ready jobs to ``owner``; [] if none may start now."""
+        q = self.queues.get(queue)
+        if q is None or not q.n_waiting or q.paused:
+            return []
+        n = count
+        if q.concurrency:
+            n = min(n, q.concurrency - q.n_active)
+            if n <= 0:
+                return []
+        now = self.clock()
+        if q.rate is not None:
+            n = min(n, q.rate.available(now))
+            if n <= 0:
+                return []
+        heap = q.ready
+        jobs = self.jobs
+        picked = []
+        while heap and len(picked) < n:
+            key = heappop(heap)
+            job = jobs.get(key & ID_MASK)
+            if job is not None and job.state is WAITING and job.ready_key() == key:
+                picked.append(job)
+        if not picked:
+            return []
+        if q.rate is not None:
+            q.rate.take(len(picked))
+        self._log((R.START, now, [j.id for j in picked]))
+        if owner:
+            held = self.owned.get(owner)
+            if held is None:
+                held = self.owned[owner] = set()
+            for job in picked:
+                self.active[job.id].owner = owner
+                held.add(job.id)
+        return picked
+
+    def _a_start(self, rec: R.Record) -> None:
+        _, now, ids = rec
+        default_lease = self.config.default_lease_ms
+        for jid in ids:
+            job = self.jobs[jid]
+            q = job.queue
+            q.n_waiting -= 1
+            q.n_active += 1
+            job.state = ACTIVE
+            job.started_at = now if now > job.started_at else job.started_at + 1
+            deadline = job.started_at + (job.opts.timeout or default_lease)
+            self.active[jid] = Lease(0, deadline)
+            heappush(self.deadlines, timer_key(deadline, jid))
+
+    def blocked_until(self, queue: str) -> int | None:
+        """When a rate-limited queue with ready jobs gets its next token (else None)."""
+        q = self.queues.get(queue)
+        if q is None or q.rate is None or not q.n_waiting or q.paused:
+            return None
+        now = self.clock()
+        at = q.rate.next_token_at(now)
+        return at if at > now else None
+
+    # -- finishing an attempt ---------------------------------------------------------------
+
+    def _end_attempt(self, job: Job) -> None:
+        lease = self.active.pop(job.id)
+        if lease.owner:
+            held = self.owned.get(lease.owner)
+            if held is not None:
+                held.discard(job.id)
+                if not held:
+                    del self.owned[lease.owner]
+        q = job.queue
+        q.n_active -= 1
+        if q.concurrency:
+            self.wakeups.add(q.name)
+
+    def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound)
+        self._log((R.ACK, self.clock(), [job_id], None if result is None else [result]))
+
+    def ack_batch(self, ids: list[int], results: list[bytes | None] | None = None) -> int:
+        """Ack every id that is active; returns how many were."""
+        picked: list[int] = []
+        seen: set[int] = set()
+        picked_results = []
+        for i, jid in enumerate(ids):
+            job = self.jobs.get(jid)
+            if job is not None and job.state is ACTIVE and jid not in seen:
+                seen.add(jid)
+                picked.append(jid)
+                picked_results.append(results[i] if results else None)
+        if picked:
+            self._log((R.ACK, self.clock(), picked, picked_results if results else None))
+        return len(picked)
+
+    def _a_ack(self, rec: R.Record) -> None:
+        _, now, ids, results = rec
+        for i, jid in enumerate(ids):
+            job = self.jobs[jid]
+            self._end_attempt(job)
+            q = job.queue
+            q.completed += 1
+            self.total_completed += 1
+            self._note_run(now, now - job.started_at)
+            self._finish(job, COMPLETED, now, results[i] if results else None)
+            self._emit("completed", job)
+            if jid in self.dependents:
+                self._parent_done(jid, now, True)
+
+    def _note_run(self, now: int, run_ms: int) -> None:
+        sec = now // 1000
+        recent = self.recent
+        if recent and recent[-1][0] == sec:
+            s, n, total = recent[-1]
+            recent[-1] = (s, n + 1, total + run_ms)
+        else:
+            recent.append((sec, 1, run_ms))
+            if len(recent) > 10:
+                del recent[0]
+
+    def _finish(self, job: Job, state: Any, now: int, result: bytes | None) -> None:
+        """Remove a job from the live index, release its key, remember its outcome."""
+        del self.jobs[job.id]
+        job.state = state
+        key = job.opts.unique_key
+        if key is not None and job.queue.unique.get(key) == job.id:
+            del job.queue.unique[key]
+        finished = self.finished
+        finished[job.id] = Finished(state, now, result)
+        if len(finished) > self.config.results_max:
+            finished.popitem(last=False)
+
+    def fail(self, job_id: int, error: str | None = None, lease: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound)
+        self._log((R.FAIL, self.clock(), job_id, error))
+
+    def _a_fail(self, rec: R.Record) -> None:
+        _, now, jid, error = rec
+        job = self.jobs[jid]
+        self._end_attempt(job)
+        self._failed_attempt(job, now, error, backoff=True)
+
+    def _failed_attempt(self, job: Job, now: int, error: str | None, backoff: bool) -> None:
+        job.attempts += 1
+        q = job.queue
+        q.failed += 1
+        self.total_failed += 1
+        if error is not None or job.opts.error is not None:
+            job.own_opts().error = error
+        self._emit("failed", job)
+        o = job.opts
+        if o.max_attempts and job.attempts >= o.max_attempts:
+            self._to_dlq(job, now)
+            return
+        q.retried += 1
+        delay = self.backoff_delay(o.backoff, job.attempts) if backoff else 0
+        if delay:
+            job.run_at = now + delay
+            job.state = DELAYED
+            q.n_delayed += 1
+            heappush(self.delayed, timer_key(job.run_at, job.id))
+        else:
+            job.state = WAITING
+            q.n_waiting += 1
+            heappush(q.ready, job.ready_key())
+            self.wakeups.add(q.name)
+        self._emit("retrying", job)
+
+    def backoff_delay(self, backoff: int, attempt: int) -> int:
+        """Wait after the ``attempt``-th failure: ``backoff * 2**(attempt-1)``, capped."""
+        if not backoff:
+            return 0
+        cap = max(self.config.max_backoff_ms, backoff)
+        return min(backoff << min(attempt - 1, 62), cap)
+
+    def _to_dlq(self, job: Job, now: int) -> None:
+        job.state = DEAD
+        q = job.queue
+        q.dlq[job.id] = job
+        q.dead_total += 1
+        self._emit("dead", job)
+        if job.id in self.dependents:
+            self._parent_done(job.id, now, False, _OUTCOME[DEAD])
+
+    def touch(self, job_id: int, lease: int | None = None, extend: int | None = None) -> int:
+        """Extend an active job's lease; returns the new deadline (not logged)."""
+        job = self._active(job_id, lease, JobNotActive)
+        return self._extend(job, extend)
+
+    def _extend(self, job: Job, extend: int | None) -> int:
+        now = self.clock()
+        deadline = now + (extend or job.opts.timeout or self.config.default_lease_ms)
+        held = self.active[job.id]
+        if deadline > held.deadline:
+            held.deadline = deadline
+            heappush(self.deadlines, timer_key(deadline, job.id))
+        return held.deadline
+
+    def release_owner(self, owner: int, reason: str = "worker disconnected") -> int:
+        """Return every job ``owner`` holds to its queue (a counted attempt)."""
+        held = self.owned.get(owner)
+        if not held:
+            return 0
+        return self.release(sorted(held), reason)
+
+    def release(self, ids: list[int], reason: str) -> int:
+        ids = [j for j in ids if j in self.active]
+        if ids:
+            self._log((R.RELEASE, self.clock(), ids, reason))
+        return len(ids)
+
+    def _a_release(self, rec: R.Record) -> None:
+        _, now, ids, reason = rec
+        for jid in ids:
+            job = self.jobs[jid]
+            self._end_attempt(job)
+            self._failed_attempt(job, now, f"lease lost: {reason}", backoff=False)
+
+    def _a_timeout(self, rec: R.Record) -> None:
+        _, now, jid = rec
+        job = self.jobs[jid]
+        ran = now - job.started_at
+        self._end_attempt(job)
+        self._emit("timeout", job)
+        self._failed_attempt(job, now, f"Job timed out after {ran} ms", backoff=True)
+
+    # -- cancel, progress, results ------------------------------------------------------------
+
+    def cancel(self, job_id: int) -> None:
+        self._job(job_id)
+        self._log((R.CANCEL, self.clock(), job_id))
+
+    def _a_cancel(self, rec: R.Record) -> None:
+        _, now, jid = rec
+        job = self.jobs[jid]
+        self._leave_state(job)
+        self._finish(job, CANCELLED, now, None)
+        if jid in self.dependents:
+            self._parent_done(jid, now, False, _OUTCOME[CANCELLED])
+
+    def _leave_state(self, job: Job) -> None:
+        """Take a live job out of its state's index (heaps are cleaned lazily)."""
+        q = job.queue
+        state = job.state
+        if state is WAITING:
+            q.n_waiting -= 1
+        elif state is DELAYED:
+            q.n_delayed -= 1
+        elif state is WAITING_CHILDREN:
+            q.n_children -= 1
+            self.children.pop(job.id, None)
+        elif state is ACTIVE:
+            self._end_attempt(job)
+        elif state is DEAD:
+            del q.dlq[job.id]
+
+    def progress(
+        self, job_id: int, progress: int, message: str | None, lease: int | None = None
+    ) -> None:
+        job = self._active(job_id, lease, JobNotActive)
+        self._log((R.PROGRESS, self.clock(), job_id, progress, message))
+        self._extend(job, None)
+
+    def _a_progress(self, rec: R.Record) -> None:
+        _, _now, jid, progress, message = rec
+        job = self.jobs[jid]
+        opts = job.own_opts()
+        opts.progress = progress
+        opts.progress_msg = message
+        self._emit("progress", job)
+
+    def get_progress(self, job_id: int) -> tuple[int, str | None]:
+        job = self._job(job_id)
+        return job.opts.progress, job.opts.progress_msg
+
+    def get_result(self, job_id: int) -> bytes | None:
+        done = self.finished.get(job_id)
+        return done.result if done is not None else None
+
+    def get_job(self, job_id: int) -> Job | Finished | None:
+        return self.jobs.get(job_id) or self.finished.get(job_id)
+
+    # -- DLQ ----------------------------------------------------------------------------------
+
+    def dlq(self, queue: str, count: int = 100) -> list[Job]:
+        q = self.queues.get(queue)
+        if q is None:
+            return []
+        out = []
+        for job in q.dlq.values():
+            if len(out) >= count:
+                break
+            out.append(job)
+        return out
+
+    def retry_dlq(self, queue: str, job_id: int | None = None) -> int:
+        q = self.queues.get(queue)
+        if q is None or not q.dlq:
+            return 0
+        if job_id is None:
+            ids = list(q.dlq)
+        elif job_id in q.dlq:
+            ids = [job_id]
+        else:
+            return 0
+        self._log((R.RETRYDLQ, self.clock(), queue, ids))
+        return len(ids)
+
+    def _a_retry_dlq(self, rec: R.Record) -> None:
+        _, now, queue, ids = rec
+        q = self.queues[queue]
+        for jid in ids:
+            job = q.dlq.pop(jid)
+            job.attempts = 0
+            job.run_at = now
+            job.own_opts().error = None
+            if not (job.opts.depends_on and self._wait_for_parents(job, job.opts.depends_on, now)):
+                self._make_ready(job, now)
+
+    # -- queue settings -----------------------------------------------------------------------
+
+    def set_queue(self, queue: str, **changes: Any) -> None:
+        """Pause/resume and limits: ``paused``, ``rate_limit``, ``concurrency_limit``."""
+        settings = self.queue(queue).settings()
+        settings.update(changes)
+        self._log((R.QUEUE, self.clock(), queue, settings))
+
+    def _a_queue(self, rec: R.Record) -> None:
+        _, now, queue, settings = rec
+        q = self.queue(queue)
+        q.paused = bool(settings.get("paused"))
+        rate = settings.get("rate_limit")
+        if not rate:
+            q.rate = None
+        elif q.rate is None or q.rate.limit != rate:
+            q.rate = TokenBucket(rate, now)
+        q.concurrency = settings.get("concurrency_limit") or 0
+        self.wakeups.add(queue)
+
+    # -- cron -----------------------------------------------------------------------------------
+
+    def add_cron(self, name: str, queue: str, data: bytes, schedule: str, priority: int) -> None:
+        now = self.clock()
+        next_run = self.crons.first_run(schedule, now)
+        spec = {
+            "queue": queue, "data": data, "schedule": schedule, "priority": priority,
+            "next_run": next_run,
+        }
+        self._log((R.CRON, now, name, spec))
+
+    def delete_cron(self, name: str) -> bool:
+        if name not in self.crons.entries:
+            return False
+        self._log((R.CRONDEL, self.clock(), name))
+        return True
+
+    def _a_cron(self, rec: R.Record) -> None:
+        _, _now, name, spec = rec
+        self.crons.set(name, spec)
+
+    def _a_cron_delete(self, rec: R.Record) -> None:
+        self.crons.entries.pop(rec[2], None)
+
+    def _a_cron_fire(self, rec: R.Record) -> None:
+        _, _now, name, next_run = rec
+        entry = self.crons.entries.get(name)
+        if entry is not None:
+            entry["next_run"] = next_run
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def next_deadline(self) -> int | None:
+        """The earliest time ``tick`` has something to do (may be a stale entry)."""
+        best = None
+        for heap in (self.delayed, self.expiries, self.deadlines):
+            if heap:
+                at = heap[0] >> 53
+                if best is None or at < best:
+                    best = at
+        cron_at = self.crons.next_due()
+        if cron_at is not None and (best is None or cron_at < best):
+            best = cron_at
+        for at in self.result_expiry():
+            if best is None or at < best:
+                best = at
+        return best
+
+    def result_expiry(self) -> Iterable[int]:
+        if self.finished:
+            first = next(iter(self.finished.values()))
+            yield first.at + self.config.results_ttl_ms
+
+    def tick(self) -> None:
+        """Do everything that is due: promotions, expiries, timeouts, crons, result eviction."""
+        now = self.clock()
+        self._promote_due(now)
+        self._expire_due(now)
+        self._timeout_due(now)
+        self._fire_crons(now)
+        ttl = self.config.results_ttl_ms
+        finished = self.finished
+        while finished:
+            first = next(iter(finished.values()))
+            if first.at + ttl > now:
+                break
+            finished.popitem(last=False)
+
+    def _due(self, heap: list[int], now: int) -> list[int]:
+        limit = (now + 1) << 53
+        ids = []
+        while heap and heap[0] < limit:
+            ids.append(heappop(heap) & ID_MASK)
+        return ids
+
+    def _promote_due(self, now: int) -> None:
+        jobs = self.jobs
+        ids = [
+            jid for jid in self._due(self.delayed, now)
+            if (job := jobs.get(jid)) is not None and job.state is DELAYED and job.run_at <= now
+        ]
+        if ids:
+            self._log((R.PROMOTE, now, ids))
+
+    def _a_promote(self, rec: R.Record) -> None:
+        _, _now, ids = rec
+        for jid in ids:
+            job = self.jobs[jid]
+            q = job.queue
+            q.n_delayed -= 1
+            q.n_waiting += 1
+            job.state = WAITING
+            heappush(q.ready, job.ready_key())
+            self.wakeups.add(q.name)
+
+    def _expire_due(self, now: int) -> None:
+        jobs = self.jobs
+        ids = []
+        for jid in self._due(self.expiries, now):
+            job = jobs.get(jid)
+            if (
+                job is not None and job.started_at == 0
+                and job.state in (WAITING, DELAYED, WAITING_CHILDREN)
+                and job.created_at + job.opts.ttl <= now
+            ):
+                ids.append(jid)
+        if ids:
+            self._log((R.EXPIRE, now, ids))
+
+    def _a_expire(self, rec: R.Record) -> None:
+        _, now, ids = rec
+        for jid in ids:
+            job = self.jobs[jid]
+            self._leave_state(job)
+            job.queue.expired += 1
+            self._finish(job, EXPIRED, now, None)
+            self._emit("expired", job)
+            if jid in self.dependents:
+                self._parent_done(jid, now, False, _OUTCOME[EXPIRED])
+
+    def _timeout_due(self, now: int) -> None:
+        for jid in self._due(self.deadlines, now):
+            lease = self.active.get(jid)
+            if lease is not None and lease.deadline <= now:
+                self._log((R.TIMEOUT, now, jid))
+
+    def _fire_crons(self, now: int) -> None:
+        for name, entry in self.crons.due(now):
+            next_run = self.crons.next_run(entry["schedule"], now)
+            self._log((R.CRONFIRE, now, name, next_run))
+            spec = JobSpec(None, entry["priority"])
+            self.push(entry["queue"], [spec], [entry["data"]])
+
+    # -- snapshot records ---------------------------------------------------------------------
+
+    def _a_slot(self, rec: R.Record) -> None:
+        _, _now, slot, seq = rec
+        if seq > self.seqs[slot]:
+            self.seqs[slot] = seq
+
+    def _a_job(self, rec: R.Record) -> None:
+        state.load_job(self, rec)
+
+    def _a_finished(self, rec: R.Record) -> None:
+        state.load_finished(self, rec)

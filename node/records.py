@@ -1,0 +1,87 @@
+"""Every record the node persists: the WAL record types and the snapshot format.
+
+This module is the one place that lists them; each is a JSON array whose
+first element is the type code and whose second is the time (ms) the change
+happened. The engine produces them (``Engine.journal``) and applies them
+(``Engine.apply``) with the same code live and in recovery, so a replay
+rebuilds exactly the state the live node had. Payloads (``data``, results)
+are embedded as raw JSON.
+
+WAL records (one per state change, appended before the reply is sent):
+
+  PUSH      [1, t, queue, [JOBSPEC, ...]]   jobs created at t (PUSH: one, PUSHB: many)
+            JOBSPEC = [id, data, priority, run_at, max_attempts, backoff, ttl, timeout,
+                       unique_key, depends_on]
+  START     [2, t, [id, ...]]               jobs pulled; their attempt (lease token) starts at t
+  ACK       [3, t, [id, ...], results|null] attempts completed; results[i] belongs to id[i]
+  FAIL      [4, t, id, error]               attempt failed by the worker: retry or DLQ
+  RELEASE   [5, t, [id, ...], reason]       leases lost (worker gone, recovery): counted attempt,
+                                            back to waiting at once, or DLQ when exhausted
+  TIMEOUT   [6, t, id]                      lease/timeout passed: a failed attempt with backoff
+  PROMOTE   [7, t, [id, ...]]               delayed -> waiting (run_at reached)
+  EXPIRE    [8, t, [id, ...]]               ttl passed before the job was ever pulled
+  CANCEL    [9, t, id]                      cancelled (any live state)
+  PROGRESS  [10, t, id, progress, message]
+  RETRYDLQ  [11, t, queue, [id, ...]]       dead -> waiting with attempts 0
+  QUEUE     [12, t, queue, SETTINGS]        pause/resume, rate and concurrency limits
+            SETTINGS = {"paused": bool, "rate_limit": int|null, "concurrency_limit": int|null}
+  CRON      [13, t, name, CRONSPEC]         cron created or replaced
+            CRONSPEC = {"queue", "data", "schedule", "priority", "next_run"}
+  CRONDEL   [14, t, name]                   cron deleted
+  CRONFIRE  [15, t, name, next_run]         cron fired at t (its job is the PUSH record after it)
+  TOUCH is not logged: leases do not survive a restart (recovered active jobs are released).
+
+Snapshot (a file of the same framing; SNAP_BEGIN first, SNAP_END last, anything else
+between is state, in this order per slot):
+
+  SNAP_BEGIN [100, t, format_version, wal_position]
+  SLOT       [101, t, slot, next_seq]       the id counter of a slot (ids never reused)
+  QUEUE      [12, t, queue, SETTINGS]       (same record as in the WAL)
+  JOB        [103, t, queue, JOBSTATE]      one live job
+             JOBSTATE = [id, data, priority, created_at, run_at, started_at, attempts, state,
+                         max_attempts, backoff, ttl, timeout, unique_key, depends_on,
+                         progress, progress_msg, error, pending_parents]
+  FINISHED   [104, t, id, state, result]    a completed/cancelled/expired job kept for results
+  CRON       [13, t, name, CRONSPEC]
+  SNAP_END   [199, t, record_count]
+
+A slot export for a move (DESIGN §5) is the snapshot format restricted to that slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PUSH = 1
+START = 2
+ACK = 3
+FAIL = 4
+RELEASE = 5
+TIMEOUT = 6
+PROMOTE = 7
+EXPIRE = 8
+CANCEL = 9
+PROGRESS = 10
+RETRYDLQ = 11
+QUEUE = 12
+CRON = 13
+CRONDEL = 14
+CRONFIRE = 15
+
+SNAP_BEGIN = 100
+SLOT = 101
+JOB = 103
+FINISHED = 104
+SNAP_END = 199
+
+SNAPSHOT_FORMAT = 1
+
+NAMES = {
+    PUSH: "PUSH", START: "START", ACK: "ACK", FAIL: "FAIL", RELEASE: "RELEASE",
+    TIMEOUT: "TIMEOUT", PROMOTE: "PROMOTE", EXPIRE: "EXPIRE", CANCEL: "CANCEL",
+    PROGRESS: "PROGRESS", RETRYDLQ: "RETRYDLQ", QUEUE: "QUEUE", CRON: "CRON",
+    CRONDEL: "CRONDEL", CRONFIRE: "CRONFIRE", SNAP_BEGIN: "SNAP_BEGIN", SLOT: "SLOT",
+    JOB: "JOB", FINISHED: "FINISHED", SNAP_END: "SNAP_END",
+}
+
+Record = list[Any] | tuple[Any, ...]

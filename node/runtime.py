@@ -1,0 +1,397 @@
+"""A running node: the engine, its log, timers, blocked pulls, subscribers, servers.
+
+The runtime turns engine calls into durable, ordered answers. After each
+batch of commands it drains the engine's journal into the log, tags every
+answer with the log position it depends on, and lets an answer out only when
+the log says that position is durable (group commit, DESIGN §4). It also
+wakes blocked PULLs, delivers events, and runs the engine's timers.
+
+Must not: change engine state except through engine methods, or block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from shardq import protocol as P
+from shardq.errors import ShardqError
+from shardq.protocol import JobSpec
+
+from .commands import OK, PENDING, Answer, Caller, Commands
+from .engine import Engine
+from .jobs import Job
+from .settings import NodeSettings
+
+if TYPE_CHECKING:
+    from .server_tcp import Session
+
+log = logging.getLogger("shardq.node")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MemoryLog:
+    """A log that keeps nothing: every append is durable at once (no data dir)."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.durable = 0
+
+    def append(self, records: list[Any]) -> None:
+        self.seq += len(records)
+        self.durable = self.seq
+
+    def writable(self) -> None:
+        """Raise if writes are refused (the WAL raises StorageFailed)."""
+
+
+class Waiter:
+    """A PULL/PULLB waiting for jobs."""
+
+    __slots__ = ("caller", "count", "done", "queue", "single", "timer")
+
+    def __init__(self, caller: Session, queue: str, count: int, single: bool) -> None:
+        self.caller = caller
+        self.queue = queue
+        self.count = count
+        self.single = single
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+
+class Node:
+    """One storage node (DESIGN §4)."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        clock: Callable[[], int] = wall_clock_ms,
+        engine: Engine | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.engine = engine or Engine(clock, settings.engine)
+        self.log: Any = MemoryLog()
+        self.commands = Commands(self)
+        self.sessions: set[Session] = set()
+        self.waiters: dict[str, deque[Waiter]] = {}
+        self.subscribers: dict[str, set[Session]] = {}
+        self._next_owner = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: int | None = None
+        self._rate_timers: dict[str, asyncio.TimerHandle] = {}
+        self._outbox: list[tuple[Session, list[bytes]]] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.started_at = clock()
+        self.ready = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from .server_tcp import start_tcp
+
+        s = self.settings
+        self.servers.append(await start_tcp(self, s.host, s.port))
+        self.ready = True
+        self.schedule_timer()
+
+    @property
+    def tcp_port(self) -> int:
+        sock = self.servers[0].sockets[0]
+        port: int = sock.getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        self.ready = False
+        for server in self.servers:
+            server.close()
+        for session in list(self.sessions):
+            session.close()
+        for server in self.servers:
+            await server.wait_closed()
+        if self._timer:
+            self._timer.cancel()
+        for handle in self._rate_timers.values():
+            handle.cancel()
+
+    def new_owner(self) -> int:
+        self._next_owner += 1
+        return self._next_owner
+
+    # -- executing lines ----------------------------------------------------------------------
+
+    def execute(self, line: bytes, caller: Caller) -> bytes | None:
+        """Run one request line; its encoded answer, or None if it waits (PENDING)."""
+        rid = None
+        try:
+            req = P.parse_line(line)
+            rid = P.req_id_of(req)
+            handler = self.commands.handler(P.command_of(req), caller)
+            answer = handler(req, caller)
+        except ShardqError as exc:
+            return P.error_answer(exc.text, rid)
+        if answer is PENDING:
+            caller.pending_rid = rid
+            return None
+        return _encode(answer, rid)
+
+    def push(self, queue: str, specs: list[JobSpec], payloads: list[bytes]) -> list[Job]:
+        self.log.writable()
+        return self.engine.push(queue, specs, payloads)
+
+    def job_wire(self, job: Job) -> dict[str, Any]:
+        return job.wire()
+
+    def flush(self) -> int:
+        """Drain the engine's journal into the log; the position answers now depend on."""
+        journal = self.engine.journal
+        if journal:
+            self.log.append(journal)
+            self.engine.journal = []
+        return int(self.log.seq)
+
+    def after_batch(self) -> None:
+        """After commands ran: wake waiters, deliver events, flush, send, re-arm timers."""
+        engine = self.engine
+        if engine.wakeups:
+            woken = engine.wakeups
+            engine.wakeups = set()
+            for queue in woken:
+                if queue in self.waiters:
+                    self._serve(queue)
+        if engine.events:
+            self._deliver_events()
+        tag = self.flush()
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            for session, lines in outbox:
+                session.send(lines, tag)
+        self.schedule_timer()
+
+    def released(self) -> None:
+        """The log made more records durable: let held answers out."""
+        durable = self.log.durable
+        for session in list(self.sessions):
+            if session.held:
+                session.release(durable)
+
+    # -- blocked pulls ------------------------------------------------------------------------
+
+    def wait(
+        self, caller: Caller, queue: str, count: int, timeout: int | None, single: bool
+    ) -> Answer:
+        session: Session = caller  # type: ignore[assignment]
+        waiter = Waiter(session, queue, count, single)
+        self.waiters.setdefault(queue, deque()).append(waiter)
+        session.waiter = waiter
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            waiter.timer = loop.call_later(timeout / 1000, self._expire_waiter, waiter)
+        self._arm_rate_timer(queue)
+        return PENDING
+
+    def _finish_waiter(self, waiter: Waiter, answer: Answer) -> None:
+        waiter.done = True
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        session = waiter.caller
+        session.waiter = None
+        self._outbox.append((session, [_encode(answer, session.pending_rid)]))
+        asyncio.get_running_loop().call_soon(session.resume)
+
+    def _expire_waiter(self, waiter: Waiter) -> None:
+        if waiter.done:
+            return
+        queue = self.waiters.get(waiter.queue)
+        if queue is not None:
+            try:
+                queue.remove(waiter)
+            except ValueError:
+                pass
+            if not queue:
+                del self.waiters[waiter.queue]
+        self._finish_waiter(waiter, _empty(waiter))
+        self.after_batch()
+
+    def drop_waiter(self, session: Session) -> None:
+        waiter = session.waiter
+        if waiter is None:
+            return
+        waiter.done = True
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        queue = self.waiters.get(waiter.queue)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if not queue:
+                del self.waiters[waiter.queue]
+
+    def _serve(self, queue: str) -> None:
+        waiters = self.waiters[queue]
+        engine = self.engine
+        while waiters:
+            waiter = waiters[0]
+            jobs = engine.pull(queue, waiter.caller.owner, waiter.count)
+            if not jobs:
+                break
+            waiters.popleft()
+            wire = [self.job_wire(j) for j in jobs]
+            answer = {"ok": True, "job": wire[0]} if waiter.single else {"ok": True, "jobs": wire}
+            self._finish_waiter(waiter, answer)
+        if not waiters:
+            del self.waiters[queue]
+        else:
+            self._arm_rate_timer(queue)
+
+    def _arm_rate_timer(self, queue: str) -> None:
+        """A rate-limited queue with ready jobs: look again when the next token is in."""
+        at = self.engine.blocked_until(queue)
+        if at is None or queue in self._rate_timers:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (at - self.clock()) / 1000)
+        self._rate_timers[queue] = loop.call_later(delay, self._rate_wake, queue)
+
+    def _rate_wake(self, queue: str) -> None:
+        self._rate_timers.pop(queue, None)
+        self.engine.wakeups.add(queue)
+        self.after_batch()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def subscribe(self, caller: Caller, queue: str, events: frozenset[str]) -> None:
+        session: Session = caller  # type: ignore[assignment]
+        if queue not in session.subscriptions:
+            self.engine.watch[queue] = self.engine.watch.get(queue, 0) + 1
+            self.subscribers.setdefault(queue, set()).add(session)
+        session.subscriptions[queue] = events
+
+    def unsubscribe(self, caller: Caller, queue: str) -> None:
+        session: Session = caller  # type: ignore[assignment]
+        if session.subscriptions.pop(queue, None) is None:
+            return
+        watch = self.engine.watch
+        watch[queue] -= 1
+        if not watch[queue]:
+            del watch[queue]
+        subs = self.subscribers.get(queue)
+        if subs is not None:
+            subs.discard(session)
+            if not subs:
+                del self.subscribers[queue]
+
+    def _deliver_events(self) -> None:
+        events, self.engine.events = self.engine.events, []
+        for event, queue, job in events:
+            line = None
+            for key in (queue, "*"):
+                for session in self.subscribers.get(key, ()):
+                    if event in session.subscriptions.get(key, ()):
+                        if line is None:
+                            line = orjson.dumps({"event": event, "queue": queue, "job": job})
+                        if session.push_event(line):
+                            self._outbox.append((session, [line + b"\n"]))
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def schedule_timer(self) -> None:
+        at = self.engine.next_deadline()
+        if at is None or (self._timer_at is not None and self._timer_at <= at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = at
+        self._timer = loop.call_later(max(0.0, (at - self.clock()) / 1000), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.engine.tick()
+        except ShardqError as exc:  # storage refused: try again shortly
+            log.warning("timer work postponed: %s", exc)
+        self.after_batch()
+
+    # -- connections --------------------------------------------------------------------------
+
+    def closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.drop_waiter(session)
+        for queue in list(session.subscriptions):
+            self.unsubscribe(session, queue)
+        if self.engine.release_owner(session.owner, "worker disconnected"):
+            self.after_batch()
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        queued = processing = delayed = dlq = children = 0
+        for q in self.engine.queues.values():
+            queued += q.n_waiting
+            processing += q.n_active
+            delayed += q.n_delayed
+            children += q.n_children
+            dlq += len(q.dlq)
+        return {
+            "queued": queued, "processing": processing, "delayed": delayed, "dlq": dlq,
+            "waiting_children": children,
+        }
+
+    def list_queues(self) -> list[dict[str, Any]]:
+        out = []
+        for name in sorted(self.engine.queues):
+            q = self.engine.queues[name]
+            out.append({
+                "name": name, "pending": q.pending, "processing": q.n_active, "dlq": len(q.dlq),
+                "paused": q.paused, "rate_limit": q.rate.limit if q.rate else None,
+                "concurrency_limit": q.concurrency or None, "waiting": q.n_waiting,
+                "delayed": q.n_delayed, "waiting_children": q.n_children,
+            })
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        e = self.engine
+        now_s = self.clock() // 1000
+        window = [r for r in e.recent if r[0] >= now_s - 10]
+        completions = sum(r[1] for r in window)
+        run_ms = sum(r[2] for r in window)
+        seconds = max(1, min(10, now_s - window[0][0] + 1)) if window else 1
+        return {
+            "total_pushed": e.total_pushed,
+            "total_completed": e.total_completed,
+            "total_failed": e.total_failed,
+            "jobs_per_second": float(completions) / seconds,
+            "avg_latency_ms": float(run_ms) / completions if completions else 0.0,
+            "queues": [
+                {
+                    "name": q["name"], "pending": q["pending"], "processing": q["processing"],
+                    "dlq": q["dlq"], "rate_limit": q["rate_limit"],
+                }
+                for q in self.list_queues()
+            ],
+        }
+
+    def topology(self) -> dict[str, Any] | None:
+        return None
+
+
+def _encode(answer: Answer, rid: str | int | None) -> bytes:
+    if rid is None:
+        if answer is OK:
+            return P.OK_LINE
+        return orjson.dumps(answer) + b"\n"
+    return orjson.dumps({**answer, "reqId": rid}) + b"\n"
+
+
+def _empty(waiter: Waiter) -> Answer:
+    return {"ok": True, "job": None} if waiter.single else {"ok": True, "jobs": []}

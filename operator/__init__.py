@@ -1,0 +1,1 @@
+"""shardq.operator: the kopf operator and the rebalancer that moves slots."""

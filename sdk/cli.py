@@ -1,0 +1,226 @@
+"""The ``shardq`` command line (DESIGN §8: its flags are a contract).
+
+Every flag is also an environment variable: ``--data-dir`` is
+``SHARDQ_DATA_DIR``, ``--port`` is ``SHARDQ_PORT``, and so on; a flag given on
+the command line wins. Server sub-commands import server code lazily, so the
+SDK alone can run the client sub-commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from shardq.errors import ShardqError
+
+
+def _env_name(flag: str) -> str:
+    return "SHARDQ_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    default: Any = None,
+    type: Callable[[str], Any] = str,
+    help: str = "",
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Add ``--flag`` whose default comes from ``SHARDQ_FLAG`` when set."""
+    environ = os.environ if env is None else env
+    name = _env_name(flag)
+    if name in environ:
+        default = type(environ[name])
+    parser.add_argument(flag, default=default, type=type,
+                        help=f"{help} [env {name}]".strip(), **kwargs)
+
+
+def _tokens(value: str) -> tuple[str, ...]:
+    return tuple(t for t in value.split(",") if t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardq", description="shardq job queue")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run one storage node")
+    _server_flags(node)
+    _flag(node, "--name", "node-0", help="node name in the topology")
+    _flag(node, "--data-dir", None, help="directory for WAL, snapshots, blobs (none = memory)")
+    _flag(node, "--fsync", "always", help="always | everysec | never",
+          choices=["always", "everysec", "never"])
+    _flag(node, "--cluster-token", None, help="token for internal cluster commands")
+    _flag(node, "--default-lease-ms", 30 * 60 * 1000, int, "lease of jobs without timeout")
+    _flag(node, "--max-payload", 8 * 1024 * 1024, int, "largest payload accepted (bytes)")
+    _flag(node, "--max-line", 16 * 1024 * 1024, int, "longest request line accepted (bytes)")
+
+    up = sub.add_parser("up", help="run a local cluster on loopback in the foreground")
+    _server_flags(up)
+    _flag(up, "--nodes", 1, int, help="number of nodes")
+    _flag(up, "--data-dir", None, help="data directory (one sub-directory per node)")
+    _flag(up, "--fsync", "always", help="always | everysec | never",
+          choices=["always", "everysec", "never"])
+
+    for name, helptext in (("push", "push one job"), ("pull", "pull one job and print it"),
+                           ("stats", "print STATS"), ("queues", "list queues")):
+        p = sub.add_parser(name, help=helptext)
+        _client_flags(p)
+        if name == "push":
+            p.add_argument("queue")
+            p.add_argument("data", help="the job's JSON payload")
+            p.add_argument("--priority", type=int, default=0)
+            p.add_argument("--delay", type=int, default=None, help="ms")
+            p.add_argument("--max-attempts", type=int, default=None)
+            p.add_argument("--backoff", type=int, default=None, help="ms")
+            p.add_argument("--unique-key", default=None)
+        elif name == "pull":
+            p.add_argument("queue")
+            p.add_argument("--timeout", type=int, default=5000, help="ms to wait")
+            p.add_argument("--ack", action="store_true", help="ack the job right away")
+    return parser
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    _flag(p, "--host", "127.0.0.1", help="address to listen on")
+    _flag(p, "--port", 6789, int, help="TCP port")
+    _flag(p, "--http-port", 6790, int, help="HTTP port (0 = off)")
+    _flag(p, "--token", "", help="client token(s), comma-separated (empty = no auth)")
+    _flag(p, "--log-level", "INFO", help="logging level")
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    _flag(p, "--address", "127.0.0.1:6789", help="gateway or node address host:port")
+    _flag(p, "--token", None, help="client token")
+
+
+def _node_settings(args: argparse.Namespace) -> Any:
+    from shardq.node.engine import EngineConfig
+    from shardq.node.settings import NodeSettings, StorageSettings
+
+    return NodeSettings(
+        name=args.name,
+        host=args.host,
+        port=args.port,
+        http_port=args.http_port,
+        tokens=_tokens(args.token),
+        cluster_token=args.cluster_token,
+        max_line=args.max_line,
+        storage=StorageSettings(data_dir=args.data_dir, fsync=args.fsync,
+                                max_payload=args.max_payload),
+        engine=EngineConfig(default_lease_ms=args.default_lease_ms),
+    )
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from shardq.node.main import run
+
+    _setup_logging(args.log_level)
+    run(_node_settings(args))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from shardq.node.main import run
+    from shardq.node.settings import NodeSettings, StorageSettings
+
+    _setup_logging(args.log_level)
+    settings = NodeSettings(
+        name="node-0", host=args.host, port=args.port, http_port=args.http_port,
+        tokens=_tokens(args.token),
+        storage=StorageSettings(
+            data_dir=os.path.join(args.data_dir, "node-0") if args.data_dir else None,
+            fsync=args.fsync,
+        ),
+    )
+
+    def ready(node: Any) -> None:
+        print(f"shardq is up: 1 node, TCP {args.host}:{node.tcp_port}", flush=True)
+        if getattr(node, "http_port", None):
+            print(f"dashboard: http://{args.host}:{node.http_port}/", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+
+    run(settings, ready)
+    return 0
+
+
+def _client_call(args: argparse.Namespace, fn: Callable[[Any], Any]) -> int:
+    from shardq.client import AsyncClient
+
+    async def main() -> Any:
+        async with AsyncClient(args.address, token=args.token) as client:
+            return await fn(client)
+
+    try:
+        result = asyncio.run(main())
+    except ShardqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result is not None:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    try:
+        data = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        print(f"error: data is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+
+    async def push(client: Any) -> Any:
+        job_id = await client.push(
+            args.queue, data, priority=args.priority, delay=args.delay,
+            max_attempts=args.max_attempts, backoff=args.backoff, unique_key=args.unique_key,
+        )
+        return {"id": job_id}
+
+    return _client_call(args, push)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    async def pull(client: Any) -> Any:
+        job = await client.pull(args.queue, timeout=args.timeout)
+        if job is None:
+            return None
+        if args.ack:
+            await client.ack(job)
+        return job.__dict__
+
+    return _client_call(args, pull)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda client: client.stats())
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda client: client.list_queues())
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "node": cmd_node, "up": cmd_up, "push": cmd_push, "pull": cmd_pull, "stats": cmd_stats,
+    "queues": cmd_queues,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""AsyncWorker: pull, run a handler with bounded concurrency, ack or fail.
+
+Handlers are ``async def handler(job)`` or ``handler(job, ctx)``; plain
+functions run in a thread pool of ``concurrency`` threads and get a context
+whose methods block. The result is stored with the ack; an exception fails
+the attempt (the node retries with backoff or dead-letters it). Jobs without
+a ``timeout`` have their lease touched while they run. ``stop()`` (and
+SIGTERM/SIGINT in the main thread) stops pulling, lets running jobs finish
+within ``grace`` seconds, then closes the connections, which hands any
+unfinished job back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from shardq.client import AsyncClient
+from shardq.connection import DEFAULT_ADDRESS
+from shardq.errors import ShardqConnectionError, ShardqError
+from shardq.job import Job
+
+log = logging.getLogger("shardq.worker")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class JobContext:
+    """Given to two-argument async handlers: progress and lease extension."""
+
+    def __init__(self, client: AsyncClient, job: Job) -> None:
+        self.client = client
+        self.job = job
+
+    async def update_progress(self, progress: int, message: str | None = None) -> None:
+        await self.client.progress(self.job, progress, message)
+
+    async def touch(self, extend: int | None = None) -> int:
+        return await self.client.touch(self.job, extend)
+
+
+class BlockingJobContext:
+    """Given to two-argument plain-function handlers (they run in a thread)."""
+
+    def __init__(self, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
+        self._ctx = ctx
+        self._loop = loop
+        self.job = ctx.job
+
+    def update_progress(self, progress: int, message: str | None = None) -> None:
+        asyncio.run_coroutine_threadsafe(
+            self._ctx.update_progress(progress, message), self._loop
+        ).result()
+
+    def touch(self, extend: int | None = None) -> int:
+        return asyncio.run_coroutine_threadsafe(self._ctx.touch(extend), self._loop).result()
+
+
+class AsyncWorker:
+    """Runs ``handler`` on the jobs of ``queue``, ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        queue: str,
+        handler: Callable[..., Any] | None = None,
+        address: str | AsyncClient = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        concurrency: int = 1,
+        batch_size: int | None = None,
+        poll_ms: int = 1000,
+        grace: float = 30.0,
+        touch_every: float = 60.0,
+    ) -> None:
+        self.queue = queue
+        self._handler = handler
+        if isinstance(address, AsyncClient):
+            self.client = address
+            self._owns_client = False
+        else:
+            self.client = AsyncClient(address, token=token)
+            self._owns_client = True
+        self.concurrency = max(1, concurrency)
+        self.batch_size = batch_size or self.concurrency
+        self.poll_ms = poll_ms
+        self.grace = grace
+        self.touch_every = touch_every
+        self.processed = 0
+        self.failed = 0
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop_requested = False
+
+    def handler(self, fn: F) -> F:
+        """Decorator style: ``@worker.handler`` sets the function jobs are run with."""
+        self._handler = fn
+        return fn
+
+    def stop(self) -> None:
+        """Ask the worker to stop gracefully (safe from any thread or signal handler)."""
+        self._stop_requested = True
+        loop, event = self._loop, self._stopping
+        if loop is not None and event is not None:
+            loop.call_soon_threadsafe(event.set)
+
+    async def run(self, *, max_jobs: int | None = None, handle_signals: bool = True) -> None:
+        """Work until ``stop()``, a signal, or ``max_jobs`` jobs are done."""
+        if self._handler is None:
+            raise ShardqError("AsyncWorker has no handler: pass one or use @worker.handler")
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
+        signals = handle_signals and threading.current_thread() is threading.main_thread()
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self.stop)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            await self._pull_loop(running, max_jobs)
+        finally:
+            if signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.remove_signal_handler(sig)
+            await self._drain(running)
+
+    async def _pull_loop(self, running: set[asyncio.Task[None]], max_jobs: int | None) -> None:
+        assert self._stopping is not None
+        started = 0
+        while not self._stopping.is_set():
+            if max_jobs is not None and started >= max_jobs:
+                break
+            free = self.concurrency - len(running)
+            if free <= 0:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            want = min(free, self.batch_size)
+            if max_jobs is not None:
+                want = min(want, max_jobs - started)
+            try:
+                jobs = await self.client.pull_batch(self.queue, want, timeout=self.poll_ms)
+            except ShardqConnectionError as exc:
+                log.warning("pull failed, retrying in 1 s: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for job in jobs:
+                started += 1
+                task = asyncio.create_task(self._run_one(job))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+    async def _drain(self, running: set[asyncio.Task[None]]) -> None:
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._owns_client:
+            await self.client.close()
+
+    async def _run_one(self, job: Job) -> None:
+        toucher = None
+        if not job.timeout and self.touch_every > 0:
+            toucher = asyncio.create_task(self._keep_alive(job))
+        try:
+            result = await self._call(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the handler's failure is the job's failure
+            self.failed += 1
+            await self._settle(self.client.fail(job, f"{type(exc).__name__}: {exc}"), job)
+        else:
+            self.processed += 1
+            await self._settle(self.client.ack(job, result), job)
+        finally:
+            if toucher is not None:
+                toucher.cancel()
+
+    async def _settle(self, call: Awaitable[None], job: Job) -> None:
+        try:
+            await asyncio.shield(call)
+        except ShardqError as exc:
+            log.warning("could not settle job %s: %s", job.id, exc)
+
+    async def _call(self, job: Job) -> Any:
+        handler = self._handler
+        assert handler is not None
+        wants_ctx = _arity(handler) >= 2
+        ctx = JobContext(self.client, job)
+        if inspect.iscoroutinefunction(handler):
+            return await (handler(job, ctx) if wants_ctx else handler(job))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="shardq-job")
+        loop = asyncio.get_running_loop()
+        if wants_ctx:
+            blocking = BlockingJobContext(ctx, loop)
+            return await loop.run_in_executor(self._pool, handler, job, blocking)
+        return await loop.run_in_executor(self._pool, handler, job)
+
+    async def _keep_alive(self, job: Job) -> None:
+        while True:
+            await asyncio.sleep(self.touch_every)
+            try:
+                await self.client.touch(job)
+            except ShardqError as exc:
+                log.warning("lease of job %s not extended: %s", job.id, exc)
+                return
+
+
+def _arity(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    return sum(
+        1 for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+
+
+Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]

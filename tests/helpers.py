@@ -1,0 +1,103 @@
+"""Test helpers: a fake clock, a raw line client, real nodes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import orjson
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+class FakeClock:
+    """Milliseconds that move only when a test says so."""
+
+    def __init__(self, start: int = 1_700_000_000_000) -> None:
+        self.now = start
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> int:
+        self.now += ms
+        return self.now
+
+
+class RawClient:
+    """Speaks the line protocol byte for byte, as a MagicQueue client would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        reader, writer = await asyncio.open_connection(host, port, limit=64 * 1024 * 1024)
+        return cls(reader, writer)
+
+    async def send(self, *items: Any) -> None:
+        for item in items:
+            line = item if isinstance(item, bytes) else orjson.dumps(item) + b"\n"
+            self.writer.write(line)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 5.0) -> Any:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            raise ConnectionError("server closed the connection")
+        return orjson.loads(line)
+
+    async def call(self, item: Any, timeout: float = 5.0) -> Any:
+        await self.send(item)
+        return await self.recv(timeout)
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        try:
+            data = await asyncio.wait_for(self.reader.read(), timeout)
+        except ConnectionError:
+            return True
+        return data == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+def start_node_process(port: int, *args: str, env: dict[str, str] | None = None,
+                       log: Any = None) -> subprocess.Popen[bytes]:
+    """``shardq node`` as a subprocess (for crash tests), waiting until it listens."""
+    cmd = [sys.executable, "-m", "shardq.cli", "node", "--port", str(port), "--http-port", "0",
+           *args]
+    proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    wait_port(port, proc=proc)
+    return proc
