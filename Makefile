@@ -20,10 +20,12 @@ test: venv-test lint typecheck unit
 
 lint:
 	$(VENV)/ruff check sdk node gateway operator tests loadtest
-	$(VENV)/lint-imports
+	scripts/pkgtree.sh
+	PYTHONPATH=build/pkg $(VENV)/lint-imports
 
 typecheck:
-	$(VENV)/mypy sdk node gateway
+	scripts/pkgtree.sh
+	cd build/pkg && ../../.venv/bin/mypy --config-file ../../pyproject.toml -p shardq
 
 unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

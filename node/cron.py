@@ -55,7 +55,8 @@ def next_after(schedule: str, now_ms: int) -> int:
 
     six = len(schedule.split()) == 6
     it = croniter(schedule, now_ms / 1000, second_at_beginning=six)
-    return int(round(it.get_next(float) * 1000))
+    seconds: float = it.get_next(float)
+    return round(seconds * 1000)
 
 
 class CronTable:
@@ -80,4 +81,4 @@ class CronTable:
     def next_due(self) -> int | None:
         if not self.entries:
             return None
-        return min(e["next_run"] for e in self.entries.values())
+        return min(int(e["next_run"]) for e in self.entries.values())

@@ -323,7 +323,7 @@ class Engine:
                 return []
         heap = q.ready
         jobs = self.jobs
-        picked = []
+        picked: list[Job] = []
         while heap and len(picked) < n:
             key = heappop(heap)
             job = jobs.get(key & ID_MASK)
@@ -593,7 +593,7 @@ class Engine:
         q = self.queues.get(queue)
         if q is None:
             return []
-        out = []
+        out: list[Job] = []
         for job in q.dlq.values():
             if len(out) >= count:
                 break

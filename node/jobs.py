@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 from orjson import Fragment
-
 from shardq.job import State
 from shardq.protocol import MAX_PRIORITY
 
@@ -160,7 +159,8 @@ class TokenBucket:
 
     def available(self, now: int) -> int:
         if now > self.last:
-            self.tokens = min(float(self.limit), self.tokens + (now - self.last) * self.limit / 1000)
+            refill = (now - self.last) * self.limit / 1000
+            self.tokens = min(float(self.limit), self.tokens + refill)
             self.last = now
         return int(self.tokens)
 

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-
 from shardq import protocol as P
 from shardq.errors import ShardqError
 from shardq.protocol import JobSpec
@@ -106,7 +105,7 @@ class Node:
 
     @property
     def tcp_port(self) -> int:
-        sock = self.servers[0].sockets[0]
+        sock = self.servers[0].sockets[0]  # type: ignore[attr-defined]
         port: int = sock.getsockname()[1]
         return port
 

@@ -19,7 +19,6 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import orjson
-
 from shardq.errors import InvalidRequest
 from shardq.protocol import error_answer
 
@@ -109,9 +108,7 @@ class Session(asyncio.Protocol):
         node = self.node
         execute = node.execute
         out = []
-        n = 0
-        for line in lines:
-            n += 1
+        for n, line in enumerate(lines, 1):
             answer = execute(line, self)
             if answer is None:
                 rest = list(lines)[n:] if isinstance(lines, deque) else lines[n:]

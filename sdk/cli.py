@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-
 from shardq.errors import ShardqError
 
 

@@ -16,7 +16,7 @@ from shardq.connection import DEFAULT_ADDRESS, Connection
 from shardq.errors import ShardqConnectionError
 from shardq.job import Job
 
-JobRef = int | Job
+JobRef = int | Job  # an id, or a Job received from the server
 
 
 def _id(job: JobRef) -> int:
@@ -120,9 +120,24 @@ class AsyncClient:
 
     # -- producing ------------------------------------------------------------------------------
 
-    async def push(self, queue: str, data: Any, **options: Any) -> int:
-        """Push one job; ``options`` as in ``job_options`` (priority, delay, ttl, …)."""
-        req = {"cmd": "PUSH", "queue": queue, "data": data, **job_options(**options)}
+    async def push(
+        self,
+        queue: str,
+        data: Any,
+        *,
+        priority: int = 0,
+        delay: int | None = None,
+        ttl: int | None = None,
+        timeout: int | None = None,
+        max_attempts: int | None = None,
+        backoff: int | None = None,
+        unique_key: str | None = None,
+        depends_on: Sequence[JobRef] | None = None,
+    ) -> int:
+        """Push one job. Times in ms; ``depends_on`` takes ids or Jobs."""
+        opts = job_options(priority, delay, ttl, timeout, max_attempts, backoff, unique_key,
+                           depends_on)
+        req = {"cmd": "PUSH", "queue": queue, "data": data, **opts}
         answer = await self.call(req)
         return int(answer["id"])
 
@@ -169,7 +184,9 @@ class AsyncClient:
         answer = await self.call(req)
         return int(answer["ids"][0])
 
-    async def fail(self, job: JobRef, error: str | None = None, *, lease: int | None = None) -> None:
+    async def fail(
+        self, job: JobRef, error: str | None = None, *, lease: int | None = None
+    ) -> None:
         req: dict[str, Any] = {"cmd": "FAIL", "id": _id(job)}
         if error is not None:
             req["error"] = error
@@ -178,7 +195,9 @@ class AsyncClient:
             req["lease"] = token
         await self.call(req)
 
-    async def touch(self, job: JobRef, extend: int | None = None, *, lease: int | None = None) -> int:
+    async def touch(
+        self, job: JobRef, extend: int | None = None, *, lease: int | None = None
+    ) -> int:
         """Extend a job's lease; returns the new deadline (ms)."""
         req: dict[str, Any] = {"cmd": "TOUCH", "id": _id(job)}
         token = _lease(job, lease)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, cast
+from typing import Any
 
 import orjson
-
 from shardq.errors import ShardqConnectionError, error_from_text
 
 DEFAULT_ADDRESS = "127.0.0.1:6789"
@@ -81,9 +80,9 @@ class Connection:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(self), host, port), timeout
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ShardqConnectionError(f"cannot connect to {self.address}: {exc}") from None
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
         if self.token is not None:
             await self.call({"cmd": "AUTH", "token": self.token})
         return self

@@ -7,11 +7,11 @@ since the epoch; 0 means "not set".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class State(str, Enum):
+class State(StrEnum):
     """Every state a job can be in; each has its own index on the node."""
 
     WAITING = "waiting"

@@ -54,8 +54,24 @@ class AsyncQueue:
             await self.client.close()
 
     # producing
-    async def push(self, data: Any, **options: Any) -> int:
-        return await self.client.push(self.name, data, **options)
+    async def push(
+        self,
+        data: Any,
+        *,
+        priority: int = 0,
+        delay: int | None = None,
+        ttl: int | None = None,
+        timeout: int | None = None,
+        max_attempts: int | None = None,
+        backoff: int | None = None,
+        unique_key: str | None = None,
+        depends_on: Sequence[JobRef] | None = None,
+    ) -> int:
+        return await self.client.push(
+            self.name, data, priority=priority, delay=delay, ttl=ttl, timeout=timeout,
+            max_attempts=max_attempts, backoff=backoff, unique_key=unique_key,
+            depends_on=depends_on,
+        )
 
     async def push_batch(self, jobs: Iterable[Mapping[str, Any]]) -> list[int]:
         return await self.client.push_batch(self.name, jobs)
