@@ -55,8 +55,8 @@ def next_after(schedule: str, now_ms: int) -> int:
 
     six = len(schedule.split()) == 6
     it = croniter(schedule, now_ms / 1000, second_at_beginning=six)
-    seconds: float = it.get_next(float)
-    return round(seconds * 1000)
+    at: float = it.get_next(float)
+    return round(at * 1000)
 
 
 class CronTable:
