@@ -47,6 +47,7 @@ from .jobs import (
     PLAIN,
     WAITING,
     WAITING_CHILDREN,
+    BlobRef,
     Job,
     JobOpts,
     Lease,
@@ -110,6 +111,8 @@ class Engine:
         self.wakeups: set[str] = set()  # queues that may now serve a blocked PULL
         self.watch: dict[str, int] = {}  # queue name ("*" = all) -> subscriber count
         self.emitting = True  # False while replaying
+        self.payload_bytes = 0  # bytes of payloads held in memory
+        self.dropped_blobs: list[int] = []  # ids of finished jobs whose blob can go
         self.total_pushed = 0
         self.total_completed = 0
         self.total_failed = 0
@@ -164,8 +167,11 @@ class Engine:
 
     # -- push -------------------------------------------------------------------------------
 
-    def push(self, queue: str, specs: list[JobSpec], payloads: list[bytes]) -> list[Job]:
-        """Create jobs (all or none). ``payloads[i]`` is the raw JSON of ``specs[i].data``."""
+    def push(
+        self, queue: str, specs: list[JobSpec], payloads: list[bytes | BlobRef]
+    ) -> list[Job]:
+        """Create jobs (all or none). ``payloads[i]`` is the raw JSON of ``specs[i].data``,
+        or a BlobRef when the runtime keeps that payload in the blob store."""
         now = self.clock()
         q = self.queues.get(queue)
         unique = q.unique if q is not None else {}
@@ -184,9 +190,11 @@ class Engine:
         rows = []
         for spec, data in zip(specs, payloads, strict=True):
             seq += 1
+            blob = data.size if type(data) is BlobRef else 0
             rows.append((
-                seq * SLOTS + slot, data, spec.priority, now + spec.delay, spec.max_attempts,
-                spec.backoff, spec.ttl, spec.timeout, spec.unique_key, spec.depends_on,
+                seq * SLOTS + slot, None if blob else data, spec.priority, now + spec.delay,
+                spec.max_attempts, spec.backoff, spec.ttl, spec.timeout, spec.unique_key,
+                spec.depends_on, blob,
             ))
         jobs: list[Job] = self._log((R.PUSH, now, queue, rows))
         return jobs
@@ -206,7 +214,11 @@ class Engine:
         jobs = self.jobs
         out = []
         for row in rows:
-            jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps = row
+            jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps, blob = row
+            if blob:
+                data = BlobRef(blob)
+            else:
+                self.payload_bytes += len(data)
             if max_att or backoff or ttl or timeout or key is not None or deps:
                 opts = JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps or ()))
             else:
@@ -428,6 +440,10 @@ class Engine:
     def _finish(self, job: Job, state: Any, now: int, result: bytes | None) -> None:
         """Remove a job from the live index, release its key, remember its outcome."""
         del self.jobs[job.id]
+        if type(job.data) is BlobRef:
+            self.dropped_blobs.append(job.id)
+        else:
+            self.payload_bytes -= len(job.data)
         job.state = state
         key = job.opts.unique_key
         if key is not None and job.queue.unique.get(key) == job.id:

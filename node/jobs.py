@@ -40,6 +40,15 @@ def timer_key(at: int, job_id: int) -> int:
     return (at << ID_BITS) | job_id
 
 
+class BlobRef:
+    """A payload kept in the blob store on disk instead of memory (see node/blobs.py)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
 class JobOpts:
     """The options most jobs never set. Plain jobs share ``PLAIN`` (never mutated)."""
 

@@ -11,7 +11,8 @@ WAL records (one per state change, appended before the reply is sent):
 
   PUSH      [1, t, queue, [JOBSPEC, ...]]   jobs created at t (PUSH: one, PUSHB: many)
             JOBSPEC = [id, data, priority, run_at, max_attempts, backoff, ttl, timeout,
-                       unique_key, depends_on]
+                       unique_key, depends_on, blob_size]
+            blob_size > 0: the payload is in the blob store (data is null), see blobs.py
   START     [2, t, [id, ...]]               jobs pulled; their attempt (lease token) starts at t
   ACK       [3, t, [id, ...], results|null] attempts completed; results[i] belongs to id[i]
   FAIL      [4, t, id, error]               attempt failed by the worker: retry or DLQ
@@ -40,7 +41,7 @@ between is state, in this order per slot):
   JOB        [103, t, queue, JOBSTATE]      one live job
              JOBSTATE = [id, data, priority, created_at, run_at, started_at, attempts, state,
                          max_attempts, backoff, ttl, timeout, unique_key, depends_on,
-                         progress, progress_msg, error, pending_parents]
+                         progress, progress_msg, error, pending_parents, blob_size]
   FINISHED   [104, t, id, state, result]    a completed/cancelled/expired job kept for results
   CRON       [13, t, name, CRONSPEC]
   SNAP_END   [199, t, record_count]

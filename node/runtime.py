@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from shardq import protocol as P
-from shardq.errors import ShardqError
+from shardq.errors import QueueFull, ShardqError, StorageFailed
 from shardq.protocol import JobSpec
 
 from .commands import OK, PENDING, Answer, Caller, Commands
 from .engine import Engine
-from .jobs import Job
+from .jobs import BlobRef, Job
 from .settings import NodeSettings
+from .storage import Storage
+from .wal import Files
 
 if TYPE_CHECKING:
     from .server_tcp import Session
@@ -53,6 +55,13 @@ class MemoryLog:
         """Raise if writes are refused (the WAL raises StorageFailed)."""
 
 
+#: Commands a node still answers while its storage refuses writes.
+READ_ONLY = frozenset({
+    "STATS", "METRICS", "LISTQUEUES", "GETRESULT", "GETJOB", "GETPROGRESS", "DLQ", "CRONLIST",
+    "AUTH", "SUBSCRIBE", "UNSUBSCRIBE", "TOPOLOGY",
+})
+
+
 class Waiter:
     """A PULL/PULLB waiting for jobs."""
 
@@ -75,11 +84,19 @@ class Node:
         settings: NodeSettings,
         clock: Callable[[], int] = wall_clock_ms,
         engine: Engine | None = None,
+        files: Files | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.engine = engine or Engine(clock, settings.engine)
+        self.storage: Storage | None = None
         self.log: Any = MemoryLog()
+        if settings.storage.data_dir:
+            self.storage = Storage(settings.storage, files)
+            self.log = self.storage.wal
+        self.recovery: Any = None
+        self._blob_deletes: deque[tuple[int, list[int]]] = deque()
+        self._probe: asyncio.TimerHandle | None = None
         self.commands = Commands(self)
         self.sessions: set[Session] = set()
         self.waiters: dict[str, deque[Waiter]] = {}
@@ -99,9 +116,25 @@ class Node:
         from .server_tcp import start_tcp
 
         s = self.settings
+        if self.storage is not None:
+            self._recover()
         self.servers.append(await start_tcp(self, s.host, s.port))
         self.ready = True
-        self.schedule_timer()
+        self.after_batch()
+
+    def _recover(self) -> None:
+        assert self.storage is not None
+        wal = self.storage.wal
+        report = self.recovery = self.storage.recover(self.engine)
+        wal.on_durable = self.released
+        wal.on_failure = self._storage_failed
+        wal.on_flushed = self._maybe_snapshot
+        report.released = self.engine.release(sorted(self.engine.active), "node restarted")
+        log.info(
+            "recovered %d jobs in %.2fs (snapshot %s with %d records, %d WAL records replayed%s)",
+            len(self.engine.jobs), report.seconds, report.snapshot, report.snapshot_records,
+            report.replayed, f"; stopped early: {report.torn}" if report.torn else "",
+        )
 
     @property
     def tcp_port(self) -> int:
@@ -121,6 +154,10 @@ class Node:
             self._timer.cancel()
         for handle in self._rate_timers.values():
             handle.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
+        if self.storage is not None:
+            self.storage.close()
 
     def new_owner(self) -> int:
         self._next_owner += 1
@@ -134,7 +171,10 @@ class Node:
         try:
             req = P.parse_line(line)
             rid = P.req_id_of(req)
-            handler = self.commands.handler(P.command_of(req), caller)
+            cmd = P.command_of(req)
+            handler = self.commands.handler(cmd, caller)
+            if self.log.failed is not None and cmd not in READ_ONLY:
+                raise StorageFailed(self.log.failed)
             answer = handler(req, caller)
         except ShardqError as exc:
             return P.error_answer(exc.text, rid)
@@ -144,18 +184,55 @@ class Node:
         return _encode(answer, rid)
 
     def push(self, queue: str, specs: list[JobSpec], payloads: list[bytes]) -> list[Job]:
+        """Push through the memory budget: spill to the blob store, or refuse when full."""
         self.log.writable()
-        return self.engine.push(queue, specs, payloads)
+        storage = self.storage
+        budget = self.settings.storage
+        in_memory = self.engine.payload_bytes
+        spill: list[tuple[int, bytes]] = []
+        stored: list[bytes | BlobRef] = list(payloads)
+        on_disk = storage.blobs.used if storage is not None else 0
+        for i, data in enumerate(payloads):
+            size = len(data)
+            if size <= budget.blob_threshold and in_memory + size <= budget.memory_budget:
+                in_memory += size
+                continue
+            if storage is None or on_disk + size > budget.disk_budget:
+                raise QueueFull()
+            on_disk += size
+            spill.append((i, data))
+            stored[i] = BlobRef(size)
+        jobs = self.engine.push(queue, specs, stored)
+        if spill:
+            assert storage is not None
+            try:
+                for i, data in spill:
+                    fd = storage.blobs.write(jobs[i].id, data)
+                    if storage.wal.policy == "always":
+                        storage.wal.extra_fsync.append(fd)
+                    else:
+                        storage.files.close(fd)
+            except OSError as exc:
+                storage.wal._fail(f"write to blob store failed: {exc.strerror or exc}")
+                raise StorageFailed(str(storage.wal.failed)) from None
+        return jobs
 
     def job_wire(self, job: Job) -> dict[str, Any]:
+        if type(job.data) is BlobRef:
+            assert self.storage is not None
+            return job.wire(self.storage.blobs.read(job.id))
         return job.wire()
 
     def flush(self) -> int:
         """Drain the engine's journal into the log; the position answers now depend on."""
-        journal = self.engine.journal
+        engine = self.engine
+        journal = engine.journal
         if journal:
+            engine.journal = []
             self.log.append(journal)
-            self.engine.journal = []
+        if engine.dropped_blobs:
+            self._blob_deletes.append((int(self.log.seq), engine.dropped_blobs))
+            engine.dropped_blobs = []
         return int(self.log.seq)
 
     def after_batch(self) -> None:
@@ -182,6 +259,53 @@ class Node:
         for session in list(self.sessions):
             if session.held:
                 session.release(durable)
+        deletes = self._blob_deletes
+        while deletes and deletes[0][0] <= durable:
+            assert self.storage is not None
+            for job_id in deletes.popleft()[1]:
+                self.storage.blobs.remove(job_id)
+
+    def _maybe_snapshot(self) -> None:
+        if self.storage is not None and self.storage.snapshot_due():
+            self.storage.start_snapshot(self.engine)
+
+    # -- storage failure ------------------------------------------------------------------------
+
+    def _storage_failed(self, reason: str) -> None:
+        """Answer what was not persisted with an error, reload what is on disk, serve reads."""
+        assert self.storage is not None
+        text = StorageFailed(reason).text
+        wal = self.storage.wal
+        for session in list(self.sessions):
+            session.fail_held(wal.durable, text)
+        for waiters in list(self.waiters.values()):
+            for waiter in list(waiters):
+                self._finish_waiter(waiter, {"ok": False, "error": text})
+        self.waiters.clear()
+        self._outbox_flush()
+        self._blob_deletes.clear()
+        fresh = Engine(self.clock, self.settings.engine)
+        fresh.watch = self.engine.watch
+        self.storage.recover(fresh, open_wal=False, stop_at=wal.durable_pos)
+        self.engine = self.commands.engine = fresh
+        loop = asyncio.get_running_loop()
+        self._probe = loop.call_later(2.0, self._probe_storage)
+
+    def _outbox_flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for session, lines in outbox:
+            if session.transport is not None and not session.closing:
+                session.transport.write(b"".join(lines))
+
+    def _probe_storage(self) -> None:
+        """Every 2 s while failed: try to resume writing."""
+        self._probe = None
+        assert self.storage is not None
+        if self.storage.wal.try_recover():
+            self.engine.release(sorted(self.engine.active), "storage recovered")
+            self.after_batch()
+        else:
+            self._probe = asyncio.get_running_loop().call_later(2.0, self._probe_storage)
 
     # -- blocked pulls ------------------------------------------------------------------------
 
@@ -315,6 +439,8 @@ class Node:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
+        if self.log.failed is not None:
+            return  # nothing may change while storage refuses writes
         try:
             self.engine.tick()
         except ShardqError as exc:  # storage refused: try again shortly
@@ -328,6 +454,8 @@ class Node:
         self.drop_waiter(session)
         for queue in list(session.subscriptions):
             self.unsubscribe(session, queue)
+        if self.log.failed is not None:
+            return
         if self.engine.release_owner(session.owner, "worker disconnected"):
             self.after_batch()
 

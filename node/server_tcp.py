@@ -44,7 +44,7 @@ class Session(asyncio.Protocol):
         self.backlog: deque[bytes] = deque()
         self.waiter: Waiter | None = None
         self.pending_rid: str | int | None = None
-        self.held: deque[tuple[int, bytes]] = deque()
+        self.held: deque[tuple[int, list[bytes]]] = deque()
         self.owner = node.new_owner()
         self.authed = not node.settings.tokens
         self.subscriptions: dict[str, frozenset[str]] = {}
@@ -134,17 +134,30 @@ class Session(asyncio.Protocol):
     def send(self, lines: list[bytes], tag: int) -> None:
         if self.closing or self.transport is None:
             return
-        data = lines[0] if len(lines) == 1 else b"".join(lines)
         if not self.held and tag <= self.node.log.durable:
-            self.transport.write(data)
+            self.transport.write(lines[0] if len(lines) == 1 else b"".join(lines))
         else:
-            self.held.append((tag, data))
+            self.held.append((tag, lines))
 
     def release(self, durable: int) -> None:
         held = self.held
-        out = []
+        out: list[bytes] = []
         while held and held[0][0] <= durable:
-            out.append(held.popleft()[1])
+            out.extend(held.popleft()[1])
+        if out and self.transport is not None and not self.closing:
+            self.transport.write(b"".join(out))
+
+    def fail_held(self, durable: int, text: str) -> None:
+        """Storage failed: answers not yet durable become errors (events are dropped)."""
+        self.release(durable)
+        out: list[bytes] = []
+        for _, lines in self.held:
+            for line in lines:
+                answer = orjson.loads(line)
+                if "event" in answer and "ok" not in answer:
+                    continue
+                out.append(error_answer(text, answer.get("reqId")))
+        self.held.clear()
         if out and self.transport is not None and not self.closing:
             self.transport.write(b"".join(out))
 
@@ -152,7 +165,9 @@ class Session(asyncio.Protocol):
         """Queue an event line; drop this subscriber if it is too far behind."""
         if self.closing or self.transport is None:
             return False
-        backlog = self.transport.get_write_buffer_size() + sum(len(d) for _, d in self.held)
+        backlog = self.transport.get_write_buffer_size() + sum(
+            len(line) for _, lines in self.held for line in lines
+        )
         if backlog > MAX_EVENT_BACKLOG:
             final = {
                 "event": "dropped",

@@ -21,6 +21,7 @@ from .jobs import (
     PLAIN,
     WAITING,
     WAITING_CHILDREN,
+    BlobRef,
     Job,
     JobOpts,
     Lease,
@@ -66,18 +67,24 @@ def dump(engine: Engine, slots: Container[int] | None = None) -> Iterator[R.Reco
 def job_state(engine: Engine, job: Job) -> list[object]:
     o = job.opts
     pending = sorted(engine.children.get(job.id, ()))
+    blob = type(job.data) is BlobRef
     return [
-        job.id, job.data, job.priority, job.created_at, job.run_at, job.started_at,
+        job.id, None if blob else job.data, job.priority, job.created_at, job.run_at, job.started_at,
         job.attempts, job.state.value, o.max_attempts, o.backoff, o.ttl, o.timeout,
         o.unique_key, list(o.depends_on), o.progress, o.progress_msg, o.error, pending,
+        job.data.size if blob else 0,
     ]
 
 
 def load_job(engine: Engine, rec: R.Record) -> None:
     _, _now, queue, row = rec
     (jid, data, prio, created, run_at, started, attempts, state, max_att, backoff, ttl,
-     timeout, key, deps, progress, msg, error, pending) = row
+     timeout, key, deps, progress, msg, error, pending, blob) = row
     q = engine.queue(queue)
+    if blob:
+        data = BlobRef(blob)
+    else:
+        engine.payload_bytes += len(data)
     if max_att or backoff or ttl or timeout or key is not None or deps or progress or msg \
             or error:
         opts = JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps))

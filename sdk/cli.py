@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(node, "--default-lease-ms", 30 * 60 * 1000, int, "lease of jobs without timeout")
     _flag(node, "--max-payload", 8 * 1024 * 1024, int, "largest payload accepted (bytes)")
     _flag(node, "--max-line", 16 * 1024 * 1024, int, "longest request line accepted (bytes)")
+    _storage_flags(node)
 
     up = sub.add_parser("up", help="run a local cluster on loopback in the foreground")
     _server_flags(up)
@@ -86,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    _flag(p, "--segment-bytes", 64 * 1024 * 1024, int, "WAL segment size")
+    _flag(p, "--snapshot-bytes", 256 * 1024 * 1024, int, "WAL growth that triggers a snapshot")
+    _flag(p, "--blob-threshold", 64 * 1024, int, "payloads above this go to the blob store")
+    _flag(p, "--memory-budget", 1024**3, int, "bytes of payloads kept in memory")
+    _flag(p, "--disk-budget", 10 * 1024**3, int, "bytes of payloads in the blob store")
+
+
 def _server_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--host", "127.0.0.1", help="address to listen on")
     _flag(p, "--port", 6789, int, help="TCP port")
@@ -111,8 +120,12 @@ def _node_settings(args: argparse.Namespace) -> Any:
         tokens=_tokens(args.token),
         cluster_token=args.cluster_token,
         max_line=args.max_line,
-        storage=StorageSettings(data_dir=args.data_dir, fsync=args.fsync,
-                                max_payload=args.max_payload),
+        storage=StorageSettings(
+            data_dir=args.data_dir, fsync=args.fsync, max_payload=args.max_payload,
+            segment_bytes=args.segment_bytes, snapshot_bytes=args.snapshot_bytes,
+            blob_threshold=args.blob_threshold, memory_budget=args.memory_budget,
+            disk_budget=args.disk_budget,
+        ),
         engine=EngineConfig(default_lease_ms=args.default_lease_ms),
     )
 
