@@ -69,8 +69,8 @@ def job_state(engine: Engine, job: Job) -> list[object]:
     pending = sorted(engine.children.get(job.id, ()))
     blob = type(job.data) is BlobRef
     return [
-        job.id, None if blob else job.data, job.priority, job.created_at, job.run_at, job.started_at,
-        job.attempts, job.state.value, o.max_attempts, o.backoff, o.ttl, o.timeout,
+        job.id, None if blob else job.data, job.priority, job.created_at, job.run_at,
+        job.started_at, job.attempts, job.state.value, o.max_attempts, o.backoff, o.ttl, o.timeout,
         o.unique_key, list(o.depends_on), o.progress, o.progress_msg, o.error, pending,
         job.data.size if blob else 0,
     ]
