@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from orjson import Fragment
+
 from shardq import protocol as P
 from shardq.errors import (
     AuthenticationRequired,

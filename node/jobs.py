@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from orjson import Fragment
+
 from shardq.job import State
 from shardq.protocol import MAX_PRIORITY
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
 from shardq import protocol as P
 from shardq.errors import QueueFull, ShardqError, StorageFailed
 from shardq.protocol import JobSpec

@@ -19,6 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import orjson
+
 from shardq.errors import InvalidRequest
 from shardq.protocol import error_answer
 

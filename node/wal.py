@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
+
 from shardq.errors import StorageFailed
 
 from . import records as R

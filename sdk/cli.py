@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
+
 from shardq.errors import ShardqError
 
 

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Any
 
 import orjson
+
 from shardq.errors import ShardqConnectionError, error_from_text
 
 DEFAULT_ADDRESS = "127.0.0.1:6789"

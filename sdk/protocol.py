@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+
 from shardq.errors import InvalidRequest
 from shardq.job import EVENTS
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+
 from shardq.node.runtime import Node
 from shardq.node.settings import NodeSettings
 
