@@ -340,6 +340,7 @@ class Engine:
             key = heappop(heap)
             job = jobs.get(key & ID_MASK)
             if job is not None and job.state is WAITING and job.ready_key() == key:
+                job.state = ACTIVE  # taken: a duplicate entry of the same key must not match
                 picked.append(job)
         if not picked:
             return []
@@ -664,7 +665,10 @@ class Engine:
 
     def add_cron(self, name: str, queue: str, data: bytes, schedule: str, priority: int) -> None:
         now = self.clock()
-        next_run = self.crons.first_run(schedule, now)
+        try:
+            next_run = self.crons.first_run(schedule, now)
+        except ValueError as exc:  # int() of "*/²", croniter's "no next date" for "0 0 31 2 *"
+            raise InvalidRequest(f"schedule '{schedule}' cannot run: {exc}") from None
         spec = {
             "queue": queue, "data": data, "schedule": schedule, "priority": priority,
             "next_run": next_run,
@@ -729,11 +733,32 @@ class Engine:
             finished.popitem(last=False)
 
     def _due(self, heap: list[int], now: int) -> list[int]:
+        """Pop the entries due by ``now``; each id once, in time order."""
         limit = (now + 1) << 53
-        ids = []
+        ids: dict[int, None] = {}
         while heap and heap[0] < limit:
-            ids.append(heappop(heap) & ID_MASK)
-        return ids
+            ids[heappop(heap) & ID_MASK] = None
+        return list(ids)
+
+    def compact(self) -> None:
+        """Rebuild every heap from the jobs' states (after recovery: drops stale entries)."""
+        for q in self.queues.values():
+            q.ready = []
+        self.delayed, self.expiries, self.deadlines = [], [], []
+        for job in self.jobs.values():
+            state = job.state
+            if state is WAITING:
+                job.queue.ready.append(job.ready_key())
+            elif state is DELAYED:
+                self.delayed.append(timer_key(job.run_at, job.id))
+            if job.opts.ttl and job.started_at == 0 and state in (WAITING, DELAYED,
+                                                                  WAITING_CHILDREN):
+                self.expiries.append(timer_key(job.created_at + job.opts.ttl, job.id))
+        for jid, lease in self.active.items():
+            self.deadlines.append(timer_key(lease.deadline, jid))
+        for heap in (self.delayed, self.expiries, self.deadlines,
+                     *(q.ready for q in self.queues.values())):
+            heapq.heapify(heap)
 
     def _promote_due(self, now: int) -> None:
         jobs = self.jobs

@@ -133,6 +133,7 @@ class Storage:
         self.blobs = BlobStore(os.path.join(self.dir, "blobs"), self.files)
         self.wal = Wal(self.wal_dir, settings.fsync, settings.segment_bytes, self.files)
         self._snap: tuple[int, int, str, int, float] | None = None
+        self._poll: asyncio.TimerHandle | None = None
         self.last_snapshot_pause = 0.0
         self.last_snapshot_seconds = 0.0
         self.snapshots_written = 0
@@ -163,6 +164,7 @@ class Storage:
                     os.replace(path, path + ".corrupt")
                     log.error("WAL segment %s set aside after the damage before it", later)
                 break
+        engine.compact()
         engine.emitting = True
         engine.journal.clear()
         engine.events.clear()
@@ -255,7 +257,7 @@ class Storage:
         self.last_snapshot_pause = time.perf_counter() - started
         self.wal.bytes_since_snapshot = 0
         self._snap = (pid, number, tmp, target, started)
-        asyncio.get_running_loop().call_later(0.02, self._poll_snapshot)
+        self._poll = asyncio.get_running_loop().call_later(0.02, self._poll_snapshot)
 
     def _poll_snapshot(self) -> None:
         assert self._snap is not None
@@ -263,7 +265,7 @@ class Storage:
         done, status = os.waitpid(pid, os.WNOHANG)
         loop = asyncio.get_running_loop()
         if done == 0:
-            loop.call_later(0.02, self._poll_snapshot)
+            self._poll = loop.call_later(0.02, self._poll_snapshot)
             return
         if os.waitstatus_to_exitcode(status) != 0 or self.wal.failed is not None:
             log.error("snapshot %d failed (child status %d)", number, status)
@@ -273,7 +275,7 @@ class Storage:
             return
         if self.wal.durable < target:  # what the snapshot holds must be durable first
             self._snap = (0, number, tmp, target, started)
-            loop.call_later(0.005, self._finish_snapshot)
+            self._poll = loop.call_later(0.005, self._finish_snapshot)
             return
         self._finish_snapshot()
 
@@ -285,7 +287,7 @@ class Storage:
             self._snap = None
             return
         if self.wal.durable < target:
-            asyncio.get_running_loop().call_later(0.005, self._finish_snapshot)
+            self._poll = asyncio.get_running_loop().call_later(0.005, self._finish_snapshot)
             return
         final = os.path.join(self.dir, snapshot_name(number))
         os.replace(tmp, final)
@@ -303,6 +305,8 @@ class Storage:
                  final, self.last_snapshot_seconds, self.last_snapshot_pause * 1000)
 
     def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
         if self._snap is not None and self._snap[0]:
             try:
                 os.waitpid(self._snap[0], 0)
