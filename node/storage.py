@@ -120,6 +120,18 @@ def load_snapshot(engine: Engine, data: bytes) -> int:
     return count
 
 
+def _die_with_parent() -> None:
+    """Linux: the snapshot child gets SIGKILL when the node dies (no orphan writers)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Storage:
     """Owns the WAL, the blob store and the snapshots of one data directory."""
 
@@ -148,6 +160,9 @@ class Storage:
         started = time.perf_counter()
         report = Recovery()
         engine.emitting = False
+        for name in os.listdir(self.dir):
+            if name.endswith(".tmp"):  # a snapshot that was never finished
+                os.unlink(os.path.join(self.dir, name))
         first_segment = self._load_newest_snapshot(engine, report)
         segments = [n for n in list_segments(self.wal_dir) if n >= first_segment]
         if stop_at is not None:
@@ -242,12 +257,14 @@ class Storage:
             return
         number = self.wal.rotate()
         target = self.wal.written
-        tmp = os.path.join(self.dir, snapshot_name(number) + ".tmp")
+        tmp = os.path.join(self.dir, f"{snapshot_name(number)}.{os.getpid()}.tmp")
         started = time.perf_counter()
         pid = os.fork()
         if pid == 0:  # the child: write and leave, touching nothing of the parent's loop
             code = 1
             try:
+                _die_with_parent()
+                os.closerange(3, 1 << 16)  # sockets, the loop's fds: not the child's business
                 gc.disable()
                 write_snapshot(engine, tmp, number)
                 os.sync()  # blob files the snapshot refers to
