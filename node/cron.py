@@ -21,7 +21,7 @@ def _interval_s(schedule: str) -> int | None:
     if not schedule.startswith("*/"):
         return None
     digits = schedule[2:]
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         return None
     return int(digits)
 
@@ -67,7 +67,10 @@ class CronTable:
 
     def first_run(self, schedule: str, now: int) -> int:
         validate(schedule)
-        return next_after(schedule, now)
+        try:
+            return next_after(schedule, now)
+        except (ValueError, ArithmeticError) as exc:  # croniter: e.g. "0 0 31 2 *" never comes
+            raise InvalidRequest(f"schedule '{schedule}' never runs ({exc})") from None
 
     def next_run(self, schedule: str, now: int) -> int:
         return next_after(schedule, now)

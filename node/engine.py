@@ -665,10 +665,7 @@ class Engine:
 
     def add_cron(self, name: str, queue: str, data: bytes, schedule: str, priority: int) -> None:
         now = self.clock()
-        try:
-            next_run = self.crons.first_run(schedule, now)
-        except ValueError as exc:  # int() of "*/²", croniter's "no next date" for "0 0 31 2 *"
-            raise InvalidRequest(f"schedule '{schedule}' cannot run: {exc}") from None
+        next_run = self.crons.first_run(schedule, now)
         spec = {
             "queue": queue, "data": data, "schedule": schedule, "priority": priority,
             "next_run": next_run,

@@ -47,6 +47,7 @@ class MemoryLog:
     def __init__(self) -> None:
         self.seq = 0
         self.durable = 0
+        self.failed: str | None = None
 
     def append(self, records: list[Any]) -> None:
         self.seq += len(records)
@@ -290,7 +291,8 @@ class Node:
         self.storage.recover(fresh, open_wal=False, stop_at=wal.durable_pos)
         self.engine = self.commands.engine = fresh
         loop = asyncio.get_running_loop()
-        self._probe = loop.call_later(2.0, self._probe_storage)
+        retry = self.settings.storage.retry_seconds
+        self._probe = loop.call_later(retry, self._probe_storage)
 
     def _outbox_flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -299,14 +301,15 @@ class Node:
                 session.transport.write(b"".join(lines))
 
     def _probe_storage(self) -> None:
-        """Every 2 s while failed: try to resume writing."""
+        """Every ``retry_seconds`` while failed: try to resume writing."""
         self._probe = None
         assert self.storage is not None
         if self.storage.wal.try_recover():
             self.engine.release(sorted(self.engine.active), "storage recovered")
             self.after_batch()
         else:
-            self._probe = asyncio.get_running_loop().call_later(2.0, self._probe_storage)
+            retry = self.settings.storage.retry_seconds
+            self._probe = asyncio.get_running_loop().call_later(retry, self._probe_storage)
 
     # -- blocked pulls ------------------------------------------------------------------------
 

@@ -34,6 +34,14 @@ MAX_EVENT_BACKLOG = 8 * 1024 * 1024
 MAX_BACKLOG_LINES = 10_000
 
 
+class _TooLong(bytes):
+    """Stands in a line list for a line that was too long; holds its error answer."""
+
+    @property
+    def answer(self) -> bytes:
+        return bytes(self)
+
+
 class Session(asyncio.Protocol):
     """One client connection."""
 
@@ -53,6 +61,8 @@ class Session(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.max_line = node.settings.max_line
+        self.refusing = False  # a too-long line came: answer what came before it, then close
+        self.close_when_sent = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -75,14 +85,14 @@ class Session(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.refusing:
             return
         end = data.rfind(b"\n")
         if end < 0:
             self.parts.append(data)
             self.part_len += len(data)
             if self.part_len > self.max_line:
-                self._too_long(self.part_len)
+                self._take([], self.part_len)
             return
         head = data[:end]
         tail = data[end + 1 :]
@@ -92,11 +102,26 @@ class Session(asyncio.Protocol):
         if tail:
             self.parts.append(tail)
         self.part_len = len(tail)
-        lines = head.split(b"\n")
-        for line in lines:
+        lines: list[bytes] = head.split(b"\n")
+        too_long = 0
+        for i, line in enumerate(lines):
             if len(line) > self.max_line:
-                self._too_long(len(line))
-                return
+                too_long = len(line)
+                del lines[i:]
+                break
+        if not too_long and self.part_len > self.max_line:
+            too_long = self.part_len
+        self._take(lines, too_long)
+
+    def _take(self, lines: list[bytes], too_long: int) -> None:
+        """Run (or queue behind a blocked PULL) complete lines; then refuse a too-long one."""
+        if too_long:
+            assert self.transport is not None
+            self.refusing = True
+            self.parts = []
+            self.transport.pause_reading()
+            text = InvalidRequest(f"line longer than {self.max_line} bytes ({too_long}+ received)")
+            lines.append(_TooLong(error_answer(text.text)))
         if self.waiter is not None or self.backlog:
             self.backlog.extend(lines)
             self._update_reading()
@@ -110,6 +135,10 @@ class Session(asyncio.Protocol):
         execute = node.execute
         out = []
         for n, line in enumerate(lines, 1):
+            if type(line) is _TooLong:
+                out.append(line.answer)
+                self.close_when_sent = True
+                break
             answer = execute(line, self)
             if answer is None:
                 rest = list(lines)[n:] if isinstance(lines, deque) else lines[n:]
@@ -121,6 +150,8 @@ class Session(asyncio.Protocol):
         if out:
             self.send(out, tag)
         node.after_batch()
+        if self.close_when_sent and not self.held:
+            self.close()
         self._update_reading()
 
     def resume(self) -> None:
@@ -147,6 +178,8 @@ class Session(asyncio.Protocol):
             out.extend(held.popleft()[1])
         if out and self.transport is not None and not self.closing:
             self.transport.write(b"".join(out))
+        if self.close_when_sent and not held:
+            self.close()
 
     def fail_held(self, durable: int, text: str) -> None:
         """Storage failed: answers not yet durable become errors (events are dropped)."""
@@ -180,14 +213,8 @@ class Session(asyncio.Protocol):
             return False
         return True
 
-    def _too_long(self, size: int) -> None:
-        assert self.transport is not None
-        text = InvalidRequest(f"line longer than {self.max_line} bytes ({size}+ received)").text
-        self.transport.write(error_answer(text))
-        self.close()
-
     def _update_reading(self) -> None:
-        if self.transport is None or self.closing:
+        if self.transport is None or self.closing or self.refusing:
             return
         want_pause = self.write_paused or len(self.backlog) > MAX_BACKLOG_LINES
         if want_pause and not self.read_paused:

@@ -36,6 +36,8 @@ class StorageSettings:
     disk_budget: int = 10 * 1024 * 1024 * 1024
     #: The largest payload accepted at all.
     max_payload: int = 8 * 1024 * 1024
+    #: After a write or fsync failed: how often to try whether the disk works again.
+    retry_seconds: float = 2.0
 
 
 @dataclass

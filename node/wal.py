@@ -382,6 +382,7 @@ class Wal:
             return
         self.failed = reason
         self._buffer = []
+        self.seq = self.written = self.durable  # what was not persisted does not count
         log.error("storage failed, refusing writes: %s", reason)
         self.on_failure(reason)
 
