@@ -19,7 +19,7 @@ run: venv-server
 test: venv-test lint typecheck unit
 
 lint:
-	$(VENV)/ruff check sdk node gateway operator tests loadtest
+	$(VENV)/ruff check sdk node gateway operator tests $(wildcard loadtest)
 	scripts/pkgtree.sh
 	PYTHONPATH=build/pkg $(VENV)/lint-imports
 
