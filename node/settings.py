@@ -36,6 +36,9 @@ class StorageSettings:
     disk_budget: int = 10 * 1024 * 1024 * 1024
     #: The largest payload accepted at all.
     max_payload: int = 8 * 1024 * 1024
+    #: False = one write and fsync per command in the loop (no group commit): only for
+    #: measuring what group commit gains.
+    group_commit: bool = True
     #: After a write or fsync failed: how often to try whether the disk works again.
     retry_seconds: float = 2.0
 

@@ -143,7 +143,8 @@ class Storage:
         self.wal_dir = os.path.join(self.dir, "wal")
         os.makedirs(self.wal_dir, exist_ok=True)
         self.blobs = BlobStore(os.path.join(self.dir, "blobs"), self.files)
-        self.wal = Wal(self.wal_dir, settings.fsync, settings.segment_bytes, self.files)
+        self.wal = Wal(self.wal_dir, settings.fsync, settings.segment_bytes, self.files,
+                       settings.group_commit)
         self._snap: tuple[int, int, str, int, float] | None = None
         self._poll: asyncio.TimerHandle | None = None
         self.last_snapshot_pause = 0.0

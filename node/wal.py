@@ -179,8 +179,10 @@ class Wal:
         fsync: str = "always",
         segment_bytes: int = 64 * 1024 * 1024,
         files: Files | None = None,
+        group_commit: bool = True,
     ) -> None:
         self.dir = directory
+        self.group_commit = group_commit
         self.policy = fsync
         self.segment_bytes = segment_bytes
         self.files = files or Files()
@@ -276,6 +278,11 @@ class Wal:
         self._buffer.append(data)
         self.seq += len(recs)
         self.appends += len(recs)
+        if not self.group_commit:
+            self.sync_now()
+            if self.failed is None:
+                self.on_durable()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -387,12 +394,21 @@ class Wal:
         self.on_failure(reason)
 
     def sync_now(self) -> None:
-        """Blocking write + fsync of everything (shutdown, tests)."""
-        self.flush_now()
-        if self.failed is None and self.fd >= 0:
+        """Blocking write + fsync of everything (no group commit)."""
+        data = b"".join(self._buffer)
+        self._buffer = []
+        try:
+            self.files.write(self.fd, data)
             self.files.fsync(self.fd)
-            self.durable = self.written
-            self.durable_pos = (self.segment, self.segment_size)
+        except OSError as exc:
+            self._fail(f"WAL write failed: {exc.strerror or exc}")
+            return
+        self.written = self.durable = self.seq
+        self.segment_size += len(data)
+        self.bytes_written += len(data)
+        self.bytes_since_snapshot += len(data)
+        self.fsyncs += 1
+        self.durable_pos = (self.segment, self.segment_size)
 
     def try_recover(self) -> bool:
         """After a failure, once the node reloaded what is durable (which cut the log back to

@@ -94,6 +94,8 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--blob-threshold", 64 * 1024, int, "payloads above this go to the blob store")
     _flag(p, "--memory-budget", 1024**3, int, "bytes of payloads kept in memory")
     _flag(p, "--disk-budget", 10 * 1024**3, int, "bytes of payloads in the blob store")
+    p.add_argument("--no-group-commit", dest="group_commit", action="store_false",
+                   help="fsync every command on its own (benchmark baseline only)")
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -125,7 +127,7 @@ def _node_settings(args: argparse.Namespace) -> Any:
             data_dir=args.data_dir, fsync=args.fsync, max_payload=args.max_payload,
             segment_bytes=args.segment_bytes, snapshot_bytes=args.snapshot_bytes,
             blob_threshold=args.blob_threshold, memory_budget=args.memory_budget,
-            disk_budget=args.disk_budget,
+            disk_budget=args.disk_budget, group_commit=args.group_commit,
         ),
         engine=EngineConfig(default_lease_ms=args.default_lease_ms),
     )
