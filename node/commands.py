@@ -13,7 +13,6 @@ import hmac
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
 from orjson import Fragment
 
 from shardq import protocol as P
@@ -26,7 +25,7 @@ from shardq.errors import (
 )
 from shardq.job import EVENTS
 
-from .jobs import Job
+from .jobs import Job, kept_json
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -46,8 +45,7 @@ class Caller(Protocol):
     pending_rid: str | int | None
 
 
-def raw(value: Any) -> bytes:
-    return orjson.dumps(value)
+raw = kept_json
 
 
 def wire_result(result: bytes | None) -> Any:
@@ -88,7 +86,7 @@ class Commands:
     # -- jobs in ----------------------------------------------------------------------------
 
     def payload(self, data: Any) -> bytes:
-        blob = orjson.dumps(data)
+        blob = raw(data)
         if len(blob) > self.max_payload:
             raise PayloadTooLarge(len(blob), self.max_payload)
         return blob

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from orjson import Fragment
+from orjson import Fragment, dumps
 
 from shardq.job import State
 from shardq.protocol import MAX_PRIORITY
@@ -39,6 +39,16 @@ def ready_key(priority: int, run_at: int, job_id: int) -> int:
 
 def timer_key(at: int, job_id: int) -> int:
     return (at << ID_BITS) | job_id
+
+
+def kept_json(value: Any) -> bytes:
+    """The raw JSON the node keeps for a payload or result.
+
+    orjson returns short output inside a 4 KiB allocation; a value the node keeps
+    is copied into an exact-size bytes object (else a 200-byte job costs 4 KiB).
+    """
+    out = dumps(value)
+    return bytes(memoryview(out)) if len(out) < 4000 else out
 
 
 class BlobRef:

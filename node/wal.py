@@ -33,6 +33,7 @@ import orjson
 from shardq.errors import StorageFailed
 
 from . import records as R
+from .jobs import kept_json
 
 log = logging.getLogger("shardq.node.wal")
 
@@ -128,12 +129,11 @@ def read_frames(data: bytes, limit: int | None = None) -> Iterator[tuple[int, by
         yield pos, payload
 
 
-def _data(value: Any) -> bytes:
-    return orjson.dumps(value)
+_data = kept_json
 
 
 def _opt(value: Any) -> bytes | None:
-    return None if value is None else orjson.dumps(value)
+    return None if value is None else kept_json(value)
 
 
 def decode(payload: bytes) -> R.Record:
