@@ -255,11 +255,11 @@ class Commands:
         data = self.payload(P.check_data(req))
         schedule = P.check_str(req, "schedule", 256)
         priority = P.opt_int(req, "priority", P.MIN_PRIORITY, P.MAX_PRIORITY)
-        self.engine.add_cron(name, queue, data, schedule, priority)
+        self.engine.crons.add(name, queue, data, schedule, priority)
         return OK
 
     def crondelete(self, req: P.Request, caller: Caller) -> Answer:
-        if not self.engine.delete_cron(P.check_str(req, "name")):
+        if not self.engine.crons.delete(P.check_str(req, "name")):
             raise CronNotFound()
         return OK
 

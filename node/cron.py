@@ -9,12 +9,20 @@ No I/O here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardq.errors import InvalidRequest
+from shardq.protocol import JobSpec
+
+from . import records as R
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 MIN_INTERVAL_S = 1
 MAX_INTERVAL_S = 10 * 365 * 24 * 3600
+#: next_run of a cron whose expression has no further tick
+NEVER = 2**62
 
 
 def _interval_s(schedule: str) -> int | None:
@@ -59,27 +67,59 @@ def next_after(schedule: str, now_ms: int) -> int:
     return round(at * 1000)
 
 
-class CronTable:
-    """Named crons with their next run time. Entries are plain dicts (see records.CRON)."""
+class Crons:
+    """The node's crons: named schedules, each with the job it pushes and its next run."""
 
-    def __init__(self) -> None:
-        self.entries: dict[str, dict[str, Any]] = {}
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.entries: dict[str, dict[str, Any]] = {}  # name -> CRONSPEC (records.py)
 
-    def first_run(self, schedule: str, now: int) -> int:
+    def add(self, name: str, queue: str, data: bytes, schedule: str, priority: int) -> None:
+        """Create or replace a cron."""
+        e = self.engine
+        now = e.clock()
         validate(schedule)
         try:
-            return next_after(schedule, now)
+            next_run = next_after(schedule, now)
         except (ValueError, ArithmeticError) as exc:  # croniter: e.g. "0 0 31 2 *" never comes
             raise InvalidRequest(f"schedule '{schedule}' never runs ({exc})") from None
+        spec = {
+            "queue": queue, "data": data, "schedule": schedule, "priority": priority,
+            "next_run": next_run,
+        }
+        e.log_apply((R.CRON, now, name, spec))
 
-    def next_run(self, schedule: str, now: int) -> int:
-        return next_after(schedule, now)
+    def delete(self, name: str) -> bool:
+        if name not in self.entries:
+            return False
+        self.engine.log_apply((R.CRONDEL, self.engine.clock(), name))
+        return True
 
-    def set(self, name: str, spec: dict[str, Any]) -> None:
+    def apply_set(self, rec: R.Record) -> None:
+        _, _now, name, spec = rec
         self.entries[name] = dict(spec)
 
-    def due(self, now: int) -> list[tuple[str, dict[str, Any]]]:
-        return [(n, e) for n, e in self.entries.items() if e["next_run"] <= now]
+    def apply_delete(self, rec: R.Record) -> None:
+        self.entries.pop(rec[2], None)
+
+    def fire_due(self, now: int) -> None:
+        """Fire every cron that is due, once: one record holds the new next run and the job."""
+        e = self.engine
+        for name, entry in [(n, c) for n, c in self.entries.items() if c["next_run"] <= now]:
+            try:
+                next_run = next_after(entry["schedule"], now)
+            except (ValueError, ArithmeticError):
+                next_run = NEVER
+            queue = entry["queue"]
+            rows = e.job_rows(queue, [JobSpec(None, entry["priority"])], [entry["data"]], now)
+            e.log_apply((R.CRONFIRE, now, name, next_run, queue, rows))
+
+    def apply_fire(self, rec: R.Record) -> None:
+        _, now, name, next_run, queue, rows = rec
+        entry = self.entries.get(name)
+        if entry is not None:
+            entry["next_run"] = next_run
+        self.engine.apply((R.PUSH, now, queue, rows))
 
     def next_due(self) -> int | None:
         if not self.entries:

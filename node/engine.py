@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from shardq.errors import (
     DuplicateJob,
-    InvalidRequest,
     JobNotActive,
     JobNotFound,
     LeaseExpired,
@@ -35,14 +34,14 @@ from shardq.slots import SLOTS, slot_of
 
 from . import records as R
 from . import state
-from .cron import CronTable
+from .cron import Crons
+from .dependencies import Dependencies
 from .jobs import (
     ACTIVE,
     CANCELLED,
     COMPLETED,
     DEAD,
     DELAYED,
-    EXPIRED,
     ID_MASK,
     PLAIN,
     WAITING,
@@ -53,15 +52,13 @@ from .jobs import (
     Lease,
     QueueState,
     TokenBucket,
-    timer_key,
 )
+from .timers import Timers
 
 Clock = Callable[[], int]
 Event = tuple[str, str, dict[str, Any]]  # (event, queue, JOB)
 heappush = heapq.heappush
 heappop = heapq.heappop
-#: How a parent's end reads in its children's DLQ error ("Parent job 7 failed").
-_OUTCOME = {DEAD: "failed", CANCELLED: "was cancelled", EXPIRED: "expired"}
 
 
 @dataclass
@@ -99,13 +96,10 @@ class Engine:
         self.seqs = [0] * SLOTS  # last seq handed out per slot
         self.active: dict[int, Lease] = {}
         self.owned: dict[int, set[int]] = {}  # lease owner -> ids it holds
-        self.delayed: list[int] = []  # timer heap: run_at << 53 | id
-        self.expiries: list[int] = []  # timer heap: created_at + ttl
-        self.deadlines: list[int] = []  # timer heap: lease deadlines
-        self.children: dict[int, set[int]] = {}  # waiting-children: child -> pending parents
-        self.dependents: dict[int, list[int]] = {}  # parent -> children waiting on it
         self.finished: OrderedDict[int, Finished] = OrderedDict()
-        self.crons = CronTable()
+        self.timers = Timers(self)  # the delayed, ttl and lease-deadline heaps
+        self.deps = Dependencies(self)  # the waiting-children index
+        self.crons = Crons(self)
         self.journal: list[R.Record] = []
         self.events: list[Event] = []
         self.wakeups: set[str] = set()  # queues that may now serve a blocked PULL
@@ -120,10 +114,12 @@ class Engine:
         self._apply: dict[int, Callable[[Any], Any]] = {
             R.PUSH: self._a_push, R.START: self._a_start, R.ACK: self._a_ack,
             R.FAIL: self._a_fail, R.RELEASE: self._a_release, R.TIMEOUT: self._a_timeout,
-            R.PROMOTE: self._a_promote, R.EXPIRE: self._a_expire, R.CANCEL: self._a_cancel,
+            R.PROMOTE: self.timers.apply_promote, R.EXPIRE: self.timers.apply_expire,
+            R.CANCEL: self._a_cancel,
             R.PROGRESS: self._a_progress, R.RETRYDLQ: self._a_retry_dlq,
-            R.QUEUE: self._a_queue, R.CRON: self._a_cron, R.CRONDEL: self._a_cron_delete,
-            R.CRONFIRE: self._a_cron_fire, R.SLOT: self._a_slot, R.JOB: self._a_job,
+            R.QUEUE: self._a_queue, R.CRON: self.crons.apply_set,
+            R.CRONDEL: self.crons.apply_delete, R.CRONFIRE: self.crons.apply_fire,
+            R.SLOT: self._a_slot, R.JOB: self._a_job,
             R.FINISHED: self._a_finished,
         }
 
@@ -133,12 +129,12 @@ class Engine:
         """Apply one record (live or replayed)."""
         return self._apply[rec[0]](rec)
 
-    def _log(self, rec: R.Record) -> Any:
+    def log_apply(self, rec: R.Record) -> Any:
         result = self._apply[rec[0]](rec)
         self.journal.append(rec)
         return result
 
-    def _emit(self, event: str, job: Job) -> None:
+    def emit(self, event: str, job: Job) -> None:
         watch = self.watch
         if watch and self.emitting and (job.queue.name in watch or "*" in watch):
             self.events.append((event, job.queue.name, job.wire()))
@@ -184,8 +180,16 @@ class Engine:
                 seen.add(key)
             if spec.depends_on:
                 for parent in spec.depends_on:
-                    self._check_parent(parent)
-        slot = (q.slot if q is not None else self.queue(queue).slot)
+                    self.deps.check_parent(parent)
+        rows = self.job_rows(queue, specs, payloads, now)
+        jobs: list[Job] = self.log_apply((R.PUSH, now, queue, rows))
+        return jobs
+
+    def job_rows(
+        self, queue: str, specs: list[JobSpec], payloads: list[bytes | BlobRef], now: int
+    ) -> list[tuple[Any, ...]]:
+        """The JOBSPEC rows of a PUSH record (records.py), with fresh ids of the queue's slot."""
+        slot = self.queue(queue).slot
         seq = self.seqs[slot]
         rows = []
         for spec, data in zip(specs, payloads, strict=True):
@@ -196,16 +200,7 @@ class Engine:
                 spec.max_attempts, spec.backoff, spec.ttl, spec.timeout, spec.unique_key,
                 spec.depends_on, blob,
             ))
-        jobs: list[Job] = self._log((R.PUSH, now, queue, rows))
-        return jobs
-
-    def _check_parent(self, parent: int) -> None:
-        if parent in self.jobs or parent in self.finished:
-            return
-        seq, slot = divmod(parent, SLOTS)
-        if 0 < seq <= self.seqs[slot]:
-            return  # finished before the retention window: counts as completed
-        raise InvalidRequest(f"depends_on: job {parent} not found")
+        return rows
 
     def _a_push(self, rec: R.Record) -> list[Job]:
         _, now, queue, rows = rec
@@ -231,13 +226,13 @@ class Engine:
             if key is not None:
                 q.unique[key] = jid
             if ttl:
-                heappush(self.expiries, timer_key(now + ttl, jid))
-            if deps and self._wait_for_parents(job, deps, now):
+                self.timers.expire_at(now + ttl, jid)
+            if deps and self.deps.wait_for_parents(job, deps, now):
                 pass
             elif run_at > now:
                 job.state = DELAYED
                 q.n_delayed += 1
-                heappush(self.delayed, timer_key(run_at, jid))
+                self.timers.delay(run_at, jid)
             else:
                 q.n_waiting += 1
                 heappush(q.ready, job.ready_key())
@@ -248,68 +243,12 @@ class Engine:
         self.total_pushed += len(rows)
         return out
 
-    # -- dependencies -----------------------------------------------------------------------
-
-    def _wait_for_parents(self, job: Job, parents: Iterable[int], now: int) -> bool:
-        """Put ``job`` in waiting-children if some parent is unfinished; True if so.
-
-        A parent that is dead, cancelled or expired sends the job to the DLQ at once.
-        """
-        pending = set()
-        for parent in parents:
-            pjob = self.jobs.get(parent)
-            if pjob is not None:
-                if pjob.state is DEAD:
-                    self._kill_child(job, now, f"Parent job {parent} failed")
-                    return True
-                pending.add(parent)
-                continue
-            done = self.finished.get(parent)
-            if done is not None and done.state is not COMPLETED:
-                self._kill_child(job, now, f"Parent job {parent} {_OUTCOME[done.state]}")
-                return True
-        if not pending:
-            return False
-        job.state = WAITING_CHILDREN
-        job.queue.n_children += 1
-        self.children[job.id] = pending
-        for parent in pending:
-            self.dependents.setdefault(parent, []).append(job.id)
-        return True
-
-    def _kill_child(self, job: Job, now: int, error: str) -> None:
-        job.own_opts().error = error
-        self._to_dlq(job, now)
-
-    def _parent_done(self, parent: int, now: int, completed: bool, why: str = "") -> None:
-        """A parent finished: release or kill the children waiting on it (iteratively)."""
-        todo = [(parent, completed, why)]
-        while todo:
-            pid, ok, reason = todo.pop()
-            for child_id in self.dependents.pop(pid, ()):
-                pending = self.children.get(child_id)
-                child = self.jobs.get(child_id)
-                if pending is None or child is None or child.state is not WAITING_CHILDREN:
-                    continue
-                if ok:
-                    pending.discard(pid)
-                    if pending:
-                        continue
-                del self.children[child_id]
-                child.queue.n_children -= 1
-                if ok:
-                    self._make_ready(child, now)
-                else:
-                    child.state = WAITING  # so _to_dlq sees a live job
-                    self._kill_child(child, now, f"Parent job {pid} {reason}")
-                    todo.append((child_id, False, _OUTCOME[DEAD]))
-
-    def _make_ready(self, job: Job, now: int) -> None:
+    def make_ready(self, job: Job, now: int) -> None:
         q = job.queue
         if job.run_at > now:
             job.state = DELAYED
             q.n_delayed += 1
-            heappush(self.delayed, timer_key(job.run_at, job.id))
+            self.timers.delay(job.run_at, job.id)
         else:
             job.state = WAITING
             q.n_waiting += 1
@@ -346,7 +285,7 @@ class Engine:
             return []
         if q.rate is not None:
             q.rate.take(len(picked))
-        self._log((R.START, now, [j.id for j in picked]))
+        self.log_apply((R.START, now, [j.id for j in picked]))
         if owner:
             held = self.owned.get(owner)
             if held is None:
@@ -368,7 +307,7 @@ class Engine:
             job.started_at = now if now > job.started_at else job.started_at + 1
             deadline = job.started_at + (job.opts.timeout or default_lease)
             self.active[jid] = Lease(0, deadline)
-            heappush(self.deadlines, timer_key(deadline, jid))
+            self.timers.deadline(deadline, jid)
 
     def blocked_until(self, queue: str) -> int | None:
         """When a rate-limited queue with ready jobs gets its next token (else None)."""
@@ -396,7 +335,7 @@ class Engine:
 
     def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None) -> None:
         self._active(job_id, lease, JobNotFound)
-        self._log((R.ACK, self.clock(), [job_id], None if result is None else [result]))
+        self.log_apply((R.ACK, self.clock(), [job_id], None if result is None else [result]))
 
     def ack_batch(self, ids: list[int], results: list[bytes | None] | None = None) -> int:
         """Ack every id that is active; returns how many were."""
@@ -410,7 +349,7 @@ class Engine:
                 picked.append(jid)
                 picked_results.append(results[i] if results else None)
         if picked:
-            self._log((R.ACK, self.clock(), picked, picked_results if results else None))
+            self.log_apply((R.ACK, self.clock(), picked, picked_results if results else None))
         return len(picked)
 
     def _a_ack(self, rec: R.Record) -> None:
@@ -422,10 +361,9 @@ class Engine:
             q.completed += 1
             self.total_completed += 1
             self._note_run(now, now - job.started_at)
-            self._finish(job, COMPLETED, now, results[i] if results else None)
-            self._emit("completed", job)
-            if jid in self.dependents:
-                self._parent_done(jid, now, True)
+            self.finish(job, COMPLETED, now, results[i] if results else None)
+            self.emit("completed", job)
+            self.deps.parent_ended(jid, now, COMPLETED)
 
     def _note_run(self, now: int, run_ms: int) -> None:
         sec = now // 1000
@@ -438,7 +376,7 @@ class Engine:
             if len(recent) > 10:
                 del recent[0]
 
-    def _finish(self, job: Job, state: Any, now: int, result: bytes | None) -> None:
+    def finish(self, job: Job, state: Any, now: int, result: bytes | None) -> None:
         """Remove a job from the live index, release its key, remember its outcome."""
         del self.jobs[job.id]
         if type(job.data) is BlobRef:
@@ -456,7 +394,7 @@ class Engine:
 
     def fail(self, job_id: int, error: str | None = None, lease: int | None = None) -> None:
         self._active(job_id, lease, JobNotFound)
-        self._log((R.FAIL, self.clock(), job_id, error))
+        self.log_apply((R.FAIL, self.clock(), job_id, error))
 
     def _a_fail(self, rec: R.Record) -> None:
         _, now, jid, error = rec
@@ -471,10 +409,11 @@ class Engine:
         self.total_failed += 1
         if error is not None or job.opts.error is not None:
             job.own_opts().error = error
-        self._emit("failed", job)
+        self.emit("failed", job)
         o = job.opts
         if o.max_attempts and job.attempts >= o.max_attempts:
-            self._to_dlq(job, now)
+            self.to_dlq(job, now)
+            self.deps.parent_ended(job.id, now, DEAD)
             return
         q.retried += 1
         delay = self.backoff_delay(o.backoff, job.attempts) if backoff else 0
@@ -482,13 +421,13 @@ class Engine:
             job.run_at = now + delay
             job.state = DELAYED
             q.n_delayed += 1
-            heappush(self.delayed, timer_key(job.run_at, job.id))
+            self.timers.delay(job.run_at, job.id)
         else:
             job.state = WAITING
             q.n_waiting += 1
             heappush(q.ready, job.ready_key())
             self.wakeups.add(q.name)
-        self._emit("retrying", job)
+        self.emit("retrying", job)
 
     def backoff_delay(self, backoff: int, attempt: int) -> int:
         """Wait after the ``attempt``-th failure: ``backoff * 2**(attempt-1)``, capped."""
@@ -497,14 +436,12 @@ class Engine:
         cap = max(self.config.max_backoff_ms, backoff)
         return min(backoff << min(attempt - 1, 62), cap)
 
-    def _to_dlq(self, job: Job, now: int) -> None:
+    def to_dlq(self, job: Job, now: int) -> None:
         job.state = DEAD
         q = job.queue
         q.dlq[job.id] = job
         q.dead_total += 1
-        self._emit("dead", job)
-        if job.id in self.dependents:
-            self._parent_done(job.id, now, False, _OUTCOME[DEAD])
+        self.emit("dead", job)
 
     def touch(self, job_id: int, lease: int | None = None, extend: int | None = None) -> int:
         """Extend an active job's lease; returns the new deadline (not logged)."""
@@ -517,7 +454,7 @@ class Engine:
         held = self.active[job.id]
         if deadline > held.deadline:
             held.deadline = deadline
-            heappush(self.deadlines, timer_key(deadline, job.id))
+            self.timers.deadline(deadline, job.id)
         return held.deadline
 
     def release_owner(self, owner: int, reason: str = "worker disconnected") -> int:
@@ -530,7 +467,7 @@ class Engine:
     def release(self, ids: list[int], reason: str) -> int:
         ids = [j for j in ids if j in self.active]
         if ids:
-            self._log((R.RELEASE, self.clock(), ids, reason))
+            self.log_apply((R.RELEASE, self.clock(), ids, reason))
         return len(ids)
 
     def _a_release(self, rec: R.Record) -> None:
@@ -545,24 +482,23 @@ class Engine:
         job = self.jobs[jid]
         ran = now - job.started_at
         self._end_attempt(job)
-        self._emit("timeout", job)
+        self.emit("timeout", job)
         self._failed_attempt(job, now, f"Job timed out after {ran} ms", backoff=True)
 
     # -- cancel, progress, results ------------------------------------------------------------
 
     def cancel(self, job_id: int) -> None:
         self._job(job_id)
-        self._log((R.CANCEL, self.clock(), job_id))
+        self.log_apply((R.CANCEL, self.clock(), job_id))
 
     def _a_cancel(self, rec: R.Record) -> None:
         _, now, jid = rec
         job = self.jobs[jid]
-        self._leave_state(job)
-        self._finish(job, CANCELLED, now, None)
-        if jid in self.dependents:
-            self._parent_done(jid, now, False, _OUTCOME[CANCELLED])
+        self.leave_state(job)
+        self.finish(job, CANCELLED, now, None)
+        self.deps.parent_ended(jid, now, CANCELLED)
 
-    def _leave_state(self, job: Job) -> None:
+    def leave_state(self, job: Job) -> None:
         """Take a live job out of its state's index (heaps are cleaned lazily)."""
         q = job.queue
         state = job.state
@@ -572,7 +508,7 @@ class Engine:
             q.n_delayed -= 1
         elif state is WAITING_CHILDREN:
             q.n_children -= 1
-            self.children.pop(job.id, None)
+            self.deps.forget(job.id)
         elif state is ACTIVE:
             self._end_attempt(job)
         elif state is DEAD:
@@ -582,7 +518,7 @@ class Engine:
         self, job_id: int, progress: int, message: str | None, lease: int | None = None
     ) -> None:
         job = self._active(job_id, lease, JobNotActive)
-        self._log((R.PROGRESS, self.clock(), job_id, progress, message))
+        self.log_apply((R.PROGRESS, self.clock(), job_id, progress, message))
         self._extend(job, None)
 
     def _a_progress(self, rec: R.Record) -> None:
@@ -591,7 +527,7 @@ class Engine:
         opts = job.own_opts()
         opts.progress = progress
         opts.progress_msg = message
-        self._emit("progress", job)
+        self.emit("progress", job)
 
     def get_progress(self, job_id: int) -> tuple[int, str | None]:
         job = self._job(job_id)
@@ -627,7 +563,7 @@ class Engine:
             ids = [job_id]
         else:
             return 0
-        self._log((R.RETRYDLQ, self.clock(), queue, ids))
+        self.log_apply((R.RETRYDLQ, self.clock(), queue, ids))
         return len(ids)
 
     def _a_retry_dlq(self, rec: R.Record) -> None:
@@ -638,8 +574,9 @@ class Engine:
             job.attempts = 0
             job.run_at = now
             job.own_opts().error = None
-            if not (job.opts.depends_on and self._wait_for_parents(job, job.opts.depends_on, now)):
-                self._make_ready(job, now)
+            deps = job.opts.depends_on
+            if not (deps and self.deps.wait_for_parents(job, deps, now)):
+                self.make_ready(job, now)
 
     # -- queue settings -----------------------------------------------------------------------
 
@@ -647,7 +584,7 @@ class Engine:
         """Pause/resume and limits: ``paused``, ``rate_limit``, ``concurrency_limit``."""
         settings = self.queue(queue).settings()
         settings.update(changes)
-        self._log((R.QUEUE, self.clock(), queue, settings))
+        self.log_apply((R.QUEUE, self.clock(), queue, settings))
 
     def _a_queue(self, rec: R.Record) -> None:
         _, now, queue, settings = rec
@@ -661,159 +598,11 @@ class Engine:
         q.concurrency = settings.get("concurrency_limit") or 0
         self.wakeups.add(queue)
 
-    # -- cron -----------------------------------------------------------------------------------
-
-    def add_cron(self, name: str, queue: str, data: bytes, schedule: str, priority: int) -> None:
-        now = self.clock()
-        next_run = self.crons.first_run(schedule, now)
-        spec = {
-            "queue": queue, "data": data, "schedule": schedule, "priority": priority,
-            "next_run": next_run,
-        }
-        self._log((R.CRON, now, name, spec))
-
-    def delete_cron(self, name: str) -> bool:
-        if name not in self.crons.entries:
-            return False
-        self._log((R.CRONDEL, self.clock(), name))
-        return True
-
-    def _a_cron(self, rec: R.Record) -> None:
-        _, _now, name, spec = rec
-        self.crons.set(name, spec)
-
-    def _a_cron_delete(self, rec: R.Record) -> None:
-        self.crons.entries.pop(rec[2], None)
-
-    def _a_cron_fire(self, rec: R.Record) -> None:
-        _, _now, name, next_run = rec
-        entry = self.crons.entries.get(name)
-        if entry is not None:
-            entry["next_run"] = next_run
-
     # -- time ---------------------------------------------------------------------------------
 
-    def next_deadline(self) -> int | None:
-        """The earliest time ``tick`` has something to do (may be a stale entry)."""
-        best = None
-        for heap in (self.delayed, self.expiries, self.deadlines):
-            if heap:
-                at = heap[0] >> 53
-                if best is None or at < best:
-                    best = at
-        cron_at = self.crons.next_due()
-        if cron_at is not None and (best is None or cron_at < best):
-            best = cron_at
-        for at in self.result_expiry():
-            if best is None or at < best:
-                best = at
-        return best
-
-    def result_expiry(self) -> Iterable[int]:
-        if self.finished:
-            first = next(iter(self.finished.values()))
-            yield first.at + self.config.results_ttl_ms
-
     def tick(self) -> None:
-        """Do everything that is due: promotions, expiries, timeouts, crons, result eviction."""
-        now = self.clock()
-        self._promote_due(now)
-        self._expire_due(now)
-        self._timeout_due(now)
-        self._fire_crons(now)
-        ttl = self.config.results_ttl_ms
-        finished = self.finished
-        while finished:
-            first = next(iter(finished.values()))
-            if first.at + ttl > now:
-                break
-            finished.popitem(last=False)
-
-    def _due(self, heap: list[int], now: int) -> list[int]:
-        """Pop the entries due by ``now``; each id once, in time order."""
-        limit = (now + 1) << 53
-        ids: dict[int, None] = {}
-        while heap and heap[0] < limit:
-            ids[heappop(heap) & ID_MASK] = None
-        return list(ids)
-
-    def compact(self) -> None:
-        """Rebuild every heap from the jobs' states (after recovery: drops stale entries)."""
-        for q in self.queues.values():
-            q.ready = []
-        self.delayed, self.expiries, self.deadlines = [], [], []
-        for job in self.jobs.values():
-            state = job.state
-            if state is WAITING:
-                job.queue.ready.append(job.ready_key())
-            elif state is DELAYED:
-                self.delayed.append(timer_key(job.run_at, job.id))
-            if job.opts.ttl and job.started_at == 0 and state in (WAITING, DELAYED,
-                                                                  WAITING_CHILDREN):
-                self.expiries.append(timer_key(job.created_at + job.opts.ttl, job.id))
-        for jid, lease in self.active.items():
-            self.deadlines.append(timer_key(lease.deadline, jid))
-        for heap in (self.delayed, self.expiries, self.deadlines,
-                     *(q.ready for q in self.queues.values())):
-            heapq.heapify(heap)
-
-    def _promote_due(self, now: int) -> None:
-        jobs = self.jobs
-        ids = [
-            jid for jid in self._due(self.delayed, now)
-            if (job := jobs.get(jid)) is not None and job.state is DELAYED and job.run_at <= now
-        ]
-        if ids:
-            self._log((R.PROMOTE, now, ids))
-
-    def _a_promote(self, rec: R.Record) -> None:
-        _, _now, ids = rec
-        for jid in ids:
-            job = self.jobs[jid]
-            q = job.queue
-            q.n_delayed -= 1
-            q.n_waiting += 1
-            job.state = WAITING
-            heappush(q.ready, job.ready_key())
-            self.wakeups.add(q.name)
-
-    def _expire_due(self, now: int) -> None:
-        jobs = self.jobs
-        ids = []
-        for jid in self._due(self.expiries, now):
-            job = jobs.get(jid)
-            if (
-                job is not None and job.started_at == 0
-                and job.state in (WAITING, DELAYED, WAITING_CHILDREN)
-                and job.created_at + job.opts.ttl <= now
-            ):
-                ids.append(jid)
-        if ids:
-            self._log((R.EXPIRE, now, ids))
-
-    def _a_expire(self, rec: R.Record) -> None:
-        _, now, ids = rec
-        for jid in ids:
-            job = self.jobs[jid]
-            self._leave_state(job)
-            job.queue.expired += 1
-            self._finish(job, EXPIRED, now, None)
-            self._emit("expired", job)
-            if jid in self.dependents:
-                self._parent_done(jid, now, False, _OUTCOME[EXPIRED])
-
-    def _timeout_due(self, now: int) -> None:
-        for jid in self._due(self.deadlines, now):
-            lease = self.active.get(jid)
-            if lease is not None and lease.deadline <= now:
-                self._log((R.TIMEOUT, now, jid))
-
-    def _fire_crons(self, now: int) -> None:
-        for name, entry in self.crons.due(now):
-            next_run = self.crons.next_run(entry["schedule"], now)
-            self._log((R.CRONFIRE, now, name, next_run))
-            spec = JobSpec(None, entry["priority"])
-            self.push(entry["queue"], [spec], [entry["data"]])
+        """Do what is due by now (see timers.py)."""
+        self.timers.tick()
 
     # -- snapshot records ---------------------------------------------------------------------
 

@@ -29,7 +29,9 @@ WAL records (one per state change, appended before the reply is sent):
   CRON      [13, t, name, CRONSPEC]         cron created or replaced
             CRONSPEC = {"queue", "data", "schedule", "priority", "next_run"}
   CRONDEL   [14, t, name]                   cron deleted
-  CRONFIRE  [15, t, name, next_run]         cron fired at t (its job is the PUSH record after it)
+  CRONFIRE  [15, t, name, next_run, queue, [JOBSPEC]]
+                                            cron fired at t: its next run and the job it pushed,
+                                            in one record (so a tick fires exactly once)
   TOUCH is not logged: leases do not survive a restart (recovered active jobs are released).
 
 Snapshot (a file of the same framing; SNAP_BEGIN first, SNAP_END last, anything else

@@ -431,7 +431,7 @@ class Node:
     # -- timers ---------------------------------------------------------------------------------
 
     def schedule_timer(self) -> None:
-        at = self.engine.next_deadline()
+        at = self.engine.timers.next_deadline()
         if at is None or (self._timer_at is not None and self._timer_at <= at):
             return
         if self._timer is not None:
@@ -446,7 +446,7 @@ class Node:
         if self.log.failed is not None:
             return  # nothing may change while storage refuses writes
         try:
-            self.engine.tick()
+            self.engine.timers.tick()
         except ShardqError as exc:  # storage refused: try again shortly
             log.warning("timer work postponed: %s", exc)
         self.after_batch()

@@ -25,7 +25,6 @@ from .jobs import (
     Job,
     JobOpts,
     Lease,
-    timer_key,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +65,7 @@ def dump(engine: Engine, slots: Container[int] | None = None) -> Iterator[R.Reco
 
 def job_state(engine: Engine, job: Job) -> list[object]:
     o = job.opts
-    pending = sorted(engine.children.get(job.id, ()))
+    pending = sorted(engine.deps.children.get(job.id, ()))
     blob = type(job.data) is BlobRef
     return [
         job.id, None if blob else job.data, job.priority, job.created_at, job.run_at,
@@ -101,7 +100,7 @@ def load_job(engine: Engine, rec: R.Record) -> None:
     if key is not None:
         q.unique[key] = jid
     if ttl and started == 0:
-        heapq.heappush(engine.expiries, timer_key(created + ttl, jid))
+        engine.timers.expire_at(created + ttl, jid)
     _index(engine, job, pending)
 
 
@@ -113,17 +112,17 @@ def _index(engine: Engine, job: Job, pending: list[int]) -> None:
         heapq.heappush(q.ready, job.ready_key())
     elif state is DELAYED:
         q.n_delayed += 1
-        heapq.heappush(engine.delayed, timer_key(job.run_at, job.id))
+        engine.timers.delay(job.run_at, job.id)
     elif state is WAITING_CHILDREN:
         q.n_children += 1
-        engine.children[job.id] = set(pending)
+        engine.deps.children[job.id] = set(pending)
         for parent in pending:
-            engine.dependents.setdefault(parent, []).append(job.id)
+            engine.deps.dependents.setdefault(parent, []).append(job.id)
     elif state is ACTIVE:
         q.n_active += 1
         deadline = job.started_at + (job.opts.timeout or engine.config.default_lease_ms)
         engine.active[job.id] = Lease(0, deadline)
-        heapq.heappush(engine.deadlines, timer_key(deadline, job.id))
+        engine.timers.deadline(deadline, job.id)
     elif state is DEAD:
         q.dlq[job.id] = job
 

@@ -180,7 +180,7 @@ class Storage:
                     os.replace(path, path + ".corrupt")
                     log.error("WAL segment %s set aside after the damage before it", later)
                 break
-        engine.compact()
+        engine.timers.compact()
         engine.emitting = True
         engine.journal.clear()
         engine.events.clear()

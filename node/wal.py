@@ -150,6 +150,9 @@ def decode(payload: bytes) -> R.Record:
         rec[3] = [_opt(r) for r in rec[3]]
     elif kind == R.CRON:
         rec[3]["data"] = _data(rec[3]["data"])
+    elif kind == R.CRONFIRE:
+        for row in rec[5]:
+            row[1] = _data(row[1])
     elif kind == R.JOB:
         if not rec[3][18]:
             rec[3][1] = _data(rec[3][1])

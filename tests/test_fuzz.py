@@ -269,7 +269,7 @@ def test_validators_raise_only_invalid_request_for_any_json_object(req: dict[str
 def test_engine_refuses_any_bad_cron_schedule_with_invalid_request(schedule: str) -> None:
     engine = Engine(FakeClock())
     try:
-        engine.add_cron("fuzz", "q", b"1", schedule, 0)
+        engine.crons.add("fuzz", "q", b"1", schedule, 0)
     except InvalidRequest:
         assert "fuzz" not in engine.crons.entries
 
