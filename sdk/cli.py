@@ -85,6 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("queue")
             p.add_argument("--timeout", type=int, default=5000, help="ms to wait")
             p.add_argument("--ack", action="store_true", help="ack the job right away")
+    cron = sub.add_parser("cron", help="manage crons: add, list, delete")
+    cron_sub = cron.add_subparsers(dest="action", required=True)
+    add = cron_sub.add_parser("add", help="create or replace a cron")
+    add.add_argument("name")
+    add.add_argument("queue")
+    add.add_argument("schedule", help="'*/N' (every N s) or a 5/6-field cron expression")
+    add.add_argument("data", nargs="?", default="null", help="the job's JSON payload")
+    add.add_argument("--priority", type=int, default=0)
+    cron_sub.add_parser("list", help="list crons with their next run")
+    delete = cron_sub.add_parser("delete", help="delete a cron")
+    delete.add_argument("name")
+    for p in cron_sub.choices.values():
+        _client_flags(p)
+
+    queue = sub.add_parser("queue", help="control a queue: pause, resume, limit, dlq, retry")
+    queue_sub = queue.add_subparsers(dest="action", required=True)
+    for action in ("pause", "resume", "dlq", "retry"):
+        q = queue_sub.add_parser(action)
+        q.add_argument("queue")
+    limit = queue_sub.add_parser("limit", help="set or clear rate and concurrency limits")
+    limit.add_argument("queue")
+    limit.add_argument("--rate", type=int, default=None, help="jobs per second (0 = clear)")
+    limit.add_argument("--concurrency", type=int, default=None, help="active jobs (0 = clear)")
+    for p in queue_sub.choices.values():
+        _client_flags(p)
     return parser
 
 
@@ -226,9 +251,54 @@ def cmd_queues(args: argparse.Namespace) -> int:
     return _client_call(args, lambda client: client.list_queues())
 
 
+def cmd_cron(args: argparse.Namespace) -> int:
+    async def run(client: Any) -> Any:
+        if args.action == "add":
+            await client.add_cron(args.name, args.queue, args.schedule, orjson.loads(args.data),
+                                  args.priority)
+            return {"ok": True}
+        if args.action == "delete":
+            await client.delete_cron(args.name)
+            return {"ok": True}
+        return await client.list_crons()
+
+    if args.action == "add":
+        try:
+            orjson.loads(args.data)
+        except orjson.JSONDecodeError as exc:
+            print(f"error: data is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+    return _client_call(args, run)
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    async def run(client: Any) -> Any:
+        q = args.queue
+        if args.action == "pause":
+            await client.pause(q)
+        elif args.action == "resume":
+            await client.resume(q)
+        elif args.action == "dlq":
+            return [job.__dict__ for job in await client.dlq(q)]
+        elif args.action == "retry":
+            return {"retried": await client.retry_dlq(q)}
+        else:
+            if args.rate is None and args.concurrency is None:
+                raise ShardqError("give --rate and/or --concurrency (0 clears a limit)")
+            if args.rate is not None:
+                await (client.set_rate_limit(q, args.rate) if args.rate
+                       else client.clear_rate_limit(q))
+            if args.concurrency is not None:
+                await (client.set_concurrency(q, args.concurrency) if args.concurrency
+                       else client.clear_concurrency(q))
+        return {"ok": True}
+
+    return _client_call(args, run)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "node": cmd_node, "up": cmd_up, "push": cmd_push, "pull": cmd_pull, "stats": cmd_stats,
-    "queues": cmd_queues,
+    "queues": cmd_queues, "cron": cmd_cron, "queue": cmd_queue,
 }
 
 
