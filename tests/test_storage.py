@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import shutil
 import signal
@@ -332,3 +333,28 @@ def test_storage_failed_error_maps_to_its_class() -> None:
     from shardq.errors import error_from_text
 
     assert isinstance(error_from_text("Storage failed: disk full"), StorageFailed)
+
+
+async def test_a_cron_fires_once_per_tick_across_a_sigkill(tmp_path: Path) -> None:
+    port = free_port()
+    args = ("--data-dir", str(tmp_path / "d"))
+    proc = start_node_process(port, *args)
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as c:
+            await c.add_cron("tick", "ticks", "*/1", {"t": 1})
+        await asyncio.sleep(2.4)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = start_node_process(port, *args)
+    try:
+        await asyncio.sleep(1.7)
+        async with AsyncClient(f"127.0.0.1:{port}") as c:
+            jobs = await c.pull_batch("ticks", 100, timeout=0)
+    finally:
+        proc.terminate()
+        proc.wait()
+    times = sorted(j.created_at for j in jobs)
+    assert 3 <= len(times) <= 5, times
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 900, f"a tick fired twice: gaps {gaps} ms"
