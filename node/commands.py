@@ -43,6 +43,7 @@ class Caller(Protocol):
     authed: bool
     subscriptions: dict[str, frozenset[str]]
     pending_rid: str | int | None
+    cluster: bool
 
 
 raw = kept_json
@@ -63,6 +64,10 @@ class Commands:
         self.table: dict[str, Handler] = {
             name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
         }
+        self.table["RELEASE"] = self.release
+        self.cluster = node.cluster
+        for name, fn in node.cluster.handlers().items():
+            self.table[name] = self._internal(fn)
 
     def authenticate(self, token: object) -> bool:
         if not self.tokens:
@@ -74,6 +79,14 @@ class Commands:
         for known in self.tokens:  # check every token: time does not tell which matched
             ok |= hmac.compare_digest(given, known)
         return ok
+
+    def _internal(self, fn: Handler) -> Handler:
+        def guarded(req: P.Request, caller: Caller) -> Answer:
+            if not self.cluster.cluster_authed(caller):
+                raise AuthenticationRequired()
+            return fn(req, caller)
+
+        return guarded
 
     def handler(self, cmd: str, caller: Caller) -> Handler:
         fn = self.table.get(cmd)
@@ -291,10 +304,18 @@ class Commands:
         token = req.get("token")
         if token is None:
             raise InvalidRequest("missing field 'token'")
-        if not self.authenticate(token):
+        cluster = type(token) is str and self.cluster.tokens and self.cluster.authenticate(token)
+        if not cluster and not self.authenticate(token):
             raise InvalidToken()
         caller.authed = True
+        if cluster:
+            caller.cluster = True
         return OK
+
+    def release(self, req: P.Request, caller: Caller) -> Answer:
+        """RELEASE {ids}: hand leased jobs back to their queues (a gateway whose client left)."""
+        ids = P.check_ids(req)
+        return {"ok": True, "ids": [self.engine.release(ids, "worker disconnected")]}
 
 
 def _timeout(req: P.Request) -> int | None:

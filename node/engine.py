@@ -33,7 +33,7 @@ from shardq.protocol import JobSpec
 from shardq.slots import SLOTS, slot_of
 
 from . import records as R
-from . import state
+from . import slotmove, state
 from .cron import Crons
 from .dependencies import Dependencies
 from .jobs import (
@@ -93,6 +93,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.jobs: dict[int, Job] = {}  # every live job: waiting/delayed/children/active/dead
         self.queues: dict[str, QueueState] = {}
+        self.slot_queues: dict[int, set[str]] = {}  # slot -> names of its queues
         self.seqs = [0] * SLOTS  # last seq handed out per slot
         self.active: dict[int, Lease] = {}
         self.owned: dict[int, set[int]] = {}  # lease owner -> ids it holds
@@ -119,7 +120,7 @@ class Engine:
             R.PROGRESS: self._a_progress, R.RETRYDLQ: self._a_retry_dlq,
             R.QUEUE: self._a_queue, R.CRON: self.crons.apply_set,
             R.CRONDEL: self.crons.apply_delete, R.CRONFIRE: self.crons.apply_fire,
-            R.SLOT: self._a_slot, R.JOB: self._a_job,
+            R.SLOT: self._a_slot, R.JOB: self._a_job, R.DROP: self._a_drop,
             R.FINISHED: self._a_finished,
         }
 
@@ -143,6 +144,7 @@ class Engine:
         q = self.queues.get(name)
         if q is None:
             q = self.queues[name] = QueueState(name, slot_of(name))
+            self.slot_queues.setdefault(q.slot, set()).add(name)
         return q
 
     def _job(self, job_id: int) -> Job:
@@ -613,6 +615,13 @@ class Engine:
 
     def _a_job(self, rec: R.Record) -> None:
         state.load_job(self, rec)
+
+    def drop_slots(self, slots: list[int]) -> None:
+        """Forget everything of ``slots`` (the source after a move; see slotmove.py)."""
+        self.log_apply((R.DROP, self.clock(), sorted(slots)))
+
+    def _a_drop(self, rec: R.Record) -> None:
+        slotmove.apply_drop(self, rec)
 
     def _a_finished(self, rec: R.Record) -> None:
         state.load_finished(self, rec)

@@ -32,6 +32,8 @@ WAL records (one per state change, appended before the reply is sent):
   CRONFIRE  [15, t, name, next_run, queue, [JOBSPEC]]
                                             cron fired at t: its next run and the job it pushed,
                                             in one record (so a tick fires exactly once)
+  DROP      [16, t, [slot, ...]]            every trace of these slots removed (after a move away;
+                                            before an import, so a repeated import starts clean)
   TOUCH is not logged: leases do not survive a restart (recovered active jobs are released).
 
 Snapshot (a file of the same framing; SNAP_BEGIN first, SNAP_END last, anything else
@@ -70,6 +72,7 @@ QUEUE = 12
 CRON = 13
 CRONDEL = 14
 CRONFIRE = 15
+DROP = 16
 
 SNAP_BEGIN = 100
 SLOT = 101
@@ -83,7 +86,7 @@ NAMES = {
     PUSH: "PUSH", START: "START", ACK: "ACK", FAIL: "FAIL", RELEASE: "RELEASE",
     TIMEOUT: "TIMEOUT", PROMOTE: "PROMOTE", EXPIRE: "EXPIRE", CANCEL: "CANCEL",
     PROGRESS: "PROGRESS", RETRYDLQ: "RETRYDLQ", QUEUE: "QUEUE", CRON: "CRON",
-    CRONDEL: "CRONDEL", CRONFIRE: "CRONFIRE", SNAP_BEGIN: "SNAP_BEGIN", SLOT: "SLOT",
+    CRONDEL: "CRONDEL", CRONFIRE: "CRONFIRE", DROP: "DROP", SNAP_BEGIN: "SNAP_BEGIN", SLOT: "SLOT",
     JOB: "JOB", FINISHED: "FINISHED", SNAP_END: "SNAP_END",
 }
 

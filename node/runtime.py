@@ -24,6 +24,7 @@ from shardq import protocol as P
 from shardq.errors import QueueFull, ShardqError, StorageFailed
 from shardq.protocol import JobSpec
 
+from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands
 from .engine import Engine
 from .jobs import BlobRef, Job
@@ -99,6 +100,7 @@ class Node:
         self.recovery: Any = None
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
         self._probe: asyncio.TimerHandle | None = None
+        self.cluster = Cluster(self)
         self.commands = Commands(self)
         self.sessions: set[Session] = set()
         self.waiters: dict[str, deque[Waiter]] = {}
@@ -120,6 +122,7 @@ class Node:
         s = self.settings
         if self.storage is not None:
             self._recover()
+        self.cluster.load()
         self.servers.append(await start_tcp(self, s.host, s.port))
         self.ready = True
         self.after_batch()
@@ -177,6 +180,7 @@ class Node:
             handler = self.commands.handler(cmd, caller)
             if self.log.failed is not None and cmd not in READ_ONLY:
                 raise StorageFailed(self.log.failed)
+            self.cluster.check(cmd, req)
             answer = handler(req, caller)
         except ShardqError as exc:
             return P.error_answer(exc.text, rid)
@@ -221,8 +225,7 @@ class Node:
 
     def job_wire(self, job: Job) -> dict[str, Any]:
         if type(job.data) is BlobRef:
-            assert self.storage is not None
-            return job.wire(self.storage.blobs.read(job.id))
+            return job.wire(self.read_blob(job.id))
         return job.wire()
 
     def flush(self) -> int:
@@ -513,7 +516,27 @@ class Node:
         }
 
     def topology(self) -> dict[str, Any] | None:
-        return None
+        topo = self.cluster.topology
+        return topo.wire() if topo is not None else None
+
+    def topology_changed(self) -> None:
+        """Blocked pulls on slots this node no longer serves are answered with the reason."""
+        cluster = self.cluster
+        for queue in list(self.waiters):
+            slot = cluster.slot_of_queue(queue)
+            if cluster.serves(slot):
+                continue
+            try:
+                cluster.check("PULL", {"queue": queue})
+            except ShardqError as exc:
+                error = {"ok": False, "error": exc.text}
+            for waiter in self.waiters.pop(queue):
+                self._finish_waiter(waiter, error)
+        self.after_batch()
+
+    def read_blob(self, job_id: int) -> bytes:
+        assert self.storage is not None
+        return self.storage.blobs.read(job_id)
 
 
 def _encode(answer: Answer, rid: str | int | None) -> bytes:

@@ -56,6 +56,7 @@ class Session(asyncio.Protocol):
         self.held: deque[tuple[int, list[bytes]]] = deque()
         self.owner = node.new_owner()
         self.authed = not node.settings.tokens
+        self.cluster = False  # authenticated with the cluster token
         self.subscriptions: dict[str, frozenset[str]] = {}
         self.closing = False
         self.write_paused = False
