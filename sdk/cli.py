@@ -62,12 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(node, "--max-line", 16 * 1024 * 1024, int, "longest request line accepted (bytes)")
     _storage_flags(node)
 
+    gw = sub.add_parser("gateway", help="run a gateway (routes by slot to the nodes)")
+    _server_flags(gw)
+    _flag(gw, "--seed", "127.0.0.1:6800", help="node addresses host:port[,host:port…]")
+    _flag(gw, "--cluster-token", None, help="token the gateway uses with the nodes")
+
     up = sub.add_parser("up", help="run a local cluster on loopback in the foreground")
     _server_flags(up)
-    _flag(up, "--nodes", 1, int, help="number of nodes")
-    _flag(up, "--data-dir", None, help="data directory (one sub-directory per node)")
+    _flag(up, "--nodes", 3, int, help="number of nodes")
+    _flag(up, "--data-dir", ".shardq", help="data directory (one sub-directory per node)")
     _flag(up, "--fsync", "always", help="always | everysec | never",
           choices=["always", "everysec", "never"])
+
+    scale = sub.add_parser("scale", help="grow or shrink the local cluster (shardq up) live")
+    scale.add_argument("nodes", type=int)
+    _flag(scale, "--port", 6789, int, help="gateway port of the local cluster")
+    topo = sub.add_parser("topology", help="print the topology of the local cluster")
+    _flag(topo, "--port", 6789, int, help="gateway port of the local cluster")
+    _flag(topo, "--json", False, lambda v: v.lower() in ("1", "true", "yes"), "print raw JSON",
+          nargs="?", const=True)
+
+    reb = sub.add_parser("rebalance", help="move slots so the given nodes own the ring")
+    _flag(reb, "--nodes", "", help="the wanted nodes: name=host:port[,name=host:port…]")
+    _flag(reb, "--seed", "", help="more node addresses to read the topology from")
+    _flag(reb, "--cluster-token", None, help="token for the nodes' internal commands")
+    _flag(reb, "--batch", 4, int, help="slots moved per step")
 
     for name, helptext in (("push", "push one job"), ("pull", "pull one job and print it"),
                            ("stats", "print STATS"), ("queues", "list queues")):
@@ -173,27 +192,157 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from shardq.node.main import run
-    from shardq.node.settings import NodeSettings, StorageSettings
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from shardq.gateway.main import run
+    from shardq.gateway.settings import GatewaySettings
 
     _setup_logging(args.log_level)
-    settings = NodeSettings(
-        name="node-0", host=args.host, port=args.port, http_port=args.http_port,
-        tokens=_tokens(args.token),
-        storage=StorageSettings(
-            data_dir=os.path.join(args.data_dir, "node-0") if args.data_dir else None,
-            fsync=args.fsync,
-        ),
-    )
+    run(GatewaySettings(
+        host=args.host, port=args.port, http_port=args.http_port,
+        seeds=[s for s in args.seed.split(",") if s], tokens=_tokens(args.token),
+        cluster_token=args.cluster_token,
+    ))
+    return 0
 
-    def ready(node: Any) -> None:
-        print(f"shardq is up: 1 node, TCP {args.host}:{node.tcp_port}", flush=True)
-        if getattr(node, "http_port", None):
-            print(f"dashboard: http://{args.host}:{node.http_port}/", flush=True)
-        print("Ctrl-C stops it.", flush=True)
 
-    run(settings, ready)
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from shardq.node.main import install_uvloop
+    from shardq.operator.local import LocalCluster
+
+    _setup_logging(args.log_level)
+    install_uvloop()
+
+    async def main() -> None:
+        cluster = LocalCluster(args.host, args.port, args.http_port,
+                               os.path.abspath(args.data_dir), args.fsync, _tokens(args.token))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await cluster.start(args.nodes)
+            print(f"shardq is up: {args.nodes} nodes and a gateway on TCP "
+                  f"{args.host}:{args.port} (data in {cluster.data_dir})", flush=True)
+            if args.http_port:
+                print(f"dashboard: http://{args.host}:{args.http_port}/", flush=True)
+            print(f"scale it live with: shardq scale N --port {args.port}; Ctrl-C stops it.",
+                  flush=True)
+            await stop.wait()
+        finally:
+            await cluster.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+async def _control(port: int, req: dict[str, Any]) -> Any:
+    from shardq.operator.local import control_path
+
+    path = control_path(port)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+    except OSError as exc:
+        raise ShardqError(f"no local cluster with a gateway on port {port} ({path}: "
+                          f"{exc.strerror}); start one with: shardq up --port {port}") from None
+    writer.write(orjson.dumps(req) + b"\n")
+    await writer.drain()
+    return reader, writer
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        reader, writer = await _control(args.port, {"cmd": "SCALE", "nodes": args.nodes})
+        try:
+            while line := await reader.readline():
+                msg = orjson.loads(line)
+                if "progress" in msg:
+                    _bar(msg["progress"], msg["total"])
+                    continue
+                sys.stdout.write("\n")
+                if not msg.get("ok"):
+                    print(f"error: {msg.get('error')}", file=sys.stderr)
+                    return 1
+                _print_topology(msg["topology"])
+                return 0
+            print("error: the supervisor closed the connection", file=sys.stderr)
+            return 1
+        finally:
+            writer.close()
+
+    try:
+        return asyncio.run(main())
+    except ShardqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _bar(done: int, total: int) -> None:
+    width = 40
+    filled = width * done // total if total else width
+    sys.stdout.write(f"\rmoving slots [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    sys.stdout.flush()
+
+
+def _print_topology(topo: dict[str, Any] | None) -> None:
+    if topo is None:
+        print("no topology (standalone)")
+        return
+    from collections import Counter
+
+    counts = Counter(topo["owners"])
+    print(f"epoch {topo['epoch']}, {len(topo['nodes'])} nodes, {len(topo['moving'])} slots moving")
+    for n in topo["nodes"]:
+        slots = counts.get(n["name"], 0)
+        print(f"  {n['name']:<10} {n['tcp']:<22} {n['state']:<8} {slots:>5} slots")
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    async def main() -> Any:
+        reader, writer = await _control(args.port, {"cmd": "TOPOLOGY"})
+        try:
+            return orjson.loads(await reader.readline())
+        finally:
+            writer.close()
+
+    try:
+        answer = asyncio.run(main())
+    except ShardqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(answer["topology"]).decode())
+    else:
+        _print_topology(answer["topology"])
+    return 0
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from shardq.operator.rebalance import Rebalancer
+    from shardq.topology import NodeInfo
+
+    _setup_logging("WARNING")
+    wanted = []
+    for item in (x for x in args.nodes.split(",") if x):
+        name, sep, address = item.partition("=")
+        if not sep:
+            print(f"error: --nodes takes name=host:port, got {item!r}", file=sys.stderr)
+            return 2
+        wanted.append(NodeInfo(name, address))
+
+    def progress(done: int, total: int) -> None:
+        print(orjson.dumps({"progress": done, "total": total}).decode(), flush=True)
+
+    async def main() -> Any:
+        reb = Rebalancer(token=args.cluster_token, batch=args.batch, on_progress=progress)
+        try:
+            return await reb.converge(wanted, [s for s in args.seed.split(",") if s])
+        finally:
+            await reb.close()
+
+    topo = asyncio.run(main())
+    print(orjson.dumps({"ok": True, "epoch": topo.epoch}).decode(), flush=True)
     return 0
 
 
@@ -298,7 +447,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "node": cmd_node, "up": cmd_up, "push": cmd_push, "pull": cmd_pull, "stats": cmd_stats,
-    "queues": cmd_queues, "cron": cmd_cron, "queue": cmd_queue,
+    "queues": cmd_queues, "cron": cmd_cron, "queue": cmd_queue, "gateway": cmd_gateway,
+    "scale": cmd_scale, "topology": cmd_topology, "rebalance": cmd_rebalance,
 }
 
 
