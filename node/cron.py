@@ -98,6 +98,7 @@ class Crons:
     def apply_set(self, rec: R.Record) -> None:
         _, _now, name, spec = rec
         self.entries[name] = dict(spec)
+        self.engine.timers.dirty = True
 
     def apply_delete(self, rec: R.Record) -> None:
         self.entries.pop(rec[2], None)
@@ -111,7 +112,8 @@ class Crons:
             except (ValueError, ArithmeticError):
                 next_run = NEVER
             queue = entry["queue"]
-            rows = e.job_rows(queue, [JobSpec(None, entry["priority"])], [entry["data"]], now)
+            spec = JobSpec(None, entry["priority"])
+            rows = e.job_rows(e.queue(queue), [spec], [entry["data"]], now)
             e.log_apply((R.CRONFIRE, now, name, next_run, queue, rows))
 
     def apply_fire(self, rec: R.Record) -> None:

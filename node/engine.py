@@ -30,7 +30,7 @@ from shardq.errors import (
     LeaseExpired,
 )
 from shardq.protocol import JobSpec
-from shardq.slots import SLOTS, slot_of
+from shardq.slots import SLOT_BITS, SLOTS, slot_of
 
 from . import records as R
 from . import slotmove, state
@@ -52,6 +52,7 @@ from .jobs import (
     Lease,
     QueueState,
     TokenBucket,
+    ready_key,
 )
 from .timers import Timers
 
@@ -170,28 +171,35 @@ class Engine:
     ) -> list[Job]:
         """Create jobs (all or none). ``payloads[i]`` is the raw JSON of ``specs[i].data``,
         or a BlobRef when the runtime keeps that payload in the blob store."""
+        if not specs:
+            return []
         now = self.clock()
-        q = self.queues.get(queue)
-        unique = q.unique if q is not None else {}
+        q = self.queues.get(queue) or self.queue(queue)
+        if len(specs) > 1 or specs[0].unique_key is not None or specs[0].depends_on:
+            self._check_push(q, specs)
+        rec = (R.PUSH, now, queue, self.job_rows(q, specs, payloads, now))
+        jobs = self._a_push(rec)
+        self.journal.append(rec)
+        return jobs
+
+    def _check_push(self, q: QueueState, specs: list[JobSpec]) -> None:
+        """Refuse the whole push on a duplicate key (also within it) or an unknown parent."""
         seen: set[str] = set()
         for spec in specs:
             key = spec.unique_key
             if key is not None:
-                if key in unique or key in seen:
+                if key in q.unique or key in seen:
                     raise DuplicateJob(key)
                 seen.add(key)
             if spec.depends_on:
                 for parent in spec.depends_on:
                     self.deps.check_parent(parent)
-        rows = self.job_rows(queue, specs, payloads, now)
-        jobs: list[Job] = self.log_apply((R.PUSH, now, queue, rows))
-        return jobs
 
     def job_rows(
-        self, queue: str, specs: list[JobSpec], payloads: list[bytes | BlobRef], now: int
+        self, q: QueueState, specs: list[JobSpec], payloads: list[bytes | BlobRef], now: int
     ) -> list[tuple[Any, ...]]:
         """The JOBSPEC rows of a PUSH record (records.py), with fresh ids of the queue's slot."""
-        slot = self.queue(queue).slot
+        slot = q.slot
         seq = self.seqs[slot]
         rows = []
         for spec, data in zip(specs, payloads, strict=True):
@@ -206,9 +214,10 @@ class Engine:
 
     def _a_push(self, rec: R.Record) -> list[Job]:
         _, now, queue, rows = rec
-        q = self.queue(queue)
+        q = self.queues.get(queue) or self.queue(queue)
         seqs = self.seqs
         jobs = self.jobs
+        ready = q.ready
         out = []
         for row in rows:
             jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps, blob = row
@@ -222,28 +231,34 @@ class Engine:
                 opts = PLAIN
             job = Job(jid, q, data, prio, now, run_at, opts)
             jobs[jid] = job
-            seq, slot = divmod(jid, SLOTS)
-            if seq > seqs[slot]:
-                seqs[slot] = seq
-            if key is not None:
-                q.unique[key] = jid
-            if ttl:
-                self.timers.expire_at(now + ttl, jid)
-            if deps and self.deps.wait_for_parents(job, deps, now):
-                pass
-            elif run_at > now:
-                job.state = DELAYED
-                q.n_delayed += 1
-                self.timers.delay(run_at, jid)
-            else:
+            seq = jid >> SLOT_BITS
+            if seq > seqs[q.slot]:
+                seqs[q.slot] = seq
+            if opts is not PLAIN or run_at > now:
+                self._push_options(q, job, now)
+            if job.state is WAITING:
                 q.n_waiting += 1
-                heappush(q.ready, job.ready_key())
+                heappush(ready, ready_key(prio, run_at, jid))
             out.append(job)
         if q.n_waiting:
             self.wakeups.add(queue)
         q.pushed += len(rows)
         self.total_pushed += len(rows)
         return out
+
+    def _push_options(self, q: QueueState, job: Job, now: int) -> None:
+        """A new job's unique key, ttl, parents and delay (the plain case skips all this)."""
+        o = job.opts
+        if o.unique_key is not None:
+            q.unique[o.unique_key] = job.id
+        if o.ttl:
+            self.timers.expire_at(now + o.ttl, job.id)
+        if o.depends_on and self.deps.wait_for_parents(job, o.depends_on, now):
+            return
+        if job.run_at > now:
+            job.state = DELAYED
+            q.n_delayed += 1
+            self.timers.delay(job.run_at, job.id)
 
     def make_ready(self, job: Job, now: int) -> None:
         q = job.queue
@@ -390,6 +405,8 @@ class Engine:
         if key is not None and job.queue.unique.get(key) == job.id:
             del job.queue.unique[key]
         finished = self.finished
+        if not finished:
+            self.timers.dirty = True  # results now expire: a deadline to keep
         finished[job.id] = Finished(state, now, result)
         if len(finished) > self.config.results_max:
             finished.popitem(last=False)

@@ -27,18 +27,24 @@ class Timers:
         self.delayed: list[int] = []  # run_at of delayed jobs
         self.expiries: list[int] = []  # created_at + ttl of jobs never pulled
         self.deadlines: list[int] = []  # lease deadlines of active jobs
+        #: something may now be due earlier than the runtime's timer is set for
+        self.dirty = True
 
     def delay(self, at: int, job_id: int) -> None:
         heappush(self.delayed, timer_key(at, job_id))
+        self.dirty = True
 
     def expire_at(self, at: int, job_id: int) -> None:
         heappush(self.expiries, timer_key(at, job_id))
+        self.dirty = True
 
     def deadline(self, at: int, job_id: int) -> None:
         heappush(self.deadlines, timer_key(at, job_id))
+        self.dirty = True
 
     def next_deadline(self) -> int | None:
         """The earliest time ``tick`` has something to do (may be a stale entry)."""
+        self.dirty = False
         e = self.engine
         candidates = [heap[0] >> 53 for heap in (self.delayed, self.expiries, self.deadlines)
                       if heap]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import zlib
 
 SLOTS = 1024
+SLOT_BITS = 10  # SLOTS == 1 << SLOT_BITS
 #: ids stay below 2**53 so JavaScript clients read them exactly.
 MAX_ID = 2**53 - 1
 MAX_SEQ = MAX_ID // SLOTS
