@@ -192,7 +192,7 @@ class Node:
             if self.log.failed is not None and cmd not in READ_ONLY:
                 raise StorageFailed(self.log.failed)
             if not self.cluster.standalone:
-                self.cluster.check(cmd, req)  # type: ignore[arg-type]
+                self.cluster.check(cmd, req)
             answer = handler(req, caller)
         except ShardqError as exc:
             return P.error_answer(exc.text, rid)
