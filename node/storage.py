@@ -323,6 +323,12 @@ class Storage:
                  final, self.last_snapshot_seconds, self.last_snapshot_pause * 1000)
 
     def close(self) -> None:
+        wal = self.wal
+        if wal.fsyncs:
+            recent = wal.fsync_seconds
+            log.info("WAL: %d records in %d fsyncs (%.1f per fsync), recent fsync mean %.3f ms",
+                     wal.appends, wal.fsyncs, wal.appends / wal.fsyncs,
+                     1000 * sum(recent) / max(1, len(recent)))
         if self._poll is not None:
             self._poll.cancel()
         if self._snap is not None and self._snap[0]:
