@@ -124,6 +124,8 @@ class Commands:
         if len(data) > self.max_payload:
             raise PayloadTooLarge(len(data), self.max_payload)
         job = self.node.push(queue, [spec], [data])[0]
+        if type(job.data) is not bytes:
+            return {"ok": True, "id": job.id, "stored": "disk"}
         return Encoded(b'{"ok":true,"id":%d}\n' % job.id)
 
     def pushb(self, req: P.Request, caller: Caller) -> Answer:

@@ -107,6 +107,9 @@ class Engine:
         self.wakeups: set[str] = set()  # queues that may now serve a blocked PULL
         self.watch: dict[str, int] = {}  # queue name ("*" = all) -> subscriber count
         self.emitting = True  # False while replaying
+        #: called with seconds from ready to started / started to acked (metrics.py)
+        self.observe_wait: Callable[[float], None] | None = None
+        self.observe_run: Callable[[float], None] | None = None
         self.payload_bytes = 0  # bytes of payloads held in memory
         self.dropped_blobs: list[int] = []  # ids of finished jobs whose blob can go
         self.total_pushed = 0
@@ -315,8 +318,11 @@ class Engine:
     def _a_start(self, rec: R.Record) -> None:
         _, now, ids = rec
         default_lease = self.config.default_lease_ms
+        observe = self.observe_wait if self.emitting else None
         for jid in ids:
             job = self.jobs[jid]
+            if observe is not None:
+                observe(max(0, now - job.run_at) / 1000)
             q = job.queue
             q.n_waiting -= 1
             q.n_active += 1
@@ -378,6 +384,8 @@ class Engine:
             q.completed += 1
             self.total_completed += 1
             self._note_run(now, now - job.started_at)
+            if self.observe_run is not None and self.emitting:
+                self.observe_run(max(0, now - job.started_at) / 1000)
             self.finish(job, COMPLETED, now, results[i] if results else None)
             self.emit("completed", job)
             self.deps.parent_ended(jid, now, COMPLETED)

@@ -29,7 +29,8 @@ from shardq.protocol import JobSpec
 from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands, Encoded
 from .engine import Engine
-from .jobs import BlobRef, Job
+from .jobs import DELAYED, BlobRef, Job
+from .metrics import Measures
 from .settings import NodeSettings
 from .storage import Storage
 from .wal import Files
@@ -100,12 +101,20 @@ class Node:
             self.storage = Storage(settings.storage, files)
             self.log = self.storage.wal
         self.recovery: Any = None
+        self._http: Any = None
+        self.http_port = 0
+        self.measures = Measures()
+        self.engine.observe_wait = self.measures.wait.observe
+        self.engine.observe_run = self.measures.run.observe
+        if self.storage is not None:
+            self.storage.wal.observe_fsync = self.measures.fsync.observe
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
         self._probe: asyncio.TimerHandle | None = None
         self.cluster = Cluster(self)
         self.commands = Commands(self)
         self.handlers = self.commands.table
         self.sessions: set[Session] = set()
+        self.inline_held: set[Any] = set()  # in-process callers with answers held (node/inline.py)
         self.waiters: dict[str, deque[Waiter]] = {}
         self.subscribers: dict[str, set[Session]] = {}
         self._next_owner = 0
@@ -127,6 +136,10 @@ class Node:
             self._recover()
         self.cluster.load()
         self.servers.append(await start_tcp(self, s.host, s.port))
+        if s.http_port:
+            from . import server_http
+
+            self._http, self.http_port = await server_http.start(self)
         self.ready = True
         self.after_batch()
 
@@ -152,6 +165,9 @@ class Node:
 
     async def stop(self) -> None:
         self.ready = False
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
         for server in self.servers:
             server.close()
         for session in list(self.sessions):
@@ -175,7 +191,6 @@ class Node:
 
     def execute(self, line: bytes, caller: Caller) -> bytes | None:
         """Run one request line; its encoded answer, or None if it waits (PENDING)."""
-        rid = None
         try:
             try:
                 req = _loads(line)
@@ -183,6 +198,14 @@ class Node:
                 req = P.parse_line(line)  # raises the precise Invalid: …
             if type(req) is not dict:
                 req = P.parse_line(line)
+        except ShardqError as exc:
+            return P.error_answer(exc.text)
+        return self.execute_request(req, caller)
+
+    def execute_request(self, req: P.Request, caller: Caller) -> bytes | None:
+        """Run one parsed request (TCP line or HTTP route); as ``execute``."""
+        rid = None
+        try:
             if "reqId" in req:
                 rid = P.req_id_of(req)
             cmd = req.get("cmd")
@@ -192,7 +215,7 @@ class Node:
             if self.log.failed is not None and cmd not in READ_ONLY:
                 raise StorageFailed(self.log.failed)
             if not self.cluster.standalone:
-                self.cluster.check(cmd, req)
+                self.cluster.check(str(cmd), req)
             answer = handler(req, caller)
         except ShardqError as exc:
             return P.error_answer(exc.text, rid)
@@ -282,6 +305,8 @@ class Node:
         for session in list(self.sessions):
             if session.held:
                 session.release(durable)
+        for caller in list(self.inline_held):
+            caller.release(durable)
         deletes = self._blob_deletes
         while deletes and deletes[0][0] <= durable:
             assert self.storage is not None
@@ -299,7 +324,7 @@ class Node:
         assert self.storage is not None
         text = StorageFailed(reason).text
         wal = self.storage.wal
-        for session in list(self.sessions):
+        for session in [*self.sessions, *self.inline_held]:
             session.fail_held(wal.durable, text)
         for waiters in list(self.waiters.values()):
             for waiter in list(waiters):
@@ -309,6 +334,7 @@ class Node:
         self._blob_deletes.clear()
         fresh = Engine(self.clock, self.settings.engine)
         fresh.watch = self.engine.watch
+        fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
         self.storage.recover(fresh, open_wal=False, stop_at=wal.durable_pos)
         self.engine = self.commands.engine = fresh
         loop = asyncio.get_running_loop()
@@ -497,9 +523,18 @@ class Node:
             delayed += q.n_delayed
             children += q.n_children
             dlq += len(q.dlq)
+        engine = self.engine
+        storage = self.storage
+        retrying = sum(1 for key in engine.timers.delayed
+                       if (j := engine.jobs.get(key & ((1 << 53) - 1))) is not None
+                       and j.state is DELAYED and j.attempts)
         return {
             "queued": queued, "processing": processing, "delayed": delayed, "dlq": dlq,
-            "waiting_children": children,
+            "waiting_children": children, "jobs": len(engine.jobs), "retrying": retrying,
+            "memory_bytes": engine.payload_bytes,
+            "blobs": storage.blobs.count if storage else 0,
+            "blob_bytes": storage.blobs.used if storage else 0,
+            "storage_failed": self.log.failed is not None,
         }
 
     def list_queues(self) -> list[dict[str, Any]]:

@@ -58,5 +58,9 @@ class NodeSettings:
     cluster_token: str | None = None
     #: A request line longer than this is refused and its connection closed.
     max_line: int = DEFAULT_MAX_LINE
+    #: The longest an HTTP pull waits for a job (ms).
+    http_max_pull_wait_ms: int = 30_000
+    #: Queues that get their own label in /metrics; the rest are summed as queue="_other".
+    max_queue_labels: int = 1000
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)

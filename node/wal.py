@@ -209,6 +209,7 @@ class Wal:
         self.on_failure: Callable[[str], None] = lambda reason: None
         self.on_flushed: Callable[[], None] = lambda: None
         self.extra_fsync: list[int] = []  # blob files to fsync with the next group
+        self.observe_fsync: Callable[[float], None] = lambda seconds: None
         # metrics
         self.appends = 0
         self.bytes_written = 0
@@ -363,6 +364,7 @@ class Wal:
             self._start_sync()
 
     def _note_fsync(self, seconds: float) -> None:
+        self.observe_fsync(seconds)
         self.fsync_seconds.append(seconds)
         if len(self.fsync_seconds) > 4096:
             del self.fsync_seconds[:2048]
