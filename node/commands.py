@@ -330,8 +330,18 @@ class Commands:
         return OK
 
     def release(self, req: P.Request, caller: Caller) -> Answer:
-        """RELEASE {ids}: hand leased jobs back to their queues (a gateway whose client left)."""
+        """RELEASE {ids, leases?}: hand leased jobs back to their queues (a gateway whose
+        client left). With ``leases`` (one token per id) only those attempts are released,
+        never a later attempt of the same job."""
         ids = P.check_ids(req)
+        leases = req.get("leases")
+        if leases is not None:
+            tokens = P.check_ids(req, "leases")
+            if len(tokens) != len(ids):
+                raise InvalidRequest("field 'leases' must be as long as 'ids'")
+            jobs = self.engine.jobs
+            ids = [i for i, t in zip(ids, tokens, strict=True)
+                   if (job := jobs.get(i)) is not None and job.started_at == t]
         return {"ok": True, "ids": [self.engine.release(ids, "worker disconnected")]}
 
 
