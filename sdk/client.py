@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from shardq.connection import DEFAULT_ADDRESS, Connection
-from shardq.errors import ShardqConnectionError
+from shardq.errors import Moved, ShardqConnectionError, TryAgain
 from shardq.job import Job
+from shardq.topology import Topology
 
 JobRef = int | Job  # an id, or a Job received from the server
 
@@ -57,11 +58,18 @@ def job_options(
 class AsyncClient:
     """A client of one shardq address (a gateway Service, or a node)."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None) -> None:
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, direct: bool = False
+    ) -> None:
+        """``address``: a gateway (or a node). ``direct=True``: read the topology from there
+        and send queue and job commands straight to the node that owns them (following
+        MOVED and TRYAGAIN like a gateway); cluster-wide reads still go to ``address``."""
         self.address = address
         self.token = token
-        self._main: Connection | None = None
-        self._idle: list[Connection] = []
+        self.direct = direct
+        self.routing: Topology | None = None  # direct mode: the topology it routes by
+        self._main: dict[str, Connection] = {}
+        self._idle: dict[str, list[Connection]] = {}
         self._all: set[Connection] = set()
         self._lock = asyncio.Lock()
 
@@ -73,49 +81,97 @@ class AsyncClient:
         await self.close()
 
     async def connect(self) -> None:
-        await self._conn()
+        await self._conn(self.address)
+        if self.direct:
+            await self.refresh_topology()
 
     async def close(self) -> None:
         conns = list(self._all)
         self._all.clear()
         self._idle.clear()
-        self._main = None
+        self._main.clear()
         for conn in conns:
             await conn.close()
 
-    async def _open(self) -> Connection:
-        conn = await Connection(self.address, self.token).open()
+    async def _open(self, address: str) -> Connection:
+        conn = await Connection(address, self.token).open()
         self._all.add(conn)
         return conn
 
-    async def _conn(self) -> Connection:
-        conn = self._main
+    async def _conn(self, address: str) -> Connection:
+        conn = self._main.get(address)
         if conn is None or conn.closed:
             async with self._lock:
-                if self._main is None or self._main.closed:
-                    self._main = await self._open()
-                conn = self._main
+                conn = self._main.get(address)
+                if conn is None or conn.closed:
+                    conn = self._main[address] = await self._open(address)
         return conn
 
+    async def refresh_topology(self) -> None:
+        answer = await (await self._conn(self.address)).call({"cmd": "TOPOLOGY"})
+        raw = answer.get("topology")
+        self.routing = Topology.from_wire(raw) if raw else None
+
+    def _target(self, req: dict[str, Any]) -> str:
+        """Where ``req`` goes: its owner in direct mode, else the client's address."""
+        topo = self.routing
+        if not self.direct or topo is None:
+            return self.address
+        if "queue" in req and req["cmd"] not in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            owner = topo.owner_of_queue(req["queue"])
+        elif "id" in req:
+            owner = topo.owner_of_id(req["id"])
+        else:
+            return self.address
+        node = topo.node(owner)
+        return node.tcp if node is not None else self.address
+
     async def call(self, req: dict[str, Any]) -> dict[str, Any]:
-        conn = await self._conn()
-        return await conn.call(req)
+        if not self.direct:
+            conn = await self._conn(self.address)
+            return await conn.call(req)
+        return await self._routed(req, blocking=False)
+
+    async def _routed(self, req: dict[str, Any], blocking: bool) -> dict[str, Any]:
+        """Direct mode: to the owner; MOVED refreshes the topology, TRYAGAIN waits a little."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        pause = 0.01
+        while True:
+            address = self._target(req)
+            try:
+                if blocking:
+                    return await self._on_own_connection(address, req)
+                return await (await self._conn(address)).call(req)
+            except Moved:
+                await self.refresh_topology()
+            except TryAgain:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
 
     async def _blocking(self, req: dict[str, Any]) -> dict[str, Any]:
         """Run a request that may wait on a connection of its own."""
-        while self._idle:
-            conn = self._idle.pop()
+        if self.direct:
+            return await self._routed(req, blocking=True)
+        return await self._on_own_connection(self.address, req)
+
+    async def _on_own_connection(self, address: str, req: dict[str, Any]) -> dict[str, Any]:
+        idle = self._idle.setdefault(address, [])
+        while idle:
+            conn = idle.pop()
             if not conn.closed:
                 break
         else:
-            conn = await self._open()
+            conn = await self._open(address)
         try:
             answer = await conn.call(req)
         except BaseException:
             self._all.discard(conn)
             await conn.close()
             raise
-        self._idle.append(conn)
+        idle.append(conn)
         return answer
 
     # -- producing ------------------------------------------------------------------------------
@@ -313,7 +369,7 @@ class AsyncClient:
         self, queue: str, events: Sequence[str] | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Subscribe on a connection of its own and yield ``{"event","queue","job"}`` dicts."""
-        conn = await self._open()
+        conn = await self._open(self.address)
         try:
             req: dict[str, Any] = {"cmd": "SUBSCRIBE", "queue": queue}
             if events is not None:

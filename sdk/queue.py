@@ -33,13 +33,14 @@ class AsyncQueue:
         address: str | AsyncClient = DEFAULT_ADDRESS,
         *,
         token: str | None = None,
+        direct: bool = False,
     ) -> None:
         self.name = name
         if isinstance(address, AsyncClient):
             self.client = address
             self._owns_client = False
         else:
-            self.client = AsyncClient(address, token=token)
+            self.client = AsyncClient(address, token=token, direct=direct)
             self._owns_client = True
 
     async def __aenter__(self) -> AsyncQueue:

@@ -92,9 +92,11 @@ class _Portaled:
 class Client(_Portaled):
     """Blocking twin of ``AsyncClient``."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None) -> None:
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, direct: bool = False
+    ) -> None:
         super().__init__()
-        self._async = AsyncClient(address, token=token)
+        self._async = AsyncClient(address, token=token, direct=direct)
 
     push = _blocking(AsyncClient.push)
     push_batch = _blocking(AsyncClient.push_batch)
@@ -134,11 +136,16 @@ class Queue(_Portaled):
     """Blocking twin of ``AsyncQueue``: ``with Queue("emails") as q: q.push({...})``."""
 
     def __init__(
-        self, name: str, address: str = DEFAULT_ADDRESS, *, token: str | None = None
+        self,
+        name: str,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        direct: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
-        self._async = AsyncQueue(name, address, token=token)
+        self._async = AsyncQueue(name, address, token=token, direct=direct)
 
     push = _blocking(AsyncQueue.push)
     push_batch = _blocking(AsyncQueue.push_batch)
