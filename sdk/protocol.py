@@ -271,6 +271,13 @@ def _shown_str(v: object) -> str:
     return repr(v) if type(v) is str else json_type(v)
 
 
+def pull_timeout(req: Request) -> int | None:
+    """PULL/PULLB's ``timeout`` in ms: None = wait indefinitely (absent, null); 0 = no wait."""
+    if req.get("timeout") is None:
+        return None
+    return opt_int(req, "timeout", 0, MAX_MS)
+
+
 def check_str(req: Request, name: str, max_len: int = 1024) -> str:
     v = req.get(name)
     if type(v) is str and 0 < len(v) <= max_len:

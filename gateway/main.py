@@ -1,0 +1,99 @@
+"""Running a gateway: the ``Gateway`` object (router and TCP server), ``serve`` and ``run``.
+
+A gateway holds no state a client could lose: the topology comes from the
+nodes, and everything else lives as long as a client connection. Several can
+run side by side in front of the same nodes.
+
+Must not: import the node's code (an import-linter contract checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from .router import Router
+from .server_tcp import ClientSession, start_tcp
+from .settings import GatewaySettings
+from .upstream import Flusher
+
+log = logging.getLogger("shardq.gateway")
+
+
+class Gateway:
+    """One gateway: load the topology, then serve the line protocol."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.flusher = Flusher()
+        self.router = Router(settings, self.flusher)
+        self.sessions: set[ClientSession] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self._sessions_opened = 0
+
+    async def start(self) -> None:
+        """Read the topology from the seeds (retrying), then listen."""
+        await self.router.load()
+        s = self.settings
+        self.server = await start_tcp(self, s.host, s.port)
+
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on (useful with ``port=0``)."""
+        assert self.server is not None, "the gateway is not started"
+        sock = self.server.sockets[0]  # type: ignore[attr-defined]
+        port: int = sock.getsockname()[1]
+        return port
+
+    def next_index(self) -> int:
+        """A number per session: which shared connection to each node it uses."""
+        self._sessions_opened += 1
+        return self._sessions_opened
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.sessions):
+            session.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+        await self.router.close()
+        await asyncio.sleep(0)  # let the closed connections' callbacks run
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop policy when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve(
+    settings: GatewaySettings, on_ready: Callable[[Gateway], None] | None = None
+) -> None:
+    """Start a gateway and run it until SIGTERM/SIGINT."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    log.info("gateway listening on %s:%d (topology epoch %d, %d nodes)", settings.host,
+             gateway.port, gateway.router.epoch, len(gateway.router.members))
+    if on_ready is not None:
+        on_ready(gateway)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway stopping")
+        await gateway.stop()
+
+
+def run(settings: GatewaySettings, on_ready: Callable[[Gateway], None] | None = None) -> None:
+    install_uvloop()
+    asyncio.run(serve(settings, on_ready))
