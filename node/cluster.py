@@ -53,7 +53,7 @@ ID_COMMANDS = frozenset({
     "ACK", "FAIL", "GETRESULT", "CANCEL", "PROGRESS", "GETPROGRESS", "GETJOB", "TOUCH",
 })
 IDS_COMMANDS = frozenset({"ACKB", "RELEASE"})
-INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS"})
+INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS", "WATCH", "PARENTEND"})
 
 
 def check_slots(req: P.Request) -> list[int]:
@@ -154,7 +154,7 @@ class Cluster:
     def handlers(self) -> dict[str, Callable[[P.Request, Caller], Answer]]:
         return {
             "SETTOPOLOGY": self.settopology, "EXPORT": self.export, "IMPORT": self.import_,
-            "DROPSLOTS": self.dropslots,
+            "DROPSLOTS": self.dropslots, "WATCH": self.watch, "PARENTEND": self.parentend,
         }
 
     def settopology(self, req: P.Request, caller: Caller) -> Answer:
@@ -206,7 +206,7 @@ class Cluster:
         if type(recs) is not list:
             raise InvalidRequest("field 'records' must be an array of records")
         engine = self.node.engine
-        allowed = {R.SLOT, R.QUEUE, R.JOB, R.FINISHED, R.CRON}
+        allowed = {R.SLOT, R.QUEUE, R.JOB, R.FINISHED, R.CRON, R.WATCH}
         decoded = []
         for rec in recs:
             if type(rec) is not list or not rec or rec[0] not in allowed:
@@ -215,7 +215,22 @@ class Cluster:
         engine.log_apply((R.DROP, engine.clock(), slots))  # a repeated import starts clean
         for rec in decoded:
             engine.log_apply(tuple(rec))
+        engine.deps.rebuild()
         return {"ok": True, "records": len(decoded)}
+
+    def watch(self, req: P.Request, caller: Caller) -> Answer:
+        """WATCH {parent, child}: the parent's state; kept watched for the child if pending."""
+        parent, child = P.check_id(req, "parent"), P.check_id(req, "child")
+        self._check_slot(parent % SLOTS)
+        return {"ok": True, "state": self.node.engine.watch_parent(parent, child)}
+
+    def parentend(self, req: P.Request, caller: Caller) -> Answer:
+        """PARENTEND {parent, child, state}: a parent of a child here ended elsewhere."""
+        parent, child = P.check_id(req, "parent"), P.check_id(req, "child")
+        state = P.check_str(req, "state", 32)
+        self._check_slot(child % SLOTS)
+        self.node.engine.parent_end(parent, child, state)
+        return {"ok": True}
 
     def dropslots(self, req: P.Request, caller: Caller) -> Answer:
         slots = check_slots(req)

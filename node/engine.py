@@ -125,6 +125,8 @@ class Engine:
             R.QUEUE: self._a_queue, R.CRON: self.crons.apply_set,
             R.CRONDEL: self.crons.apply_delete, R.CRONFIRE: self.crons.apply_fire,
             R.SLOT: self._a_slot, R.JOB: self._a_job, R.DROP: self._a_drop,
+            R.PARENTEND: self.deps.apply_parent_end, R.WATCH: self.deps.apply_watch,
+            R.NOTIFIED: self.deps.apply_notified,
             R.FINISHED: self._a_finished,
         }
 
@@ -196,7 +198,7 @@ class Engine:
                 seen.add(key)
             if spec.depends_on:
                 for parent in spec.depends_on:
-                    self.deps.check_parent(parent)
+                    self.deps.check_parent(parent, q.slot)
 
     def job_rows(
         self, q: QueueState, specs: list[JobSpec], payloads: list[bytes | BlobRef], now: int
@@ -624,6 +626,27 @@ class Engine:
             q.rate = TokenBucket(rate, now)
         q.concurrency = settings.get("concurrency_limit") or 0
         self.wakeups.add(queue)
+
+    # -- dependencies across slots (dependencies.py) -------------------------------------------
+
+    def watch_parent(self, parent: int, child: int) -> str:
+        """A WATCH for a parent here: its state; a watch is kept while it is pending."""
+        state = self.deps.state_of(parent)
+        if state == "pending" and child not in self.deps.watchers.get(parent, ()):
+            self.log_apply((R.WATCH, self.clock(), parent, child))
+        return state
+
+    def parent_end(self, parent: int, child: int, state: str) -> None:
+        """The parent of a child here ended elsewhere (PARENTEND)."""
+        pending = self.deps.children.get(child)
+        if pending is not None and parent in pending:
+            self.log_apply((R.PARENTEND, self.clock(), parent, child, state))
+        else:
+            self.deps.to_watch.discard((parent, child))
+
+    def notified(self, parent: int, child: int) -> None:
+        if (parent, child) in self.deps.outbox or child in self.deps.watchers.get(parent, ()):
+            self.log_apply((R.NOTIFIED, self.clock(), parent, child))
 
     # -- time ---------------------------------------------------------------------------------
 

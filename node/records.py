@@ -34,6 +34,11 @@ WAL records (one per state change, appended before the reply is sent):
                                             in one record (so a tick fires exactly once)
   DROP      [16, t, [slot, ...]]            every trace of these slots removed (after a move away;
                                             before an import, so a repeated import starts clean)
+  PARENTEND [17, t, parent, child, state]   a parent in another slot ended (completed, dead,
+                                            cancelled, expired, unknown): release or kill child
+  WATCH     [18, t, parent, child]          this node's parent is watched for a child elsewhere
+                                            (also a snapshot record: one per open watch)
+  NOTIFIED  [19, t, parent, child]          the child's owner has the parent's end: watch done
   TOUCH is not logged: leases do not survive a restart (recovered active jobs are released).
 
 Snapshot (a file of the same framing; SNAP_BEGIN first, SNAP_END last, anything else
@@ -48,6 +53,7 @@ between is state, in this order per slot):
                          progress, progress_msg, error, pending_parents, blob_size]
   FINISHED   [104, t, id, state, result]    a completed/cancelled/expired job kept for results
   CRON       [13, t, name, CRONSPEC]
+  WATCH      [18, t, parent, child]         an open watch (see dependencies.py)
   SNAP_END   [199, t, record_count]
 
 A slot export for a move (DESIGN §5) is the snapshot format restricted to that slot.
@@ -73,6 +79,9 @@ CRON = 13
 CRONDEL = 14
 CRONFIRE = 15
 DROP = 16
+PARENTEND = 17
+WATCH = 18
+NOTIFIED = 19
 
 SNAP_BEGIN = 100
 SLOT = 101
@@ -82,12 +91,7 @@ SNAP_END = 199
 
 SNAPSHOT_FORMAT = 1
 
-NAMES = {
-    PUSH: "PUSH", START: "START", ACK: "ACK", FAIL: "FAIL", RELEASE: "RELEASE",
-    TIMEOUT: "TIMEOUT", PROMOTE: "PROMOTE", EXPIRE: "EXPIRE", CANCEL: "CANCEL",
-    PROGRESS: "PROGRESS", RETRYDLQ: "RETRYDLQ", QUEUE: "QUEUE", CRON: "CRON",
-    CRONDEL: "CRONDEL", CRONFIRE: "CRONFIRE", DROP: "DROP", SNAP_BEGIN: "SNAP_BEGIN", SLOT: "SLOT",
-    JOB: "JOB", FINISHED: "FINISHED", SNAP_END: "SNAP_END",
-}
+NAMES = {code: name for name, code in list(globals().items())
+         if name.isupper() and type(code) is int and name != "SNAPSHOT_FORMAT"}
 
 Record = list[Any] | tuple[Any, ...]

@@ -23,14 +23,16 @@ from orjson import JSONDecodeError
 from orjson import loads as _loads
 
 from shardq import protocol as P
-from shardq.errors import QueueFull, ShardqError, StorageFailed
+from shardq.errors import InvalidRequest, QueueFull, ShardqError, StorageFailed
 from shardq.protocol import JobSpec
+from shardq.slots import SLOTS
 
 from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands, Encoded
 from .engine import Engine
 from .jobs import DELAYED, BlobRef, Job
 from .metrics import Measures
+from .peers import Peers
 from .settings import NodeSettings
 from .storage import Storage
 from .wal import Files
@@ -111,6 +113,7 @@ class Node:
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
         self._probe: asyncio.TimerHandle | None = None
         self.cluster = Cluster(self)
+        self.peers = Peers(self)
         self.commands = Commands(self)
         self.handlers = self.commands.table
         self.sessions: set[Session] = set()
@@ -165,6 +168,7 @@ class Node:
 
     async def stop(self) -> None:
         self.ready = False
+        await self.peers.close()
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
@@ -229,6 +233,8 @@ class Node:
         if self.log.failed is not None:
             raise StorageFailed(self.log.failed)
         budget = self.settings.storage
+        if specs and (specs[0].depends_on or len(specs) > 1):
+            self._check_parents(specs)
         if len(payloads) == 1:  # the common case: one payload well within the budgets
             size = len(payloads[0])
             if (size <= budget.blob_threshold
@@ -264,6 +270,15 @@ class Node:
                 raise StorageFailed(str(storage.wal.failed)) from None
         return jobs
 
+    def _check_parents(self, specs: list[JobSpec]) -> None:
+        """Parents in other slots that this node serves must exist (elsewhere: the WATCH
+        answer decides, and an unknown parent sends the child to the DLQ)."""
+        for spec in specs:
+            for parent in spec.depends_on or ():
+                if self.cluster.serves(parent % SLOTS) and \
+                        self.engine.deps.state_of(parent) == "unknown":
+                    raise InvalidRequest(f"depends_on: job {parent} not found")
+
     def job_wire(self, job: Job) -> dict[str, Any]:
         if type(job.data) is BlobRef:
             return job.wire(self.read_blob(job.id))
@@ -290,6 +305,8 @@ class Node:
             for queue in woken:
                 if queue in self.waiters:
                     self._serve(queue)
+        if engine.deps.to_watch or engine.deps.outbox:
+            self.peers.pump()
         if engine.events:
             self._deliver_events()
         tag = self.flush()

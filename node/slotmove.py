@@ -74,6 +74,9 @@ def export(engine: Engine, slots: Collection[int]) -> list[R.Record]:
     for cron, entry in sorted(engine.crons.entries.items()):
         if slot_of(entry["queue"]) in slots:
             out.append((R.CRON, now, cron, dict(entry)))
+    for parent, children in sorted(engine.deps.watchers.items()):
+        if parent % SLOTS in slots:
+            out.extend((R.WATCH, now, parent, child) for child in sorted(children))
     return out
 
 
@@ -98,6 +101,7 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
     deps = engine.deps.dependents
     for parent in [p for p in deps if p % SLOTS in slots]:
         del deps[parent]
+    engine.deps.drop(slots)
     for jid in [j for j in engine.finished if j % SLOTS in slots]:
         del engine.finished[jid]
     for name in _queues(engine, slots):

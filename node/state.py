@@ -38,7 +38,7 @@ def _in(slots: Container[int] | None, slot: int) -> bool:
 
 
 def dump(engine: Engine, slots: Container[int] | None = None) -> Iterator[R.Record]:
-    """Yield SLOT, QUEUE, JOB, FINISHED and CRON records for ``slots`` (all if None)."""
+    """Yield SLOT, QUEUE, JOB, FINISHED, CRON and WATCH records for ``slots`` (None: all)."""
     now = engine.clock()
     for slot, seq in enumerate(engine.seqs):
         if seq and _in(slots, slot):
@@ -46,6 +46,14 @@ def dump(engine: Engine, slots: Container[int] | None = None) -> Iterator[R.Reco
     for q in engine.queues.values():
         if _in(slots, q.slot) and (q.paused or q.rate or q.concurrency):
             yield (R.QUEUE, now, q.name, q.settings())
+    yield from _jobs(engine, slots, now)
+    for jid, done in engine.finished.items():
+        if _in(slots, jid % 1024):
+            yield (R.FINISHED, done.at, jid, done.state.value, done.result)
+    yield from _crons_and_watches(engine, slots, now)
+
+
+def _jobs(engine: Engine, slots: Container[int] | None, now: int) -> Iterator[R.Record]:
     for job in engine.jobs.values():
         if job.state is not DEAD and _in(slots, job.queue.slot):
             yield (R.JOB, now, job.queue.name, job_state(engine, job))
@@ -53,14 +61,20 @@ def dump(engine: Engine, slots: Container[int] | None = None) -> Iterator[R.Reco
         if _in(slots, q.slot):
             for job in q.dlq.values():  # oldest death first, as the DLQ answers
                 yield (R.JOB, now, q.name, job_state(engine, job))
-    for jid, done in engine.finished.items():
-        if _in(slots, jid % 1024):
-            yield (R.FINISHED, done.at, jid, done.state.value, done.result)
+
+
+def _crons_and_watches(
+    engine: Engine, slots: Container[int] | None, now: int
+) -> Iterator[R.Record]:
     from shardq.slots import slot_of
 
     for name, entry in engine.crons.entries.items():
         if _in(slots, slot_of(entry["queue"])):
             yield (R.CRON, now, name, dict(entry))
+    for parent, children in engine.deps.watchers.items():
+        if _in(slots, parent % 1024):
+            for child in sorted(children):
+                yield (R.WATCH, now, parent, child)
 
 
 def job_state(engine: Engine, job: Job) -> list[object]:
@@ -117,7 +131,8 @@ def _index(engine: Engine, job: Job, pending: list[int]) -> None:
         q.n_children += 1
         engine.deps.children[job.id] = set(pending)
         for parent in pending:
-            engine.deps.dependents.setdefault(parent, []).append(job.id)
+            if parent % 1024 == job.id % 1024:
+                engine.deps.dependents.setdefault(parent, []).append(job.id)
     elif state is ACTIVE:
         q.n_active += 1
         deadline = job.started_at + (job.opts.timeout or engine.config.default_lease_ms)

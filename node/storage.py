@@ -181,6 +181,7 @@ class Storage:
                     log.error("WAL segment %s set aside after the damage before it", later)
                 break
         engine.timers.compact()
+        engine.deps.rebuild()
         engine.emitting = True
         engine.journal.clear()
         engine.events.clear()

@@ -363,9 +363,10 @@ def test_ids_are_never_reused_after_jobs_finish(engine: Engine) -> None:
         engine.ack(job_id)
 
 
-def test_unknown_parent_is_invalid(engine: Engine) -> None:
-    with pytest.raises(InvalidRequest, match="depends_on: job 123456 not found"):
-        push(engine, depends_on=[123456])
+def test_unknown_parent_in_the_same_slot_is_invalid(engine: Engine) -> None:
+    unknown = 999 * SLOTS + slot_of("q")
+    with pytest.raises(InvalidRequest, match=f"depends_on: job {unknown} not found"):
+        push(engine, depends_on=[unknown])
 
 
 def test_stats_counters_follow_every_state(engine: Engine, clock: FakeClock) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from shardq.errors import InvalidRequest
 from shardq.job import State
+from shardq.node import dependencies as deps
 from shardq.node import records as R
 from shardq.node.engine import Engine, EngineConfig
 from shardq.node.state import dump
@@ -38,6 +39,11 @@ def restarted(engine: Engine, journal: list[R.Record]) -> Engine:
     fresh.timers.compact()
     fresh.emitting = True
     return fresh
+
+
+def settle(engine: Engine) -> None:
+    """Carry the watch messages between slots (one node serves them all here)."""
+    deps.settle(engine, lambda slot: True)
 
 
 def drain(engine: Engine, journal: list[R.Record]) -> None:
@@ -220,13 +226,18 @@ def test_chain_of_three_runs_in_order(engine: Engine) -> None:
 def test_fan_in_of_one_hundred_parents(engine: Engine) -> None:
     parents = [push(engine, "p", i) for i in range(100)]
     child = push(engine, "c", "child", depends_on=parents)
+    settle(engine)
+    assert len(engine.deps.watchers) == 100  # "p" and "c" are different slots: watches
     taken = pull(engine, "p", count=100)
     for job_id in taken[:-1]:
         engine.ack(job_id)
+    settle(engine)
     assert engine.jobs[child].state is State.WAITING_CHILDREN
     assert pull(engine, "c") == []
     engine.ack(taken[-1])
+    settle(engine)
     assert pull(engine, "c") == [child]
+    assert not engine.deps.watchers and not engine.deps.outbox
 
 
 def test_parent_death_sends_the_chain_to_the_dlq_naming_the_parent(engine: Engine) -> None:
@@ -242,13 +253,17 @@ def test_parent_death_sends_the_chain_to_the_dlq_naming_the_parent(engine: Engin
 def test_cancelled_or_expired_parent_fails_the_child(engine: Engine, clock: FakeClock) -> None:
     a = push(engine, "q", "a")
     child = push(engine, "k", "x", depends_on=[a])
+    settle(engine)
     engine.cancel(a)
+    settle(engine)
     assert engine.dlq("k")[0].id == child
     assert engine.dlq("k")[0].opts.error == f"Parent job {a} was cancelled"
     e = push(engine, "q", "e", ttl=100)
     child2 = push(engine, "k", "y", depends_on=[e])
+    settle(engine)
     clock.advance(100)
     engine.tick()
+    settle(engine)
     assert engine.jobs[child2].opts.error == f"Parent job {e} expired"
 
 
@@ -266,19 +281,25 @@ def test_dependencies_survive_a_restart(clock: FakeClock) -> None:
     a = push(engine, "q", "a")
     b = push(engine, "q", "b")
     child = push(engine, "c", "child", depends_on=[a, b])
+    settle(engine)
     pull(engine, count=2)
     engine.ack(a)
+    settle(engine)
     drain(engine, journal)
     again = restarted(engine, journal)
+    again.deps.rebuild()
     assert again.jobs[child].state is State.WAITING_CHILDREN
     assert again.deps.children[child] == {b}
+    assert again.deps.watchers == {b: {child}}
     snap = Engine(clock)  # and through a snapshot of that state
     for rec in dump(again):
         snap.apply(decode(frame(rec)[8:]))
+    snap.deps.rebuild()
     assert snap.deps.children[child] == {b}
     snap.release([b], "node restarted")
     assert pull(snap, count=5) == [b]
     snap.ack(b)
+    settle(snap)
     assert pull(snap, "c") == [child]
 
 
