@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ import pytest
 from shardq import AsyncClient
 from shardq.errors import ShardqError
 from shardq.operator.local import LocalCluster
+from shardq.topology import Topology, ring_owners
 
-from .helpers import free_port
+from .helpers import free_port, start_node_process
 
 QUEUES = [f"scale-{i}" for i in range(16)]
 
@@ -155,3 +158,50 @@ async def _wait_listening(port: int) -> None:
             await asyncio.sleep(0.05)
     raise TimeoutError(port)
 
+
+
+async def test_a_coordinator_killed_mid_move_is_finished_by_the_next(tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    procs = [start_node_process(p, "--name", f"node-{i}", "--data-dir", str(tmp_path / f"n{i}"))
+             for i, p in enumerate(ports)]
+    members = [f"node-{i}=127.0.0.1:{p}" for i, p in enumerate(ports)]
+    try:
+        first = subprocess.run(
+            [sys.executable, "-m", "shardq.cli", "rebalance", "--nodes", members[0]],
+            capture_output=True, timeout=60, check=True)
+        assert b'"ok":true' in first.stdout
+        async with AsyncClient(f"127.0.0.1:{ports[0]}") as c:
+            ids = [(q, await c.push(q, {"q": q})) for q in QUEUES * 4]  # 64 jobs, 16 queues
+        coordinator = subprocess.Popen(
+            [sys.executable, "-m", "shardq.cli", "rebalance", "--nodes", ",".join(members),
+             "--batch", "1"], stdout=subprocess.PIPE)
+        assert coordinator.stdout is not None
+        for _ in range(20):  # let it move some slots, then kill it in the middle
+            coordinator.stdout.readline()
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait()
+        coordinator.stdout.close()
+        async with AsyncClient(f"127.0.0.1:{ports[1]}") as c:
+            half = Topology.from_wire(await c.topology() or {})
+        assert half.owners != ring_owners(["node-0", "node-1"]), "the move was already over"
+        again = subprocess.run(
+            [sys.executable, "-m", "shardq.cli", "rebalance", "--nodes", ",".join(members)],
+            capture_output=True, timeout=120, check=True)
+        assert b'"ok":true' in again.stdout
+        async with AsyncClient(f"127.0.0.1:{ports[0]}", direct=True) as c:
+            topo = Topology.from_wire(await c.topology() or {})
+            assert topo.owners == ring_owners(["node-0", "node-1"]) and not topo.moving
+            assert {topo.owner_of_queue(q) for q in QUEUES} == {"node-0", "node-1"}
+            for q, job_id in ids:
+                job = await c.get_job(job_id)
+                assert job is not None and job["state"] == "waiting", (q, job)
+            stats = await c.stats()
+        total = 0
+        for port in ports:  # nothing twice: each job on exactly one node
+            async with AsyncClient(f"127.0.0.1:{port}") as c:
+                total += (await c.stats())["jobs"]
+        assert total == len(ids), stats
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
