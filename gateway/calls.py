@@ -87,12 +87,16 @@ def moving(slot: int) -> str:
 
 
 class Pending:
-    """One answer a client waits for, in its session's FIFO (``answer`` has no newline)."""
+    """One answer a client waits for, in its session's FIFO (``answer`` has no newline).
 
-    __slots__ = ("answer",)
+    ``cmd`` and ``started`` are set by the session for the gateway's metrics."""
+
+    __slots__ = ("answer", "cmd", "started")
 
     def __init__(self, answer: bytes | None = None) -> None:
         self.answer = answer
+        self.cmd: str | None = None
+        self.started = 0.0
 
 
 class Retry:
@@ -115,7 +119,9 @@ class Retry:
         """Plan the next attempt; False when the budget is spent."""
         now = time.monotonic()
         if now - self.since > router.settings.retry_budget:
+            router.metrics.retry("timeout")
             return False
+        router.metrics.retry("MOVED" if kind == MOVED else "TRYAGAIN")
         loop = asyncio.get_running_loop()
         if kind == MOVED and epoch > router.epoch:
             if self.delay == FIRST_DELAY:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from .router import Router
 from .server_tcp import ClientSession, start_tcp
@@ -32,12 +33,19 @@ class Gateway:
         self.sessions: set[ClientSession] = set()
         self.server: asyncio.AbstractServer | None = None
         self._sessions_opened = 0
+        self._http: Any = None
+        self._http_backend: Any = None
+        self.http_port = 0
 
     async def start(self) -> None:
         """Read the topology from the seeds (retrying), then listen."""
         await self.router.load()
         s = self.settings
         self.server = await start_tcp(self, s.host, s.port)
+        if s.http_port:
+            from . import server_http
+
+            self._http, self.http_port, self._http_backend = await server_http.start(self)
 
     @property
     def port(self) -> int:
@@ -53,6 +61,10 @@ class Gateway:
         return self._sessions_opened
 
     async def stop(self) -> None:
+        if self._http is not None:
+            await self._http_backend.close()
+            await self._http.cleanup()
+            self._http = None
         if self.server is not None:
             self.server.close()
         for session in list(self.sessions):

@@ -28,6 +28,7 @@ from shardq.errors import ShardqError, Unavailable
 from shardq.slots import SLOTS, slot_of
 from shardq.topology import NodeInfo, Topology
 
+from .metrics import GatewayMetrics
 from .settings import GatewaySettings
 from .upstream import Flusher, NodeLink, ask
 
@@ -54,6 +55,7 @@ class Router:
         self._waiters: list[Callable[[], None]] = []
         self._down_refresh_at = 0.0
         self.closing = False
+        self.metrics = GatewayMetrics()
 
     @property
     def epoch(self) -> int:
@@ -79,6 +81,7 @@ class Router:
         if link is None:
             link = self.links[address] = NodeLink(name, address, self.settings, self.flusher)
             link.on_down = self._node_down
+            link.on_error = self.metrics.upstream_error
         link.name = name
         return link
 
@@ -86,6 +89,8 @@ class Router:
         """Route by ``topo`` from now on (if it is newer than the current one)."""
         if topo.epoch <= self.topology.epoch:
             return
+        if self.topology.epoch >= 0:
+            self.metrics.refreshes += 1
         names = {n.name: self._link(n.tcp, n.name) for n in topo.nodes}
         self.by_slot = [names.get(owner) for owner in topo.owners]
         self.members = list(names.values())

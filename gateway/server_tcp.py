@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -189,7 +190,11 @@ class ClientSession(asyncio.Protocol):
                 raise unknown(req)
             if not self.authed and cmd != "AUTH":
                 raise AuthenticationRequired()
+            started = perf_counter()
             route(self, req, line, rid)
+            if self.fifo:
+                call = self.fifo[-1]
+                call.cmd, call.started = cmd, started
         except ShardqError as exc:
             self.local(error_line(exc.text, rid))
 
@@ -326,12 +331,16 @@ class ClientSession(asyncio.Protocol):
             return
         fifo = self.fifo
         out = self.out
+        metrics = self.router.metrics
         while fifo:
-            answer = fifo[0].answer
+            call = fifo[0]
+            answer = call.answer
             if answer is None:
                 break
             fifo.popleft()
             out.append(answer)
+            if call.started:
+                metrics.request(call.cmd, answer.startswith(b'{"ok":true'), call.started)
         if out:
             out.append(b"")
             self.transport.write(b"\n".join(out))

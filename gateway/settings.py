@@ -18,7 +18,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     #: TCP port of the line protocol (0 = any free port; see ``Gateway.port``).
     port: int = 6789
-    #: HTTP port (the gateway's HTTP API is served by another module; kept for the CLI).
+    #: HTTP port of the API and the dashboard (0 = no HTTP server).
     http_port: int = 6790
     #: Nodes (``host:port`` of their TCP servers) to load the topology from at start.
     seeds: list[str] = field(default_factory=lambda: ["127.0.0.1:6800"])

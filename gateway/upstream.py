@@ -284,6 +284,7 @@ class NodeLink:
         self.settings = settings
         self.flusher = flusher
         self.shared: list[Upstream | None] = [None] * max(1, settings.upstream_connections)
+        self.on_error: Callable[[str, str], None] = lambda node, reason: None
         self.reason = "not connected yet"
         self.backoff = 0.0
         self.retry_at = 0.0
@@ -338,10 +339,12 @@ class NodeLink:
     def lost(self, reason: str) -> None:
         """A working connection broke: the next call reconnects at once."""
         self.reason = reason
+        self.on_error(self.name, "closed")
         log.warning("connection to node %s at %s lost (%s)", self.name, self.address, reason)
 
     def connect_failed(self, reason: str) -> None:
         self.reason = reason
+        self.on_error(self.name, "timeout" if "timed out" in reason else "unreachable")
         self.backoff = min(max(self.backoff * 2, 0.05), MAX_BACKOFF)
         self.retry_at = time.monotonic() + self.backoff
         log.warning("node %s at %s is not reachable (%s); next try in %.2fs",

@@ -12,7 +12,6 @@ Names: ``shardq_`` prefix, base units (seconds, bytes), ``_total`` counters.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from shardq.buckets import Buckets
+
 if TYPE_CHECKING:
     from .jobs import QueueState
     from .runtime import Node
@@ -33,31 +34,6 @@ if TYPE_CHECKING:
 JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 #: Seconds: one fsync of the WAL.
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
-
-
-class Buckets:
-    """A cumulative-on-export histogram: ``observe`` is one bisect and two additions."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def family_buckets(self) -> list[tuple[str, float]]:
-        out = []
-        total = 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
-            total += count
-            out.append((repr(float(bound)), float(total)))
-        total += self.counts[-1]
-        out.append(("+Inf", float(total)))
-        return out
 
 
 class NodeCollector(Collector):

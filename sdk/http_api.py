@@ -52,7 +52,7 @@ class HttpSettings:
     #: Payload bytes held in memory before /health warns (the node's memory budget).
     memory_budget: int = 1024**3
     #: Extra routes (the gateway's dashboard).
-    extra: list[web.RouteDef] = field(default_factory=list)
+    extra: list[web.AbstractRouteDef] = field(default_factory=list)
 
 
 BACKEND = web.AppKey("backend", Backend)
