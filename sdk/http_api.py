@@ -312,6 +312,11 @@ async def delete_cron(request: web.Request) -> web.Response:
     raise Refused(str(answer.get("error")))
 
 
+@routes.get("/topology")
+async def topology(request: web.Request) -> web.Response:
+    return envelope((await run(request, {"cmd": "TOPOLOGY"}))["topology"])
+
+
 @routes.get("/metrics.json")
 async def metrics_json(request: web.Request) -> web.Response:
     return envelope((await run(request, {"cmd": "METRICS"}))["metrics"])

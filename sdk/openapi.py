@@ -115,6 +115,8 @@ ROUTES: list[tuple[str, str, str, list[dict[str, Any]], dict[str, Any] | None, d
     ("get", "/ready", "Readiness for Kubernetes", [], None, {"type": "object"}),
     ("get", "/metrics", "Prometheus metrics (text)", [], None, {"type": "string"}),
     ("get", "/metrics.json", "MagicQueue's JSON metrics", [], None, _env({"type": "object"})),
+    ("get", "/topology", "The cluster topology (null on a standalone node)", [], None,
+     _env({"type": ["object", "null"]})),
     ("get", "/events", "Server-Sent Events",
      [_q("queue", {"type": "string"}), _q("events", {"type": "string"})], None,
      {"type": "string"}),
