@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv/bin
 PORT  ?= 6789
 
-.PHONY: run test lint typecheck unit bench clean venv-server venv-test
+.PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test
 
 venv-server:
 	@scripts/bootstrap.sh server
@@ -30,9 +30,19 @@ typecheck:
 unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
-## bench: the benchmarks, written to BENCHMARKS.md
+## bench: every benchmark, side by side, written to BENCHMARKS.md
 bench: venv-test
 	$(VENV)/python loadtest/bench.py --write BENCHMARKS.md
+	$(VENV)/python loadtest/bench_durability.py --write BENCHMARKS.md
+	$(VENV)/python loadtest/bench_gateway.py --write BENCHMARKS.md
+	$(VENV)/python loadtest/bench_publish.py --write BENCHMARKS.md
+	$(VENV)/python loadtest/run_locust.py --suite publish --write BENCHMARKS.md
+
+## loadtest: the locust suites, headless and bounded, reports in build/locust/
+loadtest: venv-test
+	$(VENV)/python loadtest/run_locust.py --suite mix
+	$(VENV)/python loadtest/run_locust.py --suite scale
+	$(VENV)/python loadtest/run_locust.py --suite publish
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache
