@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(node, "--max-line", 16 * 1024 * 1024, int, "longest request line accepted (bytes)")
     _storage_flags(node)
 
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) of ShardqCluster")
+    _flag(op, "--kubeconfig", None, help="kubeconfig file (default: in-cluster service account)")
+    _flag(op, "--namespace", None, help="watch one namespace (default: all)")
+
     gw = sub.add_parser("gateway", help="run a gateway (routes by slot to the nodes)")
     _server_flags(gw)
     _flag(gw, "--seed", "127.0.0.1:6800", help="node addresses host:port[,host:port…]")
@@ -189,6 +193,13 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     run(_node_settings(args))
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from shardq.operator.handlers import run
+
+    run(args.kubeconfig, args.namespace)
     return 0
 
 
@@ -448,6 +459,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "node": cmd_node, "up": cmd_up, "push": cmd_push, "pull": cmd_pull, "stats": cmd_stats,
     "queues": cmd_queues, "cron": cmd_cron, "queue": cmd_queue, "gateway": cmd_gateway,
+    "operator": cmd_operator,
     "scale": cmd_scale, "topology": cmd_topology, "rebalance": cmd_rebalance,
 }
 

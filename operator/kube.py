@@ -1,0 +1,114 @@
+"""The few Kubernetes API calls the operator makes, on the official client, off the loop.
+
+Create-or-patch of owned manifests, pods of a cluster, a secret's value, the
+status subresource, and API discovery (PodDisruptionBudget is ``policy/v1`` from
+Kubernetes 1.21, ``policy/v1beta1`` before). Every call runs in a thread
+(``asyncio.to_thread``) because the client blocks.
+
+Must not: decide anything; handlers.py does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from kubernetes import client, config, dynamic
+from kubernetes.client.exceptions import ApiException
+
+from .reconcile import GROUP, PLURAL, VERSION, Manifest
+
+
+def load(kubeconfig: str | None) -> client.ApiClient:
+    """An API client from a kubeconfig file, or from the pod's service account."""
+    if kubeconfig:
+        api: client.ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig)
+        return api
+    config.load_incluster_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.dynamic = dynamic.DynamicClient(api)  # type: ignore[no-untyped-call]
+        self._pdb_version: str | None = None
+
+    async def pdb_version(self) -> str:
+        if self._pdb_version is None:
+            def find() -> str:
+                groups = client.ApisApi(self.api).get_api_versions().groups
+                for g in groups:
+                    if g.name == "policy":
+                        versions = {v.version for v in g.versions}
+                        return "policy/v1" if "v1" in versions else "policy/v1beta1"
+                return "policy/v1beta1"
+            self._pdb_version = await asyncio.to_thread(find)
+        return self._pdb_version
+
+    async def apply(self, manifest: Manifest) -> None:
+        """Create ``manifest``, or patch the existing object to it (merge patch)."""
+        await asyncio.to_thread(self._apply, manifest)
+
+    def _apply(self, m: Manifest) -> None:
+        resource = self.dynamic.resources.get(api_version=m["apiVersion"], kind=m["kind"])
+        meta = m["metadata"]
+        try:
+            resource.patch(body=m, name=meta["name"], namespace=meta["namespace"],
+                           content_type="application/merge-patch+json")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            resource.create(body=m, namespace=meta["namespace"])
+
+    async def statefulset_replicas(self, namespace: str, name: str) -> int | None:
+        def read() -> int | None:
+            try:
+                sts = self.apps.read_namespaced_stateful_set(name, namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return int(sts.spec.replicas or 0)
+        return await asyncio.to_thread(read)
+
+    async def pods(self, namespace: str, selector: dict[str, str]) -> list[Any]:
+        text = ",".join(f"{k}={v}" for k, v in selector.items())
+        res = await asyncio.to_thread(self.core.list_namespaced_pod, namespace,
+                                      label_selector=text)
+        return list(res.items)
+
+    async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        def read() -> str | None:
+            try:
+                secret = self.core.read_namespaced_secret(name, namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            raw = (secret.data or {}).get(key)
+            return base64.b64decode(raw).decode() if raw else None
+        return await asyncio.to_thread(read)
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
+            PLURAL, name, {"status": status})
+
+    async def delete_claims(self, namespace: str, selector: dict[str, str]) -> int:
+        text = ",".join(f"{k}={v}" for k, v in selector.items())
+
+        def delete() -> int:
+            claims = self.core.list_namespaced_persistent_volume_claim(
+                namespace, label_selector=text).items
+            for c in claims:
+                if c.metadata is not None and c.metadata.name:
+                    self.core.delete_namespaced_persistent_volume_claim(c.metadata.name,
+                                                                        namespace)
+            return len(claims)
+        return await asyncio.to_thread(delete)
