@@ -4,6 +4,7 @@ VENV  := .venv/bin
 PORT  ?= 6789
 
 .PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test
+.PHONY: dashboards rules-test dashboard-png
 
 venv-server:
 	@scripts/bootstrap.sh server
@@ -19,7 +20,7 @@ run: venv-server
 test: venv-test lint typecheck unit
 
 lint:
-	$(VENV)/ruff check sdk node gateway operator tests $(wildcard loadtest)
+	$(VENV)/ruff check sdk node gateway operator tests $(wildcard loadtest) charts
 	scripts/pkgtree.sh
 	PYTHONPATH=build/pkg $(VENV)/lint-imports
 
@@ -43,6 +44,19 @@ loadtest: venv-test
 	$(VENV)/python loadtest/run_locust.py --suite mix
 	$(VENV)/python loadtest/run_locust.py --suite scale
 	$(VENV)/python loadtest/run_locust.py --suite publish
+
+## dashboards: regenerate the Grafana dashboards (charts/shardq/dashboards/*.json)
+dashboards: venv-test
+	$(VENV)/python charts/shardq/dashboards/generate.py
+
+## rules-test: check the alert rules and run their unit tests with promtool
+rules-test:
+	promtool check rules charts/shardq/alerts/shardq-rules.yaml
+	cd charts/shardq/alerts && promtool test rules shardq-rules.test.yaml
+
+## dashboard-png: docs/dashboard-overview.png, drawn from a real Prometheus under load (~100 s)
+dashboard-png: venv-test
+	$(VENV)/python charts/shardq/dashboards/render.py
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache
