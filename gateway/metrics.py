@@ -76,7 +76,11 @@ class GatewayCollector(Collector):
         errors = CounterMetricFamily("shardq_gateway_upstream_errors",
                                      "Connections to nodes lost or refused",
                                      labels=["node", "reason"])
-        for (node, reason), count in sorted(m.upstream_errors.items()):
+        counts = dict(m.upstream_errors)
+        for link in self.gateway.router.members:  # every node from 0, so rate() sees the first
+            for reason in ("unreachable", "timeout", "closed"):
+                counts.setdefault((link.name, reason), 0)
+        for (node, reason), count in sorted(counts.items()):
             errors.add_metric([node, reason], float(count))
         yield errors
         retries = CounterMetricFamily("shardq_gateway_retries", "Requests retried, by reason",

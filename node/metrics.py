@@ -117,6 +117,11 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("shardq_snapshot_duration_seconds",
                                 "How long the last snapshot took to write",
                                 value=storage.last_snapshot_seconds if storage else 0.0)
+        yield CounterMetricFamily("shardq_snapshots", "Snapshots written",
+                                  value=float(storage.snapshots_written if storage else 0))
+        yield GaugeMetricFamily("shardq_snapshot_last_success_timestamp_seconds",
+                                "When the last snapshot was finished (0 = never)",
+                                value=storage.last_snapshot_at if storage else 0.0)
         yield GaugeMetricFamily("shardq_snapshot_pause_seconds",
                                 "How long the node paused to fork the last snapshot",
                                 value=storage.last_snapshot_pause if storage else 0.0)
@@ -131,7 +136,7 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("shardq_blob_budget_bytes", "Disk budget for the blob store",
                                 value=float(settings.disk_budget))
 
-    def _cluster(self) -> Iterator[GaugeMetricFamily]:
+    def _cluster(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         node = self.node
         cluster = node.cluster
         owned = sum(1 for s in cluster.state if s)
@@ -145,6 +150,20 @@ class NodeCollector(Collector):
             counts[q.slot] = counts.get(q.slot, 0) + q.pending + q.n_active + len(q.dlq)
         per_slot.add_metric([], float(max(counts.values(), default=0)))
         yield per_slot
+        info = GaugeMetricFamily("shardq_node_info", "The node's name (to join with gateway "
+                                 "metrics)", labels=["node"])
+        info.add_metric([node.settings.name], 1.0)
+        yield info
+        requests = CounterMetricFamily("shardq_requests", "Requests answered, by command",
+                                       labels=["command"])
+        for cmd, count in sorted(node.requests.items()):
+            requests.add_metric([cmd], float(count))
+        yield requests
+        refused = CounterMetricFamily("shardq_requests_refused", "Requests refused, by command "
+                                      "and reason", labels=["command", "reason"])
+        for (cmd, reason), count in sorted(node.refusals.items()):
+            refused.add_metric([cmd, reason], float(count))
+        yield refused
         topo = cluster.topology
         yield GaugeMetricFamily("shardq_topology_epoch", "Epoch of the topology this node holds",
                                 value=float(topo.epoch if topo else 0))

@@ -106,10 +106,15 @@ class Node:
         self._http: Any = None
         self.http_port = 0
         self.measures = Measures()
-        self.engine.observe_wait = self.measures.wait.observe
-        self.engine.observe_run = self.measures.run.observe
-        if self.storage is not None:
-            self.storage.wal.observe_fsync = self.measures.fsync.observe
+        #: requests answered, by command; refusals by (command, error class)
+        self.requests: dict[str, int] = {}
+        self.refusals: dict[tuple[str, str], int] = {}
+        self.count_requests = settings.metrics
+        if settings.metrics:
+            self.engine.observe_wait = self.measures.wait.observe
+            self.engine.observe_run = self.measures.run.observe
+            if self.storage is not None:
+                self.storage.wal.observe_fsync = self.measures.fsync.observe
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
         self._probe: asyncio.TimerHandle | None = None
         self.cluster = Cluster(self)
@@ -203,6 +208,7 @@ class Node:
             if type(req) is not dict:
                 req = P.parse_line(line)
         except ShardqError as exc:
+            self.refused(None, exc)
             return P.error_answer(exc.text)
         return self.execute_request(req, caller)
 
@@ -222,11 +228,21 @@ class Node:
                 self.cluster.check(str(cmd), req)
             answer = handler(req, caller)
         except ShardqError as exc:
+            self.refused(req.get("cmd"), exc)
             return P.error_answer(exc.text, rid)
+        if self.count_requests:
+            counts = self.requests
+            counts[cmd] = counts.get(cmd, 0) + 1  # type: ignore[index,arg-type] # cmd: str
         if answer is PENDING:
             caller.pending_rid = rid
             return None
         return _encode(answer, rid)
+
+    def refused(self, cmd: object, exc: ShardqError) -> None:
+        """Count a refusal by command and kind (``shardq_requests_refused_total``)."""
+        name = cmd if type(cmd) is str and cmd in self.handlers else "other"
+        key = (name, type(exc).__name__)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
 
     def push(self, queue: str, specs: list[JobSpec], payloads: list[bytes]) -> list[Job]:
         """Push through the memory budget: spill to the blob store, or refuse when full."""

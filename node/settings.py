@@ -62,5 +62,8 @@ class NodeSettings:
     http_max_pull_wait_ms: int = 30_000
     #: Queues that get their own label in /metrics; the rest are summed as queue="_other".
     max_queue_labels: int = 1000
+    #: False: no per-request counting or latency histograms on the hot path (the gauges and
+    #: counters the engine keeps anyway are still exported); for measuring their cost.
+    metrics: bool = True
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -150,6 +150,7 @@ class Storage:
         self.last_snapshot_pause = 0.0
         self.last_snapshot_seconds = 0.0
         self.snapshots_written = 0
+        self.last_snapshot_at = 0.0
 
     # -- recovery ---------------------------------------------------------------------------------
 
@@ -319,6 +320,7 @@ class Storage:
                 os.unlink(os.path.join(self.dir, snapshot_name(old)))
         self._snap = None
         self.snapshots_written += 1
+        self.last_snapshot_at = time.time()
         self.last_snapshot_seconds = time.perf_counter() - started
         log.info("snapshot %s written in %.2fs (node paused %.1f ms for the fork)",
                  final, self.last_snapshot_seconds, self.last_snapshot_pause * 1000)

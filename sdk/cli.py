@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(node, "--default-lease-ms", 30 * 60 * 1000, int, "lease of jobs without timeout")
     _flag(node, "--max-payload", 8 * 1024 * 1024, int, "largest payload accepted (bytes)")
     _flag(node, "--max-line", 16 * 1024 * 1024, int, "longest request line accepted (bytes)")
+    _flag(node, "--max-queue-labels", 1000, int, "queues with their own /metrics label")
+    node.add_argument("--no-metrics", dest="metrics", action="store_false",
+                      help="no per-request metrics on the hot path (to measure their cost)")
     _storage_flags(node)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) of ShardqCluster")
@@ -171,6 +174,8 @@ def _node_settings(args: argparse.Namespace) -> Any:
         tokens=_tokens(args.token),
         cluster_token=args.cluster_token,
         max_line=args.max_line,
+        max_queue_labels=args.max_queue_labels,
+        metrics=args.metrics,
         storage=StorageSettings(
             data_dir=args.data_dir, fsync=args.fsync, max_payload=args.max_payload,
             segment_bytes=args.segment_bytes, snapshot_bytes=args.snapshot_bytes,

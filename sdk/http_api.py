@@ -10,6 +10,7 @@ aiohttp, a server dependency); the SDK's client code never imports it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import time
@@ -55,8 +56,23 @@ class HttpSettings:
     extra: list[web.AbstractRouteDef] = field(default_factory=list)
 
 
+class Streams:
+    """The open ``/events`` responses. They never end by themselves, so the app ends them when
+    it shuts down; else a runner's cleanup waits out aiohttp's graceful shutdown (60 s)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+
+    async def end(self, app: web.Application) -> None:
+        self.closing = True
+        for task in self.tasks:
+            task.cancel()
+
+
 BACKEND = web.AppKey("backend", Backend)
 SETTINGS = web.AppKey("settings", HttpSettings)
+STREAMS = web.AppKey("streams", Streams)
 
 STATUS: list[tuple[type[E.ShardqError], int]] = [
     (E.InvalidRequest, 400), (E.AuthenticationRequired, 401), (E.InvalidToken, 401),
@@ -120,7 +136,9 @@ def int_param(request: web.Request, name: str, default: int | None = None) -> in
 
 def path_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit():
+    # ASCII only ("²".isdigit() is true but int() refuses it) and at most 20 digits (2**64 has
+    # 20; int() refuses more than 4300): anything else was a 500 before.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
         raise Refused(f"Invalid: job id must be a non-negative integer, got {raw!r}")
     return int(raw)
 
@@ -397,8 +415,19 @@ async def events(request: web.Request) -> web.StreamResponse:
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     await resp.write(b": subscribed\n\n")
-    async for line in request.app[BACKEND].events(queue, names):
-        await resp.write(b"data: " + line.rstrip(b"\n") + b"\n\n")
+    streams = request.app[STREAMS]
+    task = asyncio.current_task()
+    assert task is not None
+    streams.tasks.add(task)
+    try:
+        async for line in request.app[BACKEND].events(queue, names):
+            await resp.write(b"data: " + line.rstrip(b"\n") + b"\n\n")
+    except asyncio.CancelledError:
+        if not streams.closing:
+            raise
+        task.uncancel()  # the server shuts down: end the stream cleanly
+    finally:
+        streams.tasks.discard(task)
     return resp
 
 
@@ -413,6 +442,8 @@ def make_app(backend: Backend, settings: HttpSettings) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=settings.max_body)
     app[BACKEND] = backend
     app[SETTINGS] = settings
+    app[STREAMS] = streams = Streams()
+    app.on_shutdown.append(streams.end)
     app.add_routes(routes)
     app.add_routes(settings.extra)
     return app
