@@ -41,6 +41,9 @@ class Gateway:
         """Read the topology from the seeds (retrying), then listen."""
         await self.router.load()
         s = self.settings
+        if s.topology_poll > 0:
+            self.router._poller = asyncio.get_running_loop().create_task(
+                self.router.poll(s.topology_poll))
         self.server = await start_tcp(self, s.host, s.port)
         if s.http_port:
             from . import server_http

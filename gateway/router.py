@@ -54,6 +54,7 @@ class Router:
         self._refresh: asyncio.Task[None] | None = None
         self._waiters: list[Callable[[], None]] = []
         self._down_refresh_at = 0.0
+        self._poller: asyncio.Task[None] | None = None
         self.closing = False
         self.metrics = GatewayMetrics()
 
@@ -223,8 +224,18 @@ class Router:
         self._down_refresh_at = now + DOWN_REFRESH_EVERY
         self.refresh(self.epoch + 1, _nothing)
 
+    async def poll(self, every: float) -> None:
+        """Look for a newer topology every ``every`` seconds (a slot move the gateway's own
+        requests never ran into still changes cluster-wide reads: STATS, LISTQUEUES …)."""
+        while not self.closing:
+            await asyncio.sleep(every)
+            if self._refresh is None and self.epoch >= 1:
+                self.refresh(self.epoch + 1, _nothing)
+
     async def close(self) -> None:
         self.closing = True
+        if self._poller is not None:
+            self._poller.cancel()
         if self._refresh is not None:
             self._refresh.cancel()
             try:

@@ -38,6 +38,8 @@ class GatewaySettings:
     #: A PULL without ``timeout`` is sent to its node with this timeout (ms) and sent again
     #: each time it comes back empty, until a job comes or the client leaves.
     pull_chunk_ms: int = 30_000
+    #: Ask the nodes for a newer topology this often (s); 0 = only when a node says MOVED.
+    topology_poll: float = 2.0
     #: How long ``start`` keeps asking the seeds for a topology before giving up.
     startup_timeout: float = 60.0
     #: A request line longer than this is refused and its connection closed, like a node.

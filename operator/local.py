@@ -96,6 +96,8 @@ class LocalCluster:
         self._save_members()
         self.gateway = self._spawn_gateway()
         await _wait_port(self.host, self.port, self.gateway)
+        if self.http_port:
+            await _wait_port(self.host, self.http_port, self.gateway)
         path = control_path(self.port)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -160,6 +160,9 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
         sizes = [int(n) for n in re.findall(r"\d+", exc.text or "")] + [0, 0]
         return error_response(f"Payload too large: {sizes[1]} bytes (max {sizes[0]})")
     except web.HTTPException as exc:
+        if exc.status == 404:
+            return _json({"ok": False, "error": f"Not found: {request.method} {request.path}"},
+                         404)
         if exc.status >= 400:
             reason = f"Invalid: {exc.reason}" if exc.status < 500 else exc.reason
             return _json({"ok": False, "error": reason}, exc.status)
