@@ -38,6 +38,7 @@ bench: venv-test
 	$(VENV)/python loadtest/bench_gateway.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_publish.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_metrics.py --write BENCHMARKS.md
+	$(VENV)/python loadtest/bench_peers.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/run_locust.py --suite publish --write BENCHMARKS.md
 
 ## loadtest: the locust suites, headless and bounded, reports in build/locust/

@@ -1,0 +1,485 @@
+"""shardq side by side with Redis, beanstalkd and BullMQ: same workloads, same run.
+
+    .venv/bin/python loadtest/bench_peers.py --write BENCHMARKS.md [--quick]
+
+Starts on loopback, one after the other: a shardq node (``--fsync everysec``, a
+data directory), a shardq cluster (3 nodes and a gateway), ``redis-server`` with
+AOF ``appendfsync everysec``, ``beanstalkd`` with its binlog (fsync at most every
+second), and BullMQ on that Redis (Node.js, ``loadtest/bullmq``). The Python
+targets are driven by the same client (loadtest/bench_client.py: one uvloop
+connection type, pre-encoded requests; each protocol's requests are its own):
+
+  sequential push (one in flight) · pipelined push (1,000 in flight) · batch push
+  of 1,000 · push → pull → ack, one at a time (Redis: LPUSH, LMOVE, LREM; beanstalkd:
+  put, reserve, delete) · 10 and 50 concurrent producers · fsync on every write
+  with 50 producers (shardq ``always`` vs Redis ``appendfsync always``) · a worker
+  draining 100,000 waiting jobs (shardq's SDK AsyncWorker, concurrency 50, vs
+  BullMQ's Worker, concurrency 50) · memory per waiting 200-byte job (RSS growth
+  of the server process, shardq vs Redis).
+
+BullMQ runs its own workloads from Node (its client is Node-only); those
+numbers are from a different client and are marked so. Writes the ``peers``
+section of BENCHMARKS.md with the machine, versions and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bench_client as C
+import bench_procs as procs
+import bench_report as report
+import orjson
+
+from shardq import AsyncClient, AsyncWorker
+
+HERE = Path(__file__).resolve().parent
+PAYLOAD = C.payload(200)
+RAW = orjson.dumps(PAYLOAD)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing on port {port}")
+
+
+class Proc:
+    """A server subprocess stopped by its PID."""
+
+    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+        self.port = port
+        wait_port(port, self.proc)
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# -- protocols ------------------------------------------------------------------------------
+
+
+def resp(*args: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+def starts(prefix: bytes) -> C.Check:
+    def check(line: bytes) -> None:
+        if not line.startswith(prefix):
+            raise C.BenchError(f"expected {prefix!r}: {line[:200]!r}")
+    return check
+
+
+class Target:
+    """How one server takes the workloads: request lines and answer checks."""
+
+    def __init__(self, name: str, push: bytes, push_ok: C.Check, batch: bytes | None,
+                 batch_ok: C.Check | None, cycle: Callable[[C.LineConn, int], C.Workload]):
+        self.name, self.push, self.push_ok = name, push, push_ok
+        self.batch, self.batch_ok, self.cycle = batch, batch_ok, cycle
+
+
+class Steps(C.Workload):
+    """A cycle of requests, one in flight; each step knows how many answer lines it gets."""
+
+    def __init__(self, conn: C.LineConn, n: int, steps: list[Any]) -> None:
+        super().__init__(conn, 120.0)
+        self.n, self.steps, self.step, self.buf = n, steps, 0, []
+        self.state: dict[str, Any] = {}
+        self.started = 0
+        self.lat: list[int] = []
+
+    def send_first(self) -> None:
+        self.started = time.perf_counter_ns()
+        self.step = 0
+        self.conn.write(self.steps[0][0](self.state))
+
+    def on_lines(self, lines: list[bytes]) -> None:
+        self.buf.extend(lines)
+        while self.buf:
+            _, want, handle = self.steps[self.step]
+            need = want(self.buf[0])
+            if len(self.buf) < need:
+                return
+            got, self.buf = self.buf[:need], self.buf[need:]
+            handle(got, self.state)
+            self.step += 1
+            if self.step == len(self.steps):
+                now = time.perf_counter_ns()
+                self.lat.append(now - self.started)
+                self.got += 1
+                if self.got >= self.n:
+                    self.finish(now)
+                    return
+                self.send_first()
+            else:
+                self.conn.write(self.steps[self.step][0](self.state))
+
+
+def redis_cycle(conn: C.LineConn, n: int) -> C.Workload:
+    def moved(lines: list[bytes], st: dict[str, Any]) -> None:
+        if lines[0].startswith(b"$-1"):
+            raise C.BenchError("LMOVE found nothing")
+        st["item"] = lines[1].rstrip(b"\r")
+
+    return Steps(conn, n, [
+        (lambda st: resp(b"LPUSH", b"cycle", RAW), lambda first: 1,
+         lambda lines, st: starts(b":")(lines[0])),
+        (lambda st: resp(b"LMOVE", b"cycle", b"processing", b"RIGHT", b"LEFT"),
+         lambda first: 1 if first.startswith(b"$-1") else 2, moved),
+        (lambda st: resp(b"LREM", b"processing", b"1", st["item"]), lambda first: 1,
+         lambda lines, st: starts(b":1")(lines[0])),
+    ])
+
+
+def beanstalk_cycle(conn: C.LineConn, n: int) -> C.Workload:
+    def reserved(lines: list[bytes], st: dict[str, Any]) -> None:
+        starts(b"RESERVED")(lines[0])
+        st["id"] = lines[0].split()[1]
+
+    return Steps(conn, n, [
+        (lambda st: b"put 0 0 60 %d\r\n%s\r\n" % (len(RAW), RAW), lambda first: 1,
+         lambda lines, st: starts(b"INSERTED")(lines[0])),
+        (lambda st: b"reserve\r\n", lambda first: 2, reserved),
+        (lambda st: b"delete %s\r\n" % st["id"], lambda first: 1,
+         lambda lines, st: starts(b"DELETED")(lines[0])),
+    ])
+
+
+SHARDQ = Target(
+    "shardq", C.push_line("bench", PAYLOAD), C.check_ok, C.pushb_line("bench", PAYLOAD, 1000),
+    C.check_ids(1000), lambda conn, n: C.Cycle(conn, "cycle", PAYLOAD, n, 120.0))
+REDIS = Target(
+    "Redis", resp(b"LPUSH", b"bench", RAW), starts(b":"),
+    resp(b"LPUSH", b"bench", *([RAW] * 1000)), starts(b":"), redis_cycle)
+BEANSTALK = Target(
+    "beanstalkd", b"put 0 0 60 %d\r\n%s\r\n" % (len(RAW), RAW), starts(b"INSERTED"), None, None,
+    beanstalk_cycle)
+
+
+# -- workloads ------------------------------------------------------------------------------
+
+
+async def seq(port: int, t: Target, n: int) -> C.Measure:
+    conn = await C.connect(port)
+    try:
+        w = C.Sequential(conn, t.push, n, 120.0, t.push_ok)
+        await C.run([w], 120.0)
+        return C.measured([w])
+    finally:
+        conn.close()
+
+
+async def pipelined(port: int, t: Target, n: int) -> C.Measure:
+    conn = await C.connect(port)
+    try:
+        w = C.Windowed(conn, t.push, n, 1000, 120.0, t.push_ok)
+        await C.run([w], 120.0)
+        return C.measured([w])
+    finally:
+        conn.close()
+
+
+async def batch(port: int, t: Target, k: int) -> C.Measure | None:
+    if t.batch is None or t.batch_ok is None:
+        return None
+    conn = await C.connect(port)
+    try:
+        w = C.Windowed(conn, t.batch, k, 2, 120.0, t.batch_ok)
+        await C.run([w], 120.0)
+        return C.measured([w], per_unit=1000)
+    finally:
+        conn.close()
+
+
+async def cycle(port: int, t: Target, n: int) -> C.Measure:
+    conn = await C.connect(port)
+    try:
+        w = t.cycle(conn, n)
+        await C.run([w], 120.0)
+        return C.measured([w])
+    finally:
+        conn.close()
+
+
+async def producers(port: int, t: Target, count: int, total: int) -> C.Measure:
+    conns = [await C.connect(port) for _ in range(count)]
+    try:
+        ws = [C.Sequential(c, t.push, total // count, 120.0, t.push_ok) for c in conns]
+        await C.run(list(ws), 120.0)
+        return C.measured(list(ws))
+    finally:
+        for c in conns:
+            c.close()
+
+
+async def drain_shardq(port: int, n: int) -> float:
+    async with AsyncClient(f"127.0.0.1:{port}") as client:
+        for _ in range(n // 1000):
+            await client.push_batch("drain", [{"data": PAYLOAD}] * 1000)
+        worker = AsyncWorker("drain", None, client, concurrency=50, batch_size=100, poll_ms=100)
+
+        async def handle(job: Any) -> None:
+            return None
+
+        worker.handler(handle)
+        started = time.perf_counter()
+        await asyncio.wait_for(worker.run(max_jobs=n, handle_signals=False), 300)
+        return n / (time.perf_counter() - started)
+
+
+async def suite(port: int, t: Target, q: bool) -> dict[str, Any]:
+    n = 3_000 if q else 10_000
+    out: dict[str, Any] = {
+        "sequential": (await seq(port, t, n)).summary(),
+        "pipelined": (await pipelined(port, t, 20_000 if q else 100_000)).summary(),
+        "cycle": (await cycle(port, t, 1_000 if q else 5_000)).summary(),
+        "concurrent10": (await producers(port, t, 10, n)).summary(),
+        "concurrent50": (await producers(port, t, 50, n)).summary(),
+    }
+    b = await batch(port, t, 20 if q else 100)
+    out["batch"] = b.summary() if b else None
+    return out
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+def shardq_node(work: Path, fsync: str, logs: Path) -> Proc:
+    port = free_port()
+    return Proc([sys.executable, "-m", "shardq.cli", "node", "--port", str(port),
+                 "--http-port", "0", "--data-dir", str(work / f"node-{fsync}-{port}"),
+                 "--fsync", fsync, "--log-level", "WARNING"], port, logs / f"node-{fsync}.log")
+
+
+def redis(work: Path, fsync: str, logs: Path) -> Proc:
+    port = free_port()
+    d = work / f"redis-{fsync}-{port}"
+    d.mkdir()
+    return Proc(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "yes", "--appendfsync", fsync, "--dir", str(d),
+                 "--protected-mode", "no"], port, logs / f"redis-{fsync}.log")
+
+
+def beanstalkd(work: Path, logs: Path) -> Proc:
+    port = free_port()
+    d = work / f"beanstalkd-{port}"
+    d.mkdir()
+    return Proc(["beanstalkd", "-l", "127.0.0.1", "-p", str(port), "-b", str(d), "-f", "1000"],
+                port, logs / "beanstalkd.log")
+
+
+async def memory(proc: Proc, t: Target, jobs: int) -> float:
+    before = proc.rss()
+    await pipelined(proc.port, t, jobs)
+    await asyncio.sleep(0.5)
+    return (proc.rss() - before) / jobs
+
+
+def bullmq(redis_port: int, q: bool) -> dict[str, Any] | None:
+    d = HERE / "bullmq"
+    if shutil.which("node") is None:
+        return None
+    if not (d / "node_modules" / "bullmq").exists():
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+                       cwd=d, check=True, timeout=300)
+    n = 3_000 if q else 10_000
+    args = [str(redis_port), str(n), "20" if q else "100", "20000" if q else "100000", "200"]
+    out = subprocess.run(["node", "bench.mjs", *args], cwd=d, capture_output=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.decode()[-2000:])
+    result: dict[str, Any] = orjson.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    node = shardq_node(work, "everysec", logs)
+    try:
+        res["shardq"] = await suite(node.port, SHARDQ, q)
+        res["shardq"]["drain"] = {"rate": await drain_shardq(node.port, 20_000 if q else 100_000)}
+    finally:
+        node.stop()
+    r = redis(work, "everysec", logs)
+    try:
+        res["Redis"] = await suite(r.port, REDIS, q)
+        res["BullMQ"] = bullmq(r.port, q)
+    finally:
+        r.stop()
+    b = beanstalkd(work, logs)
+    try:
+        res["beanstalkd"] = await suite(b.port, BEANSTALK, q)
+    finally:
+        b.stop()
+    n = 2_000 if q else 10_000
+    for name, start, t in (("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS)):
+        p = start(work, "always", logs)
+        try:
+            res[name]["always50"] = (await producers(p.port, t, 50, n)).summary()
+        finally:
+            p.stop()
+    for name, start, t in (("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS)):
+        p = start(work, "never" if name == "shardq" else "no", logs)
+        try:
+            res[name]["memory_per_job"] = await memory(p, t, 50_000 if q else 200_000)
+        finally:
+            p.stop()
+    return res
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+ROWS = [
+    ("sequential", "Sequential push (1 in flight)"),
+    ("pipelined", "Pipelined push (1,000 in flight)"),
+    ("batch", "Batch push of 1,000"),
+    ("cycle", "Push → pull → ack, one at a time"),
+    ("concurrent10", "10 concurrent producers"),
+    ("concurrent50", "50 concurrent producers"),
+    ("always50", "fsync every write, 50 producers"),
+    ("drain", "Worker draining 100k jobs (concurrency 50)"),
+]
+
+
+def _cell(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "—"
+    lat = m.get("latency_us") or {}
+    extra = f" <sub>p50 {lat['p50']:,.0f} / p99 {lat['p99']:,.0f} µs</sub>" if lat else ""
+    if "p50_us" in m and m["p50_us"] is not None:
+        extra = f" <sub>p50 {m['p50_us']:,.0f} / p99 {m['p99_us']:,.0f} µs</sub>"
+    return f"{m['rate']:,.0f}{extra}"
+
+
+def section(res: dict[str, Any], command: str, meta: str) -> str:
+    peers = ["Redis", "beanstalkd", "BullMQ"]
+    out = [
+        "## shardq vs Redis, beanstalkd and BullMQ",
+        "",
+        f"_Written by `loadtest/bench_peers.py`. Command: `{command}`. {meta}. Loopback; "
+        "durability comparable: shardq `--fsync everysec` (its WAL), Redis AOF "
+        "`appendfsync everysec`, beanstalkd binlog fsynced at most every second, BullMQ on "
+        "that Redis. Rates in jobs/s (cycles/s for push → pull → ack). BullMQ's figures come "
+        "from its own Node.js client (no Python client exists), the others from one Python "
+        "client._",
+        "",
+        "| workload | shardq | Redis | beanstalkd | BullMQ (Node) | shardq ÷ Redis | "
+        "shardq ÷ beanstalkd | shardq ÷ BullMQ |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, title in ROWS:
+        s = (res["shardq"] or {}).get(key)
+        cells = [_cell((res.get(p) or {}).get(key)) for p in peers]
+        ratios = []
+        for p in peers:
+            m = (res.get(p) or {}).get(key)
+            ratios.append(f"{s['rate'] / m['rate']:.2f}×" if s and m and m.get("rate") else "—")
+        out.append(f"| {title} | {_cell(s)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    mem_s, mem_r = res["shardq"]["memory_per_job"], res["Redis"]["memory_per_job"]
+    out += [
+        "",
+        f"**Memory per waiting 200-byte job** (RSS growth of the server): shardq "
+        f"**{mem_s:,.0f} B**, Redis (a list element) **{mem_r:,.0f} B**: "
+        f"**{mem_s / mem_r:.2f}×** (target ≤ 2×: {'met' if mem_s <= 2 * mem_r else 'missed'}).",
+    ]
+    return "\n".join(out)
+
+
+def _versions() -> str:
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, timeout=10).stdout.decode()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        return out.strip().splitlines()[0] if out.strip() else "?"
+
+    redis_v = re.search(r"v=([\d.]+)", first_line(["redis-server", "--version"]))
+    node_v = first_line(["node", "--version"])
+    bull = "?"
+    pkg = HERE / "bullmq" / "node_modules" / "bullmq" / "package.json"
+    if pkg.exists():
+        bull = orjson.loads(pkg.read_bytes())["version"]
+    bean = first_line(["beanstalkd", "-v"])
+    return (f"redis-server {redis_v[1] if redis_v else '?'}, {bean}, BullMQ {bull} on Node "
+            f"{node_v}, Python {sys.version.split()[0]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    for binary in ("redis-server", "beanstalkd"):
+        if shutil.which(binary) is None:
+            print(f"{binary} is not installed: apt-get install -y redis-server beanstalkd",
+                  file=sys.stderr)
+            return 2
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    logs = procs.ROOT / "build" / "bench" / "peers"
+    work = Path(tempfile.mkdtemp(prefix="shardq-peers-", dir=os.environ.get("TMPDIR", "/tmp")))
+    try:
+        res = asyncio.run(measure(args.quick, logs, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (logs / "peers.json").write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
+    meta = (f"{time.strftime('%Y-%m-%d %H:%M UTC')}, {os.cpu_count()} CPUs, "
+            f"{_versions()}")
+    body = section(res, " ".join(["loadtest/bench_peers.py", *(argv or sys.argv[1:])]), meta)
+    print(body)
+    if args.write:
+        report.write_section(Path(args.write), "peers", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
