@@ -173,7 +173,12 @@ class Commands:
             if type(results) is not list or len(results) != len(ids):
                 raise InvalidRequest("field 'results' must be an array as long as 'ids'")
             blobs = [None if r is None else raw(r) for r in results]
-        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs)]}
+        leases = None
+        if req.get("leases") is not None:
+            leases = P.check_ids(req, "leases")
+            if len(leases) != len(ids):
+                raise InvalidRequest("field 'leases' must be an array as long as 'ids'")
+        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs, leases)]}
 
     def fail(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)

@@ -362,14 +362,21 @@ class Engine:
         self._active(job_id, lease, JobNotFound)
         self.log_apply((R.ACK, self.clock(), [job_id], None if result is None else [result]))
 
-    def ack_batch(self, ids: list[int], results: list[bytes | None] | None = None) -> int:
-        """Ack every id that is active; returns how many were."""
+    def ack_batch(
+        self,
+        ids: list[int],
+        results: list[bytes | None] | None = None,
+        leases: list[int] | None = None,
+    ) -> int:
+        """Ack every id that is active (in the attempt ``leases[i]`` names, when given);
+        returns how many were."""
         picked: list[int] = []
         seen: set[int] = set()
         picked_results = []
         for i, jid in enumerate(ids):
             job = self.jobs.get(jid)
-            if job is not None and job.state is ACTIVE and jid not in seen:
+            if job is not None and job.state is ACTIVE and jid not in seen and (
+                    leases is None or job.started_at == leases[i]):
                 seen.add(jid)
                 picked.append(jid)
                 picked_results.append(results[i] if results else None)

@@ -234,9 +234,13 @@ class AsyncClient:
         await self.call(req)
 
     async def ack_batch(self, jobs: Sequence[JobRef], results: Sequence[Any] | None = None) -> int:
+        """Ack many jobs in one request; returns how many were acked. Jobs received from
+        the server carry their lease tokens: a stale attempt is not acked (not counted)."""
         req: dict[str, Any] = {"cmd": "ACKB", "ids": [_id(j) for j in jobs]}
         if results is not None:
             req["results"] = list(results)
+        if jobs and all(isinstance(j, Job) and j.started_at for j in jobs):
+            req["leases"] = [j.started_at for j in jobs]  # type: ignore[union-attr]
         answer = await self.call(req)
         return int(answer["ids"][0])
 

@@ -97,6 +97,8 @@ class AsyncWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._stop_requested = False
+        self._acks: list[tuple[Job, Any, asyncio.Future[None]]] = []
+        self._ack_tasks: set[asyncio.Task[None]] = set()
 
     def handler(self, fn: F) -> F:
         """Decorator style: ``@worker.handler`` sets the function jobs are run with."""
@@ -182,10 +184,39 @@ class AsyncWorker:
             await self._settle(self.client.fail(job, f"{type(exc).__name__}: {exc}"), job)
         else:
             self.processed += 1
-            await self._settle(self.client.ack(job, result), job)
+            await self._settle(self._ack(job, result), job)
         finally:
             if toucher is not None:
                 toucher.cancel()
+
+    async def _ack(self, job: Job, result: Any) -> None:
+        """Acks of one event-loop turn go out together, as one ACKB."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append((job, result, fut))
+        if len(self._acks) == 1:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        await fut
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        task = asyncio.get_running_loop().create_task(self._ack_batch(acks))
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
+
+    async def _ack_batch(self, acks: list[tuple[Job, Any, asyncio.Future[None]]]) -> None:
+        try:
+            done = await self.client.ack_batch([j for j, _, _ in acks], [r for _, r, _ in acks])
+            if done != len(acks):
+                log.warning("%d of %d acks found their attempt gone (lease expired)",
+                            len(acks) - done, len(acks))
+        except BaseException as exc:
+            for _, _, fut in acks:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for _, _, fut in acks:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _settle(self, call: Awaitable[None], job: Job) -> None:
         try:

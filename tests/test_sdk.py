@@ -1,0 +1,191 @@
+"""The SDK against a real node: async and blocking twins, workers, the ack context manager."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shardq import (
+    AsyncClient,
+    AsyncQueue,
+    AsyncWorker,
+    Client,
+    DuplicateJob,
+    InvalidRequest,
+    JobNotFound,
+    LeaseExpired,
+    Queue,
+    ShardqConnectionError,
+    Worker,
+)
+from shardq.node.runtime import Node
+
+from .helpers import free_port, start_node_process
+
+
+def address(node: Node) -> str:
+    return f"127.0.0.1:{node.tcp_port}"
+
+
+async def test_async_queue_push_pull_ack_with_every_option(node: Node) -> None:
+    async with AsyncQueue("sdk", address(node)) as q:
+        parent = await q.push({"p": 1})
+        job_id = await q.push({"n": 1}, priority=5, delay=0, ttl=60_000, timeout=30_000,
+                              max_attempts=3, backoff=100, unique_key="k1")
+        with pytest.raises(DuplicateJob, match="k1"):
+            await q.push({"n": 2}, unique_key="k1")
+        child = await q.push({"c": 1}, depends_on=[parent])
+        job = await q.pull(timeout=1000)
+        assert job is not None and job.id == job_id and job.priority == 5
+        assert job.max_attempts == 3 and job.unique_key == "k1" and job.lease == job.started_at
+        await q.progress(job, 40, "working")
+        assert await q.get_progress(job) == (40, "working")
+        await q.ack(job, {"done": True})
+        assert await q.get_result(job_id) == {"done": True}
+        with pytest.raises(JobNotFound):
+            await q.ack(job_id)
+        assert (await q.get_job(child) or {})["state"] == "waiting-children"
+
+
+async def test_pipelined_requests_on_one_connection_answer_in_order(node: Node) -> None:
+    async with AsyncClient(address(node)) as c:
+        ids = await asyncio.gather(*(c.push("pipe", {"i": i}) for i in range(500)))
+        assert ids == sorted(ids) and len(set(ids)) == 500
+        jobs = await c.pull_batch("pipe", 500, timeout=0)
+        assert [j.data["i"] for j in jobs] == list(range(500))
+        assert await c.ack_batch(jobs, [j.data["i"] for j in jobs]) == 500
+
+
+async def test_errors_map_to_their_classes(node: Node) -> None:
+    async with AsyncClient(address(node)) as c:
+        with pytest.raises(InvalidRequest, match="must be between"):
+            await c.push("q", 1, priority=2**40)
+        job_id = await c.push("q", 1)
+        job = await c.pull("q", timeout=0)
+        assert job is not None
+        with pytest.raises(LeaseExpired):
+            await c.ack(job_id, lease=job.started_at + 1)
+
+
+async def test_a_closed_server_fails_calls_with_a_connection_error() -> None:
+    port = free_port()
+    with pytest.raises(ShardqConnectionError, match="cannot connect"):
+        async with AsyncClient(f"127.0.0.1:{port}") as c:
+            await c.stats()
+
+
+async def test_process_acks_on_a_clean_exit_and_fails_on_an_exception(node: Node) -> None:
+    async with AsyncQueue("cm", address(node)) as q:
+        await q.push({"n": 1}, max_attempts=1)
+        await q.push({"n": 2}, max_attempts=1)
+        job = await q.pull(timeout=0)
+        assert job is not None
+        async with q.process(job) as outcome:
+            outcome.result = {"ok": job.data["n"]}
+        assert await q.get_result(job) == {"ok": 1}
+        job2 = await q.pull(timeout=0)
+        assert job2 is not None
+        with pytest.raises(ValueError, match="bad input"):
+            async with q.process(job2):
+                raise ValueError("bad input")
+        dead = await q.dlq()
+        assert [d.id for d in dead] == [job2.id]
+        assert dead[0].error == "ValueError: bad input"
+
+
+async def test_async_worker_with_concurrency_and_context(node: Node) -> None:
+    async with AsyncQueue("aw", address(node)) as q:
+        ids = await q.push_batch([{"data": {"n": i}} for i in range(40)])
+        worker = AsyncWorker("aw", address=address(node), concurrency=8)
+        running = 0
+        peak = 0
+
+        @worker.handler
+        async def handle(job: Any, ctx: Any) -> int:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await ctx.update_progress(50, "half")
+            await asyncio.sleep(0.01)
+            running -= 1
+            return int(job.data["n"]) * 2
+
+        await asyncio.wait_for(worker.run(max_jobs=40, handle_signals=False), 30)
+        assert worker.processed == 40 and worker.failed == 0
+        assert 1 < peak <= 8
+        assert [await q.get_result(i) for i in ids] == [n * 2 for n in range(40)]
+
+
+def test_blocking_twins_share_the_async_core(node_process: str) -> None:
+    with Queue("sync", node_process) as q:
+        ids = [q.push({"n": i}, max_attempts=2) for i in range(10)]
+        worker = Worker("sync", address=node_process, concurrency=3)
+
+        @worker.handler
+        def handle(job: Any) -> Any:
+            if job.data["n"] == 9:
+                raise RuntimeError("nine")
+            return job.data["n"] + 100
+
+        worker.run(max_jobs=11)  # 9 fails once and is retried
+        assert worker.processed == 9 and worker.failed == 2
+        assert [q.get_result(i) for i in ids[:9]] == [n + 100 for n in range(9)]
+        assert [j.id for j in q.dlq()] == [ids[9]]
+    with Client(node_process) as c:
+        assert c.stats()["dlq"] == 1
+        assert [q["name"] for q in c.list_queues()] == ["sync"]
+
+
+@pytest.fixture
+def node_process(tmp_path: Path) -> Any:
+    port = free_port()
+    proc = start_node_process(port)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait()
+
+
+WORKER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from shardq import Worker
+    worker = Worker("graceful", address=sys.argv[1], concurrency=1, poll_ms=100)
+
+    @worker.handler
+    def handle(job):
+        print("started", job.data["n"], flush=True)
+        time.sleep(1.0)
+        print("finished", job.data["n"], flush=True)
+        return job.data["n"]
+
+    worker.run()
+    print("exited", flush=True)
+""")
+
+
+def test_worker_stops_gracefully_on_sigterm(node_process: str, tmp_path: Path) -> None:
+    with Queue("graceful", node_process) as q:
+        ids = [q.push({"n": i}) for i in range(3)]
+        script = tmp_path / "worker.py"
+        script.write_text(WORKER_SCRIPT)
+        proc = subprocess.Popen([sys.executable, str(script), node_process],
+                                stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started 0"
+        proc.send_signal(signal.SIGTERM)  # mid-job: it must finish this one, then exit
+        out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0
+        assert out.split("\n")[:2] == ["finished 0", "exited"]
+        assert q.get_result(ids[0]) == 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and q.stats()["pending"] != 2:
+            time.sleep(0.05)
+        assert q.stats()["pending"] == 2  # the others were never started
