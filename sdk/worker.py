@@ -17,6 +17,7 @@ import inspect
 import logging
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -98,6 +99,9 @@ class AsyncWorker:
         self._pool: ThreadPoolExecutor | None = None
         self._stop_requested = False
         self._acks: list[tuple[Job, Any, asyncio.Future[None]]] = []
+        self._busy = 0
+        self._running: dict[int, tuple[Job, float]] = {}  # jobs without timeout, since when
+        self._slot_free = asyncio.Event()
         self._ack_tasks: set[asyncio.Task[None]] = set()
 
     def handler(self, fn: F) -> F:
@@ -124,47 +128,63 @@ class AsyncWorker:
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self.stop)
-        running: set[asyncio.Task[None]] = set()
+        jobs: asyncio.Queue[Job | None] = asyncio.Queue()
+        consumers = [asyncio.create_task(self._consume(jobs)) for _ in range(self.concurrency)]
+        toucher = asyncio.create_task(self._keep_alive()) if self.touch_every > 0 else None
         try:
-            await self._pull_loop(running, max_jobs)
+            await self._pull_loop(jobs, max_jobs)
         finally:
+            if toucher is not None:
+                toucher.cancel()
             if signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     self._loop.remove_signal_handler(sig)
-            await self._drain(running)
+            for _ in consumers:  # after the jobs already leased: they are ours to finish
+                jobs.put_nowait(None)
+            await self._drain(consumers)
 
-    async def _pull_loop(self, running: set[asyncio.Task[None]], max_jobs: int | None) -> None:
+    async def _pull_loop(self, jobs: asyncio.Queue[Job | None], max_jobs: int | None) -> None:
+        """Keep the consumers fed: lease a batch whenever fewer than ``concurrency`` jobs
+        are running or waiting to run here."""
         assert self._stopping is not None
         started = 0
         while not self._stopping.is_set():
             if max_jobs is not None and started >= max_jobs:
                 break
-            free = self.concurrency - len(running)
+            free = self.concurrency - self._busy - jobs.qsize()
             if free <= 0:
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                self._slot_free.clear()
+                await self._slot_free.wait()
                 continue
             want = min(free, self.batch_size)
             if max_jobs is not None:
                 want = min(want, max_jobs - started)
             try:
-                jobs = await self.client.pull_batch(self.queue, want, timeout=self.poll_ms)
+                pulled = await self.client.pull_batch(self.queue, want, timeout=self.poll_ms)
             except ShardqConnectionError as exc:
                 log.warning("pull failed, retrying in 1 s: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
-            for job in jobs:
+            for job in pulled:
                 started += 1
-                task = asyncio.create_task(self._run_one(job))
-                running.add(task)
-                task.add_done_callback(running.discard)
+                jobs.put_nowait(job)
 
-    async def _drain(self, running: set[asyncio.Task[None]]) -> None:
-        if running:
-            _, late = await asyncio.wait(running, timeout=self.grace)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+    async def _consume(self, jobs: asyncio.Queue[Job | None]) -> None:
+        """One of ``concurrency`` long-lived consumers (no task per job)."""
+        while (job := await jobs.get()) is not None:
+            self._busy += 1
+            try:
+                await self._run_one(job)
+            finally:
+                self._busy -= 1
+                self._slot_free.set()
+
+    async def _drain(self, consumers: list[asyncio.Task[None]]) -> None:
+        _, late = await asyncio.wait(consumers, timeout=self.grace)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -172,9 +192,8 @@ class AsyncWorker:
             await self.client.close()
 
     async def _run_one(self, job: Job) -> None:
-        toucher = None
-        if not job.timeout and self.touch_every > 0:
-            toucher = asyncio.create_task(self._keep_alive(job))
+        if not job.timeout:
+            self._running[job.id] = (job, time.monotonic())
         try:
             result = await self._call(job)
         except asyncio.CancelledError:
@@ -186,8 +205,7 @@ class AsyncWorker:
             self.processed += 1
             await self._settle(self._ack(job, result), job)
         finally:
-            if toucher is not None:
-                toucher.cancel()
+            self._running.pop(job.id, None)
 
     async def _ack(self, job: Job, result: Any) -> None:
         """Acks of one event-loop turn go out together, as one ACKB."""
@@ -239,14 +257,20 @@ class AsyncWorker:
             return await loop.run_in_executor(self._pool, handler, job, blocking)
         return await loop.run_in_executor(self._pool, handler, job)
 
-    async def _keep_alive(self, job: Job) -> None:
+    async def _keep_alive(self) -> None:
+        """Every ``touch_every`` s, extend the leases of jobs without a ``timeout`` that have
+        run that long (one task for all of them, not one per job)."""
         while True:
             await asyncio.sleep(self.touch_every)
-            try:
-                await self.client.touch(job)
-            except ShardqError as exc:
-                log.warning("lease of job %s not extended: %s", job.id, exc)
-                return
+            due = time.monotonic() - self.touch_every
+            for job, since in list(self._running.values()):
+                if since > due:
+                    continue
+                try:
+                    await self.client.touch(job)
+                except ShardqError as exc:
+                    log.warning("lease of job %s not extended: %s", job.id, exc)
+                    self._running.pop(job.id, None)
 
 
 def _arity(fn: Callable[..., Any]) -> int:

@@ -189,3 +189,27 @@ def test_worker_stops_gracefully_on_sigterm(node_process: str, tmp_path: Path) -
         while time.monotonic() < deadline and q.stats()["pending"] != 2:
             time.sleep(0.05)
         assert q.stats()["pending"] == 2  # the others were never started
+
+
+async def test_a_long_job_without_timeout_keeps_its_lease(make_node: Any) -> None:
+    from shardq.node.engine import EngineConfig
+    from shardq.node.settings import NodeSettings
+
+    node = await make_node(NodeSettings(port=0, http_port=0,
+                                        engine=EngineConfig(default_lease_ms=400)))
+    async with AsyncQueue("long", address(node)) as q:
+        job_id = await q.push({"n": 1})
+        worker = AsyncWorker("long", address=address(node), touch_every=0.1)
+        runs = 0
+
+        @worker.handler
+        async def handle(job: Any) -> str:
+            nonlocal runs
+            runs += 1
+            await asyncio.sleep(1.2)  # three times the lease
+            return "done"
+
+        await asyncio.wait_for(worker.run(max_jobs=1, handle_signals=False), 10)
+        assert runs == 1
+        assert await q.get_result(job_id) == "done"
+        assert (await q.get_job(job_id) or {})["state"] == "completed"
