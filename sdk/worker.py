@@ -134,14 +134,12 @@ class AsyncWorker:
         try:
             await self._pull_loop(jobs, max_jobs)
         finally:
-            if toucher is not None:
-                toucher.cancel()
             if signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     self._loop.remove_signal_handler(sig)
             for _ in consumers:  # after the jobs already leased: they are ours to finish
                 jobs.put_nowait(None)
-            await self._drain(consumers)
+            await self._drain(consumers, toucher)
 
     async def _pull_loop(self, jobs: asyncio.Queue[Job | None], max_jobs: int | None) -> None:
         """Keep the consumers fed: lease a batch whenever fewer than ``concurrency`` jobs
@@ -179,12 +177,17 @@ class AsyncWorker:
                 self._busy -= 1
                 self._slot_free.set()
 
-    async def _drain(self, consumers: list[asyncio.Task[None]]) -> None:
+    async def _drain(
+        self, consumers: list[asyncio.Task[None]], toucher: asyncio.Task[None] | None
+    ) -> None:
+        """Let running jobs finish (within ``grace``), keeping their leases alive meanwhile."""
         _, late = await asyncio.wait(consumers, timeout=self.grace)
         for task in late:
             task.cancel()
         if late:
             await asyncio.wait(late)
+        if toucher is not None:
+            toucher.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -211,5 +211,6 @@ async def test_a_long_job_without_timeout_keeps_its_lease(make_node: Any) -> Non
 
         await asyncio.wait_for(worker.run(max_jobs=1, handle_signals=False), 10)
         assert runs == 1
+        assert (await q.get_job(job_id) or {}).get("state") == "completed", await q.get_job(job_id)
         assert await q.get_result(job_id) == "done"
         assert (await q.get_job(job_id) or {})["state"] == "completed"
