@@ -266,7 +266,12 @@ class Node:
             if size <= budget.blob_threshold and in_memory + size <= budget.memory_budget:
                 in_memory += size
                 continue
-            if storage is None or on_disk + size > budget.disk_budget:
+            if storage is None:
+                if in_memory + size <= budget.memory_budget:  # no disk: big ones stay here
+                    in_memory += size
+                    continue
+                raise QueueFull()
+            if on_disk + size > budget.disk_budget:
                 raise QueueFull()
             on_disk += size
             spill.append((i, data))

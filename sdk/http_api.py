@@ -139,7 +139,7 @@ def path_id(request: web.Request) -> int:
     # ASCII only ("²".isdigit() is true but int() refuses it) and at most 20 digits (2**64 has
     # 20; int() refuses more than 4300): anything else was a 500 before.
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
-        raise Refused(f"Invalid: job id must be a non-negative integer, got {raw!r}")
+        raise Refused(f"Invalid: job id must be a non-negative integer, got {raw[:64]!r}")
     return int(raw)
 
 
@@ -454,7 +454,8 @@ def make_app(backend: Backend, settings: HttpSettings) -> web.Application:
 
 async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve ``app``; returns the runner (for cleanup) and the bound port."""
-    runner = web.AppRunner(app, access_log=None)
+    # a handler whose client left is cancelled (SSE streams and waiting pulls end at once)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -661,7 +661,11 @@ def test_fuzzed_lines_get_the_same_refusals_from_the_gateway_as_from_a_node() ->
         def one_line(line: bytes) -> None:
             expected, _ = direct.answers(line)
             got, _ = routed.answers(line)
-            if refused(expected):
+            if refused(expected) and expected["error"].startswith("Invalid: depends_on: job "):
+                # a parent in another slot: a standalone node knows it is unknown; in a
+                # cluster the owner of the parent's slot decides later (the WATCH answer)
+                assert got == expected or got["ok"] is True, (line, got)
+            elif refused(expected):
                 assert got == expected, line
             elif refused(got):  # parents on other nodes are not known to the owner yet
                 assert got["error"].startswith("Invalid: depends_on: job "), (line, got)
