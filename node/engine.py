@@ -211,7 +211,8 @@ class Engine:
             seq += 1
             blob = data.size if type(data) is BlobRef else 0
             rows.append((
-                seq * SLOTS + slot, None if blob else data, spec.priority, now + spec.delay,
+                seq * SLOTS + slot, None if blob else data, spec.priority,
+                now + spec.delay if spec.delay else now,  # the same int: 32 bytes less a job
                 spec.max_attempts, spec.backoff, spec.ttl, spec.timeout, spec.unique_key,
                 spec.depends_on, blob,
             ))

@@ -43,8 +43,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardq.node")
 
 
+_last_ms = [0]
+
+
 def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
+    """Milliseconds since the epoch; within one millisecond, the same int object (jobs
+    created in it share their ``created_at``: 32 bytes less a job)."""
+    now = time.time_ns() // 1_000_000
+    if now == _last_ms[0]:
+        return _last_ms[0]
+    _last_ms[0] = now
+    return now
 
 
 class MemoryLog:
