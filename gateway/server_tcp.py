@@ -32,6 +32,7 @@ import orjson
 from orjson import JSONDecodeError, loads
 
 from shardq.errors import AuthenticationRequired, InvalidRequest, ShardqError
+from shardq.framing import LineSplitter
 from shardq.protocol import parse_line, req_id_of
 
 from .calls import BLOCKING, FanOut, Forward, Merge, Pending, Split, error_line
@@ -70,8 +71,7 @@ class ClientSession(asyncio.Protocol):
         self.fifo: deque[Pending] = deque()
         self.out: list[bytes] = []  # event lines, written with the next answers
         self.backlog: deque[bytes] = deque()
-        self.parts: list[bytes] = []
-        self.part_len = 0
+        self.splitter = LineSplitter(self.max_line)
         self.blocking = 0  # pulls in flight that may wait
         self.retrying = 0  # requests waiting to be retried
         #: Jobs pulled over shared connections and not yet settled: id -> lease token
@@ -117,31 +117,9 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.refusing:
             return
-        if data.rfind(b"\n") < 0:
-            self.parts.append(data)
-            self.part_len += len(data)
-            if self.part_len > self.max_line:
-                self._take([], self.part_len)
-            return
-        if self.parts:
-            self.parts.append(data)
-            data = b"".join(self.parts)
-            self.parts = []
-        lines = data.split(b"\n")
-        tail = lines.pop()
-        if tail:
-            self.parts.append(tail)
-        self.part_len = len(tail)
-        too_long = 0
-        if len(data) > self.max_line:
-            for i, line in enumerate(lines):
-                if len(line) > self.max_line:
-                    too_long = len(line)
-                    del lines[i:]
-                    break
-            if not too_long and self.part_len > self.max_line:
-                too_long = self.part_len
-        self._take(lines, too_long)
+        lines, too_long = self.splitter.feed(data)
+        if lines or too_long:
+            self._take(lines, too_long)
 
     # -- running lines --------------------------------------------------------------------------
 
@@ -150,7 +128,7 @@ class ClientSession(asyncio.Protocol):
         if too_long:
             assert self.transport is not None
             self.refusing = True
-            self.parts = []
+            self.splitter.drop()
             self.transport.pause_reading()
             text = InvalidRequest(f"line longer than {self.max_line} bytes ({too_long}+ received)")
             lines.append(_TooLong(error_line(text.text, None)))

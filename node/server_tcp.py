@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 import orjson
 
 from shardq.errors import InvalidRequest
+from shardq.framing import LineSplitter
 from shardq.protocol import error_answer
 
 if TYPE_CHECKING:
@@ -48,8 +49,7 @@ class Session(asyncio.Protocol):
     def __init__(self, node: Node) -> None:
         self.node = node
         self.transport: asyncio.Transport | None = None
-        self.parts: list[bytes] = []
-        self.part_len = 0
+        self.splitter = LineSplitter(node.settings.max_line)
         self.backlog: deque[bytes] = deque()
         self.waiter: Waiter | None = None
         self.pending_rid: str | int | None = None
@@ -88,38 +88,16 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.refusing:
             return
-        end = data.rfind(b"\n")
-        if end < 0:
-            self.parts.append(data)
-            self.part_len += len(data)
-            if self.part_len > self.max_line:
-                self._take([], self.part_len)
-            return
-        head = data[:end]
-        tail = data[end + 1 :]
-        if self.parts:
-            head = b"".join(self.parts) + head
-            self.parts = []
-        if tail:
-            self.parts.append(tail)
-        self.part_len = len(tail)
-        lines: list[bytes] = head.split(b"\n")
-        too_long = 0
-        for i, line in enumerate(lines):
-            if len(line) > self.max_line:
-                too_long = len(line)
-                del lines[i:]
-                break
-        if not too_long and self.part_len > self.max_line:
-            too_long = self.part_len
-        self._take(lines, too_long)
+        lines, too_long = self.splitter.feed(data)
+        if lines or too_long:
+            self._take(lines, too_long)
 
     def _take(self, lines: list[bytes], too_long: int) -> None:
         """Run (or queue behind a blocked PULL) complete lines; then refuse a too-long one."""
         if too_long:
             assert self.transport is not None
             self.refusing = True
-            self.parts = []
+            self.splitter.drop()
             self.transport.pause_reading()
             text = InvalidRequest(f"line longer than {self.max_line} bytes ({too_long}+ received)")
             lines.append(_TooLong(error_answer(text.text)))
