@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from typing import Any
+
+from shardq.running import install_uvloop, until_signalled
 
 from .router import Router
 from .server_tcp import ClientSession, start_tcp
@@ -78,15 +79,6 @@ class Gateway:
         await asyncio.sleep(0)  # let the closed connections' callbacks run
 
 
-def install_uvloop() -> bool:
-    """Use uvloop's event loop policy when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
 
 async def serve(
     settings: GatewaySettings, on_ready: Callable[[Gateway], None] | None = None
@@ -98,12 +90,8 @@ async def serve(
              gateway.port, gateway.router.epoch, len(gateway.router.members))
     if on_ready is not None:
         on_ready(gateway)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         log.info("gateway stopping")
         await gateway.stop()

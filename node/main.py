@@ -5,23 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import signal
 from collections.abc import Callable
+
+from shardq.running import install_uvloop, until_signalled
 
 from .runtime import Node
 from .settings import NodeSettings
 
 log = logging.getLogger("shardq.node")
 
-
-def install_uvloop() -> bool:
-    """Use uvloop's event loop policy when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 async def serve(settings: NodeSettings, on_ready: Callable[[Node], None] | None = None) -> None:
@@ -32,12 +24,8 @@ async def serve(settings: NodeSettings, on_ready: Callable[[Node], None] | None 
     log.info("node %s listening on %s:%d", settings.name, settings.host, node.tcp_port)
     if on_ready is not None:
         on_ready(node)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         log.info("node %s stopping", settings.name)
         await node.stop()

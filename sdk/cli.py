@@ -224,8 +224,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
-    from shardq.node.main import install_uvloop
     from shardq.operator.local import LocalCluster
+    from shardq.running import install_uvloop
 
     _setup_logging(args.log_level)
     install_uvloop()
