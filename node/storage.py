@@ -165,6 +165,9 @@ class Storage:
         for name in os.listdir(self.dir):
             if name.endswith(".tmp"):  # a snapshot that was never finished
                 os.unlink(os.path.join(self.dir, name))
+        for name in os.listdir(self.wal_dir):
+            if name.endswith((".spare", ".part")):  # a segment prepared ahead, unused
+                os.unlink(os.path.join(self.wal_dir, name))
         first_segment = self._load_newest_snapshot(engine, report)
         segments = [n for n in list_segments(self.wal_dir) if n >= first_segment]
         if stop_at is not None:

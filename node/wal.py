@@ -48,11 +48,40 @@ class Files:
     def open_append(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
+    def open_write(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+
     def write(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def prepare(self, path: str, size: int) -> None:
+        """A file of ``size`` zero bytes, on disk (overwriting it later needs no metadata
+        change, so an fsync of the log is a data-only flush: about half the time here)."""
+        tmp = path + ".part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            zeros = bytes(min(size, 1 << 20))
+            left = size
+            while left > 0:
+                n = os.write(fd, zeros[: min(left, len(zeros))])
+                left -= n
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(tmp)  # a full disk: no spare, and no half file taking space
+            raise
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
 
     def fsync(self, fd: int) -> None:
         os.fdatasync(fd)
@@ -101,6 +130,13 @@ def frames(recs: list[R.Record]) -> bytes:
     return b"".join(parts)
 
 
+def _quietly(fut: asyncio.Future[None]) -> None:
+    """A spare segment that could not be prepared (full disk, a restart): no spare, then."""
+    exc = fut.exception()
+    if exc is not None:
+        log.debug("no spare WAL segment: %s", exc)
+
+
 class Torn(Exception):
     """Where reading stopped: the offset of the first bad record and why."""
 
@@ -119,6 +155,8 @@ def read_frames(data: bytes, limit: int | None = None) -> Iterator[tuple[int, by
         if end - pos < HEADER.size:
             raise Torn(pos, "torn record header")
         length, crc = unpack(data, pos)
+        if length == 0 and crc == 0:  # the zeros of a preallocated segment: the end
+            return
         start = pos + HEADER.size
         if length > MAX_RECORD or start + length > end:
             raise Torn(pos, "torn record")
@@ -183,9 +221,12 @@ class Wal:
         segment_bytes: int = 64 * 1024 * 1024,
         files: Files | None = None,
         group_commit: bool = True,
+        preallocate: bool = True,
     ) -> None:
         self.dir = directory
         self.group_commit = group_commit
+        self.preallocate = preallocate
+        self._spare: tuple[int, str, asyncio.Future[None]] | None = None
         self.policy = fsync
         self.segment_bytes = segment_bytes
         self.files = files or Files()
@@ -219,15 +260,43 @@ class Wal:
     # -- segments -------------------------------------------------------------------------------
 
     def open_segment(self, number: int) -> None:
-        """Start appending to segment ``number`` (created if missing)."""
+        """Start writing segment ``number`` (a new one), preallocated when a spare is ready."""
         self._retire()
         path = os.path.join(self.dir, segment_name(number))
-        self.fd = self.files.open_append(path)
+        spare = self._take_spare(number)
+        if spare is not None:
+            os.replace(spare, path)
+        self.fd = self.files.open_write(path)
         self.segment = number
-        self.segment_size = self.files.size(self.fd)
+        self.segment_size = 0
         if self.durable == self.written:
-            self.durable_pos = (number, self.segment_size)
+            self.durable_pos = (number, 0)
         self.files.fsync_dir(self.dir)
+        self._prepare_spare(number + 1)
+
+    def _prepare_spare(self, number: int) -> None:
+        """Zero-fill the next segment in a worker thread, ahead of need."""
+        if not self.preallocate:
+            return
+        path = os.path.join(self.dir, segment_name(number) + ".spare")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not serving (tests, tools): segments are just appended to
+        fut = loop.run_in_executor(None, self.files.prepare, path, self.segment_bytes)
+        fut.add_done_callback(_quietly)
+        self._spare = (number, path, fut)
+
+    def _take_spare(self, number: int) -> str | None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        n, path, fut = spare
+        if n == number and fut.done() and fut.exception() is None:
+            return path
+        if fut.done() and os.path.exists(path):
+            os.unlink(path)
+        return None
 
     def rotate(self) -> int:
         """Start the next segment; returns its number. Call with nothing buffered."""
@@ -303,7 +372,7 @@ class Wal:
         self._buffer = []
         target = self.seq
         try:
-            self.files.write(self.fd, data)
+            self.files.pwrite(self.fd, data, self.segment_size)
         except OSError as exc:
             self._fail(f"write to WAL failed: {exc.strerror or exc}")
             return
@@ -403,7 +472,7 @@ class Wal:
         data = b"".join(self._buffer)
         self._buffer = []
         try:
-            self.files.write(self.fd, data)
+            self.files.pwrite(self.fd, data, self.segment_size)
             self.files.fsync(self.fd)
         except OSError as exc:
             self._fail(f"WAL write failed: {exc.strerror or exc}")

@@ -36,6 +36,11 @@ class FaultyFiles(Files):
             raise OSError(self.write_error, os.strerror(self.write_error))
         super().write(fd, data)
 
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        if self.write_error is not None:
+            raise OSError(self.write_error, os.strerror(self.write_error))
+        super().pwrite(fd, data, offset)
+
     def fsync(self, fd: int) -> None:
         if self.fsync_error is not None:
             raise OSError(self.fsync_error, os.strerror(self.fsync_error))
