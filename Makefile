@@ -5,6 +5,7 @@ PORT  ?= 6789
 
 .PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test
 .PHONY: dashboards rules-test dashboard-png
+.PHONY: chart-render chart-schema image
 
 venv-server:
 	@scripts/bootstrap.sh server
@@ -59,6 +60,19 @@ rules-test:
 ## dashboard-png: docs/dashboard-overview.png, drawn from a real Prometheus under load (~100 s)
 dashboard-png: venv-test
 	$(VENV)/python charts/shardq/dashboards/render.py
+
+## chart-render: the chart as Helm renders it, CRDs included: build/chart/default.yaml (default
+## values) and build/chart/full.yaml (charts/shardq/ci/full-values.yaml, every option on)
+chart-render: venv-test
+	$(VENV)/python scripts/k8s/render_chart.py --out build/chart
+
+## chart-schema: regenerate charts/shardq/values.schema.json and the README's parameter tables
+chart-schema: venv-test
+	$(VENV)/python charts/shardq/schema.py
+
+## image: the container image localhost/shardq:dev (podman, offline; scripts/k8s/build_image.sh)
+image:
+	scripts/k8s/build_image.sh localhost/shardq:dev
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache
