@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv/bin
 PORT  ?= 6789
 
-.PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test
+.PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test packages-test packages-bench
 .PHONY: dashboards rules-test dashboard-png
 .PHONY: chart-render chart-schema image
 
@@ -13,12 +13,19 @@ venv-server:
 venv-test:
 	@scripts/bootstrap.sh server,test
 
+# Debian packages the tests/benchmarks use as real servers (installed when root)
+packages-test:
+	@scripts/ci_packages.sh test
+
+packages-bench:
+	@scripts/ci_packages.sh bench
+
 ## run: set up and start a local shardq cluster on loopback (Ctrl-C stops it)
 run: venv-server
 	$(VENV)/shardq up --port $(PORT)
 
 ## test: set up and run everything CI runs
-test: venv-test lint typecheck unit
+test: venv-test packages-test lint typecheck unit
 
 lint:
 	$(VENV)/ruff check sdk node gateway operator tests $(wildcard loadtest) charts
@@ -33,7 +40,7 @@ unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 ## bench: every benchmark, side by side, written to BENCHMARKS.md
-bench: venv-test
+bench: venv-test packages-bench
 	$(VENV)/python loadtest/bench.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_durability.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_gateway.py --write BENCHMARKS.md

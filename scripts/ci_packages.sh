@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# Debian packages that the test suite needs as real servers or tools.
-# Installed only when missing; needs root (CI runs as root).
+# Debian packages that shardq's tests and benchmarks use as real servers and
+# tools. This file is the one list; `make test` and `make bench` call it.
+#
+#   scripts/ci_packages.sh test    # what the test suite needs
+#   scripts/ci_packages.sh bench   # what the peer benchmarks need
+#
+# Installed only when missing, and only as root; otherwise it names what is
+# missing and the tests that need it skip (outside CI) or fail (CI=true).
 set -euo pipefail
+case "${1:-test}" in
+    test)
+        # chromium: the dashboard test; prometheus (+ promtool): the
+        # observability tier and the alert-rule tests; podman & co: the image
+        # tier and the kind-less Kubernetes end-to-end tier.
+        packages=(chromium prometheus podman buildah runc debootstrap uidmap
+                  slirp4netns fuse-overlayfs) ;;
+    bench)
+        # the peers of loadtest/bench_peers.py (BullMQ runs on nodejs/npm).
+        packages=(redis-server beanstalkd nodejs npm) ;;
+    *)  echo "usage: $0 test|bench" >&2; exit 2 ;;
+esac
 need=()
-for pkg in "$@"; do
+for pkg in "${packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
-if [ ${#need[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "missing Debian packages: ${need[*]} (run as root to install)" >&2
-        exit 0
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "missing Debian packages: ${need[*]} (run as root to install them)" >&2
+    exit 0
 fi
+echo "installing Debian packages: ${need[*]}" >&2
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
