@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_client as C
+import bench_gateway as gw
 import bench_procs as procs
 import bench_report as report
 import orjson
@@ -296,6 +297,34 @@ def shardq_node(work: Path, fsync: str, logs: Path) -> Proc:
                  "--fsync", fsync, "--log-level", "WARNING"], port, logs / f"node-{fsync}.log")
 
 
+class Cluster:
+    """Three ``--fsync everysec`` nodes with a published topology and a gateway in front."""
+
+    def __init__(self, work: Path, logs: Path) -> None:
+        self.nodes: list[procs.Server] = []
+        self.gateway: procs.Server | None = None
+        for i in range(3):
+            n = procs.node(logs, f"cluster-node{i}")
+            n.argv += ["--name", f"node-{i}", "--data-dir", str(work / f"cluster-{i}"),
+                       "--fsync", "everysec"]
+            self.nodes.append(n)
+
+    async def start(self) -> int:
+        for n in self.nodes:
+            n.start()
+        await gw.publish(self.nodes)
+        self.gateway = gw.gateway(
+            Path(self.nodes[0].log_path).parent, [f"127.0.0.1:{n.port}" for n in self.nodes]
+        ).start()
+        return self.gateway.port
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        for n in self.nodes:
+            n.stop()
+
+
 def redis(work: Path, fsync: str, logs: Path) -> Proc:
     port = free_port()
     d = work / f"redis-{fsync}-{port}"
@@ -344,6 +373,21 @@ async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
         res["shardq"]["drain"] = {"rate": await drain_shardq(node.port, 20_000 if q else 100_000)}
     finally:
         node.stop()
+    cluster = Cluster(work, logs)
+    try:
+        port = await cluster.start()
+        res["gateway"] = await suite(port, SHARDQ, q)
+        res["gateway"]["drain"] = {"rate": await drain_shardq(port, 20_000 if q else 100_000)}
+    finally:
+        cluster.stop()
+    with procs.floor(logs) as fl:
+        n = 3_000 if q else 10_000
+        res["floor"] = {
+            "sequential": (await seq(fl.port, SHARDQ, n)).summary(),
+            "pipelined": (await pipelined(fl.port, SHARDQ, 20_000 if q else 100_000)).summary(),
+            "concurrent10": (await producers(fl.port, SHARDQ, 10, n)).summary(),
+            "concurrent50": (await producers(fl.port, SHARDQ, 50, n)).summary(),
+        }
     r = redis(work, "everysec", logs)
     try:
         res["Redis"] = await suite(r.port, REDIS, q)
@@ -396,37 +440,90 @@ def _cell(m: dict[str, Any] | None) -> str:
     return f"{m['rate']:,.0f}{extra}"
 
 
+def _rate(res: dict[str, Any], target: str, key: str) -> float | None:
+    m = (res.get(target) or {}).get(key)
+    return float(m["rate"]) if m and m.get("rate") else None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "—"
+
+
+# (what, shardq's figure, the peer's figure or None for an absolute target, the bound);
+# every bound is "at least" except memory's, which is "at most"
+def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float | None, float]]:
+    r = res
+    s = lambda key: _rate(r, "shardq", key)  # noqa: E731
+    mem_s, mem_r = r["shardq"]["memory_per_job"], r["Redis"]["memory_per_job"]
+    return [
+        ("sequential push ÷ the loopback floor", s("sequential"), _rate(r, "floor", "sequential"),
+         0.9),
+        ("sequential push ÷ Redis LPUSH", s("sequential"), _rate(r, "Redis", "sequential"), 0.7),
+        ("pipelined push ÷ Redis pipelined LPUSH", s("pipelined"),
+         _rate(r, "Redis", "pipelined"), 0.5),
+        ("batch push of 1,000 (jobs/s)", s("batch"), None, 300_000),
+        ("fsync every write, 50 producers ÷ Redis appendfsync always", s("always50"),
+         _rate(r, "Redis", "always50"), 0.5),
+        ("push → pull → ack ÷ Redis LPUSH+LMOVE+LREM", s("cycle"), _rate(r, "Redis", "cycle"),
+         1.0),
+        ("push → pull → ack ÷ beanstalkd put+reserve+delete", s("cycle"),
+         _rate(r, "beanstalkd", "cycle"), 1.0),
+        ("SDK worker draining 100k ÷ BullMQ worker", s("drain"), _rate(r, "BullMQ", "drain"), 3.0),
+        ("through the gateway ÷ direct, pipelined push", _rate(r, "gateway", "pipelined"),
+         s("pipelined"), 0.7),
+        ("memory per waiting 200-byte job (bytes) ÷ Redis", mem_s, mem_r, 2.0),
+    ]
+
+
 def section(res: dict[str, Any], command: str, meta: str) -> str:
     peers = ["Redis", "beanstalkd", "BullMQ"]
     out = [
         "## shardq vs Redis, beanstalkd and BullMQ",
         "",
-        f"_Written by `loadtest/bench_peers.py`. Command: `{command}`. {meta}. Loopback; "
-        "durability comparable: shardq `--fsync everysec` (its WAL), Redis AOF "
-        "`appendfsync everysec`, beanstalkd binlog fsynced at most every second, BullMQ on "
-        "that Redis. Rates in jobs/s (cycles/s for push → pull → ack). BullMQ's figures come "
-        "from its own Node.js client (no Python client exists), the others from one Python "
+        f"_Written by `loadtest/bench_peers.py`. Command: `{command}`. {meta}. Loopback, one "
+        "target at a time; durability comparable: shardq `--fsync everysec` (its WAL), Redis "
+        "AOF `appendfsync everysec`, beanstalkd binlog fsynced at most every second, BullMQ on "
+        "that Redis. **shardq node**: one node; **shardq cluster**: 3 nodes behind a gateway, "
+        "the client talks to the gateway; **floor**: a minimal uvloop line server that parses "
+        "each line and answers a short one (loadtest/floor_server.py). Rates in jobs/s "
+        "(cycles/s for push → pull → ack). BullMQ's figures come from its own Node.js client "
+        "(no Python client exists), the others from one Python client (loadtest/"
+        "bench_client.py), so every ratio but BullMQ's compares servers under the same "
         "client._",
         "",
-        "| workload | shardq | Redis | beanstalkd | BullMQ (Node) | shardq ÷ Redis | "
-        "shardq ÷ beanstalkd | shardq ÷ BullMQ |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | shardq node | shardq cluster | Redis | beanstalkd | BullMQ (Node) | floor "
+        "| node ÷ Redis | node ÷ beanstalkd | node ÷ BullMQ | node ÷ floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, title in ROWS:
         s = (res["shardq"] or {}).get(key)
-        cells = [_cell((res.get(p) or {}).get(key)) for p in peers]
-        ratios = []
-        for p in peers:
-            m = (res.get(p) or {}).get(key)
-            ratios.append(f"{s['rate'] / m['rate']:.2f}×" if s and m and m.get("rate") else "—")
+        cells = [_cell((res.get(p) or {}).get(key)) for p in ["gateway", *peers, "floor"]]
+        ratios = [_ratio(_rate(res, "shardq", key), _rate(res, p, key))
+                  for p in [*peers, "floor"]]
         out.append(f"| {title} | {_cell(s)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     mem_s, mem_r = res["shardq"]["memory_per_job"], res["Redis"]["memory_per_job"]
     out += [
         "",
         f"**Memory per waiting 200-byte job** (RSS growth of the server): shardq "
         f"**{mem_s:,.0f} B**, Redis (a list element) **{mem_r:,.0f} B**: "
-        f"**{mem_s / mem_r:.2f}×** (target ≤ 2×: {'met' if mem_s <= 2 * mem_r else 'missed'}).",
+        f"**{mem_s / mem_r:.2f}×** Redis.",
+        "",
+        "### Targets (issue 10)",
+        "",
+        "| target | shardq | peer | ratio | bound | |",
+        "|---|---:|---:|---:|---:|---|",
     ]
+    for what, mine, peer, least in targets(res):
+        if mine is None:
+            out.append(f"| {what} | — | — | — | {least:g} | not measured |")
+            continue
+        at_most = what.startswith("memory")
+        value = mine / peer if peer else mine
+        shown = f"{value:.2f}" if peer else f"{value:,.0f}"
+        met = value <= least if at_most else value >= least
+        bound = f"{'≤' if at_most else '≥'} {least:,g}"
+        out.append(f"| {what} | {mine:,.0f} | {f'{peer:,.0f}' if peer else '—'} | {shown} | "
+                   f"{bound} | {'**met**' if met else '**missed**'} |")
     return "\n".join(out)
 
 
