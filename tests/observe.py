@@ -70,7 +70,7 @@ def require_tool(name: str) -> str:
     if path is None:
         import pytest
 
-        msg = f"{name} is not installed (apt-get install prometheus; CI: scripts/ci_packages.sh test)"
+        msg = f"{name} is not installed (scripts/ci_packages.sh test installs it)"
         if CI:
             pytest.fail(msg)
         pytest.skip(msg)
