@@ -95,7 +95,7 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
         await kube.apply(_owned(rc.statefulset(name, namespace, spec, plan.replicas_after), body))
         kopf.info(body, reason="ScaledDown",
                   message=f"nodes beyond {spec.nodes} hold no slots any more: removed")
-    seeds = [n.tcp for n in members]
+    seeds = await _gateway_seeds(kube, name, namespace, [n.tcp for n in members])
     await kube.apply(_owned(rc.gateway_deployment(name, namespace, spec, seeds), body))
     return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.nodes),
             "slotsMoving": 0, "readyNodes": await _ready_nodes(kube, name, namespace),
@@ -106,12 +106,27 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
 async def _apply_all(kube: Kube, body: kopf.Body, name: str, namespace: str, spec: rc.Spec,
                      replicas: int, seeds: list[str]) -> None:
     pdb_version = await kube.pdb_version()
+    if seeds:
+        seeds = await _gateway_seeds(kube, name, namespace, seeds)
     for manifest in rc.objects(name, namespace, spec, replicas, seeds):
         if manifest["kind"] == "PodDisruptionBudget":
             manifest["apiVersion"] = pdb_version
         if manifest["kind"] == "Deployment" and not seeds:
             continue  # the gateway needs a node to ask for the topology: later
         await kube.apply(_owned(manifest, body))
+
+
+async def _gateway_seeds(kube: Kube, name: str, namespace: str,
+                         addresses: list[str]) -> list[str]:
+    """The gateways' seeds: the ones they have while any is still a node's, else ``addresses``.
+
+    A gateway reads seeds only when it starts (then it follows the topology), and they
+    are in the pod template: changing them on every scale would restart every gateway
+    pod and cut every client's connection in the middle of the scale.
+    """
+    current = await kube.container_env(namespace, rc.gateway_name(name), "SHARDQ_SEED")
+    kept = [s for s in (current or "").split(",") if s]
+    return kept if set(kept) & set(addresses) else addresses
 
 
 async def _wait_for_members(kube: Kube, name: str, namespace: str, wanted: list[str],

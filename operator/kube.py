@@ -36,8 +36,15 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        self.dynamic = dynamic.DynamicClient(api)  # type: ignore[no-untyped-call]
+        self._dynamic: dynamic.DynamicClient | None = None
         self._pdb_version: str | None = None
+
+    @property
+    def dynamic(self) -> dynamic.DynamicClient:
+        """Made on first use, in a worker thread: making it reads the API's discovery."""
+        if self._dynamic is None:
+            self._dynamic = dynamic.DynamicClient(self.api)  # type: ignore[no-untyped-call]
+        return self._dynamic
 
     async def pdb_version(self) -> str:
         if self._pdb_version is None:
@@ -75,6 +82,22 @@ class Kube:
                     return None
                 raise
             return int(sts.spec.replicas or 0)
+        return await asyncio.to_thread(read)
+
+    async def container_env(self, namespace: str, deployment: str, name: str) -> str | None:
+        """The value of env ``name`` in a Deployment's first container (None: no such thing)."""
+        def read() -> str | None:
+            try:
+                dep = self.apps.read_namespaced_deployment(deployment, namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            pod = dep.spec.template.spec if dep.spec is not None else None
+            for var in (pod.containers[0].env or []) if pod is not None else []:
+                if var.name == name:
+                    return str(var.value or "")
+            return None
         return await asyncio.to_thread(read)
 
     async def pods(self, namespace: str, selector: dict[str, str]) -> list[Any]:

@@ -1,0 +1,330 @@
+"""operator/reconcile.py: the manifests a ShardqCluster spec turns into, and the scaling plan.
+
+Pure functions, so these are plain tests without a cluster: names and labels,
+selectors that match their pod templates, ports Kubernetes 1.20 accepts
+(``protocol: TCP`` everywhere), the node StatefulSet (``Parallel`` pods,
+volumeClaimTemplates, auth env from the Secret, probes), the gateway's seeds,
+``Spec.parse`` defaults and every field, and the order of a scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shardq.operator import reconcile as rc
+
+FULL_SPEC: dict[str, Any] = {
+    "nodes": 5,
+    "image": "registry.example/shardq:1.2.3",
+    "imagePullPolicy": "Always",
+    "gateway": {"replicas": 3, "service": {"type": "LoadBalancer"}},
+    "storage": {"storageClassName": "fast-ssd", "size": "20Gi"},
+    "fsync": "everysec",
+    "resources": {
+        "node": {"requests": {"cpu": "500m", "memory": "1Gi"}},
+        "gateway": {"limits": {"cpu": "1"}},
+    },
+    "auth": {"secretName": "shardq-auth", "tokenKey": "client", "clusterTokenKey": "internal"},
+    "deletion": {"deleteVolumes": True},
+}
+
+
+def by_kind(manifests: list[rc.Manifest]) -> dict[tuple[str, str], rc.Manifest]:
+    return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+def container(manifest: rc.Manifest) -> dict[str, Any]:
+    containers = manifest["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    c: dict[str, Any] = containers[0]
+    return c
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in c["env"]}
+
+
+def arg_after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+# -- Spec.parse -----------------------------------------------------------------------------------
+
+
+def test_spec_parse_of_an_empty_spec_gives_the_documented_defaults() -> None:
+    spec = rc.Spec.parse({})
+    assert spec == rc.Spec()
+    assert spec.nodes == 3
+    assert spec.image == "localhost/shardq:latest"
+    assert spec.image_pull_policy == "IfNotPresent"
+    assert spec.gateway_replicas == 2
+    assert spec.service_type == "ClusterIP"
+    assert spec.storage_class is None
+    assert spec.storage_size == "1Gi"
+    assert spec.fsync == "always"
+    assert spec.node_resources == {} and spec.gateway_resources == {}
+    assert spec.auth_secret is None
+    assert spec.token_key == "token" and spec.cluster_token_key == "cluster-token"
+    assert spec.metrics_port_name == "http"
+    assert spec.delete_volumes is False
+
+
+def test_spec_parse_reads_every_field() -> None:
+    spec = rc.Spec.parse(FULL_SPEC)
+    assert spec.nodes == 5
+    assert spec.image == "registry.example/shardq:1.2.3"
+    assert spec.image_pull_policy == "Always"
+    assert spec.gateway_replicas == 3
+    assert spec.service_type == "LoadBalancer"
+    assert spec.storage_class == "fast-ssd"
+    assert spec.storage_size == "20Gi"
+    assert spec.fsync == "everysec"
+    assert spec.node_resources == {"requests": {"cpu": "500m", "memory": "1Gi"}}
+    assert spec.gateway_resources == {"limits": {"cpu": "1"}}
+    assert spec.auth_secret == "shardq-auth"
+    assert spec.token_key == "client"
+    assert spec.cluster_token_key == "internal"
+    assert spec.delete_volumes is True
+
+
+def test_spec_parse_takes_numbers_as_strings_and_nulls_as_defaults() -> None:
+    spec = rc.Spec.parse({"nodes": "4", "gateway": {"replicas": "1"}, "storage": None,
+                          "resources": None, "auth": None, "image": None, "fsync": None})
+    assert spec.nodes == 4 and spec.gateway_replicas == 1
+    assert spec.storage_size == "1Gi" and spec.storage_class is None
+    assert spec.image == "localhost/shardq:latest" and spec.fsync == "always"
+    assert spec.auth_secret is None
+
+
+def test_auth_without_key_names_uses_the_default_keys() -> None:
+    spec = rc.Spec.parse({"auth": {"secretName": "s"}})
+    assert (spec.auth_secret, spec.token_key, spec.cluster_token_key) == (
+        "s", "token", "cluster-token")
+
+
+# -- objects ----------------------------------------------------------------------------------
+
+
+def test_objects_are_the_headless_service_statefulset_gateway_and_pdbs() -> None:
+    objs = rc.objects("demo", "queues", rc.Spec(), 3, ["10.0.0.1:6789"])
+    assert [(m["apiVersion"], m["kind"], m["metadata"]["name"]) for m in objs] == [
+        ("v1", "Service", "demo-node"),
+        ("apps/v1", "StatefulSet", "demo-node"),
+        ("v1", "Service", "demo-gateway"),
+        ("apps/v1", "Deployment", "demo-gateway"),
+        ("policy/v1beta1", "PodDisruptionBudget", "demo-node"),
+        ("policy/v1beta1", "PodDisruptionBudget", "demo-gateway"),
+    ]
+    for m in objs:
+        assert m["metadata"]["namespace"] == "queues"
+        component = "gateway" if m["metadata"]["name"].endswith("gateway") else "node"
+        assert m["metadata"]["labels"] == rc.labels("demo", component)
+
+
+def test_labels_name_the_app_instance_component_and_manager() -> None:
+    assert rc.labels("demo", "node") == {
+        "app.kubernetes.io/name": "shardq",
+        "app.kubernetes.io/instance": "demo",
+        "app.kubernetes.io/component": "node",
+        "app.kubernetes.io/managed-by": "shardq-operator",
+    }
+    assert rc.node_name("demo") == "demo-node" and rc.gateway_name("demo") == "demo-gateway"
+
+
+def test_every_selector_matches_its_pod_template_and_no_other_component() -> None:
+    objs = by_kind(rc.objects("demo", "ns", rc.Spec(), 3, ["a:1"]))
+    sts, dep = objs["StatefulSet", "demo-node"], objs["Deployment", "demo-gateway"]
+    node_pods = sts["spec"]["template"]["metadata"]["labels"]
+    gw_pods = dep["spec"]["template"]["metadata"]["labels"]
+
+    def matches(selector: dict[str, str], pod_labels: dict[str, str]) -> bool:
+        return all(pod_labels.get(k) == v for k, v in selector.items())
+
+    for selector, mine, other in [
+        (sts["spec"]["selector"]["matchLabels"], node_pods, gw_pods),
+        (objs["Service", "demo-node"]["spec"]["selector"], node_pods, gw_pods),
+        (objs["PodDisruptionBudget", "demo-node"]["spec"]["selector"]["matchLabels"],
+         node_pods, gw_pods),
+        (dep["spec"]["selector"]["matchLabels"], gw_pods, node_pods),
+        (objs["Service", "demo-gateway"]["spec"]["selector"], gw_pods, node_pods),
+        (objs["PodDisruptionBudget", "demo-gateway"]["spec"]["selector"]["matchLabels"],
+         gw_pods, node_pods),
+    ]:
+        assert matches(selector, mine)
+        assert not matches(selector, other)
+    # two clusters in one namespace never select each other's pods
+    other_cluster = rc.statefulset("other", "ns", rc.Spec(), 1)
+    assert not matches(sts["spec"]["selector"]["matchLabels"],
+                       other_cluster["spec"]["template"]["metadata"]["labels"])
+
+
+def test_every_port_says_protocol_tcp_and_service_ports_target_named_container_ports() -> None:
+    objs = by_kind(rc.objects("demo", "ns", rc.Spec(), 3, ["a:1"]))
+    for key in [("StatefulSet", "demo-node"), ("Deployment", "demo-gateway")]:
+        ports = container(objs[key])["ports"]
+        assert ports == [
+            {"name": "tcp", "containerPort": 6789, "protocol": "TCP"},
+            {"name": "http", "containerPort": 6790, "protocol": "TCP"},
+        ]
+    for key in [("Service", "demo-node"), ("Service", "demo-gateway")]:
+        assert objs[key]["spec"]["ports"] == [
+            {"name": "tcp", "port": 6789, "targetPort": "tcp", "protocol": "TCP"},
+            {"name": "http", "port": 6790, "targetPort": "http", "protocol": "TCP"},
+        ]
+
+
+def test_the_headless_service_publishes_nodes_before_they_are_ready() -> None:
+    svc = rc.headless_service("demo", "ns")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_the_gateway_service_takes_its_type_from_the_spec() -> None:
+    assert rc.gateway_service("demo", "ns", rc.Spec())["spec"]["type"] == "ClusterIP"
+    spec = rc.Spec.parse({"gateway": {"service": {"type": "NodePort"}}})
+    assert rc.gateway_service("demo", "ns", spec)["spec"]["type"] == "NodePort"
+
+
+def test_the_statefulset_runs_nodes_in_parallel_with_a_claim_template() -> None:
+    spec = rc.Spec.parse(FULL_SPEC)
+    sts = rc.statefulset("demo", "ns", spec, 7)
+    assert sts["spec"]["replicas"] == 7  # may exceed spec.nodes while slots move off
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["serviceName"] == "demo-node"
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"] == {"requests": {"storage": "20Gi"}}
+    c = container(sts)
+    assert c["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert arg_after(c["args"], "--data-dir") == "/data"
+
+
+def test_without_a_storage_class_the_claim_uses_the_cluster_default() -> None:
+    [claim] = rc.statefulset("demo", "ns", rc.Spec(), 3)["spec"]["volumeClaimTemplates"]
+    assert "storageClassName" not in claim["spec"]
+    assert claim["spec"]["resources"] == {"requests": {"storage": "1Gi"}}
+
+
+def test_the_node_container_runs_shardq_node_named_after_its_pod() -> None:
+    spec = rc.Spec.parse(FULL_SPEC)
+    c = container(rc.statefulset("demo", "ns", spec, 5))
+    assert c["name"] == "node"
+    assert c["image"] == "registry.example/shardq:1.2.3"
+    assert c["imagePullPolicy"] == "Always"
+    assert c["command"] == ["shardq", "node"]
+    args = c["args"]
+    assert arg_after(args, "--name") == "$(POD_NAME)"
+    assert arg_after(args, "--host") == "0.0.0.0"
+    assert arg_after(args, "--port") == "6789"
+    assert arg_after(args, "--http-port") == "6790"
+    assert arg_after(args, "--fsync") == "everysec"
+    assert env_of(c)["POD_NAME"] == {
+        "name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert c["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}}
+    # $(POD_NAME) may only refer to a variable defined before use: it is the first
+    assert c["env"][0]["name"] == "POD_NAME"
+
+
+def test_auth_env_comes_from_the_secret_with_the_cluster_token_optional() -> None:
+    spec = rc.Spec.parse(FULL_SPEC)
+    for manifest in (rc.statefulset("demo", "ns", spec, 5),
+                     rc.gateway_deployment("demo", "ns", spec, ["a:1"])):
+        env = env_of(container(manifest))
+        assert env["SHARDQ_TOKEN"]["valueFrom"] == {
+            "secretKeyRef": {"name": "shardq-auth", "key": "client"}}
+        assert env["SHARDQ_CLUSTER_TOKEN"]["valueFrom"] == {
+            "secretKeyRef": {"name": "shardq-auth", "key": "internal", "optional": True}}
+
+
+def test_without_auth_no_token_env_is_set() -> None:
+    for manifest in (rc.statefulset("demo", "ns", rc.Spec(), 3),
+                     rc.gateway_deployment("demo", "ns", rc.Spec(), ["a:1"])):
+        env = env_of(container(manifest))
+        assert "SHARDQ_TOKEN" not in env and "SHARDQ_CLUSTER_TOKEN" not in env
+
+
+@pytest.mark.parametrize("component", ["node", "gateway"])
+def test_probes_ask_ready_and_health_on_the_http_port(component: str) -> None:
+    spec = rc.Spec()
+    manifest = (rc.statefulset("demo", "ns", spec, 3) if component == "node"
+                else rc.gateway_deployment("demo", "ns", spec, ["a:1"]))
+    c = container(manifest)
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # liveness is more patient than readiness: a node busy with a slot move is not killed
+    assert c["livenessProbe"]["failureThreshold"] > c["readinessProbe"]["failureThreshold"]
+    # the named port exists in the container
+    assert "http" in {p["name"] for p in c["ports"]}
+    pod_annotations = manifest["spec"]["template"]["metadata"]["annotations"]
+    assert pod_annotations["prometheus.io/port"] == "6790"
+
+
+def test_pods_run_as_non_root() -> None:
+    sts = rc.statefulset("demo", "ns", rc.Spec(), 3)
+    dep = rc.gateway_deployment("demo", "ns", rc.Spec(), ["a:1"])
+    for m in (sts, dep):
+        assert m["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_gateway_gets_its_seeds_in_env_and_listens_everywhere() -> None:
+    spec = rc.Spec.parse(FULL_SPEC)
+    dep = rc.gateway_deployment("demo", "ns", spec, ["10.1.0.4:6789", "10.1.0.5:6789"])
+    assert dep["spec"]["replicas"] == 3
+    c = container(dep)
+    assert c["name"] == "gateway"
+    assert c["command"] == ["shardq", "gateway"]
+    assert arg_after(c["args"], "--host") == "0.0.0.0"
+    assert arg_after(c["args"], "--port") == "6789"
+    assert arg_after(c["args"], "--http-port") == "6790"
+    assert env_of(c)["SHARDQ_SEED"] == {"name": "SHARDQ_SEED",
+                                        "value": "10.1.0.4:6789,10.1.0.5:6789"}
+    assert c["resources"] == {"limits": {"cpu": "1"}}
+
+
+def test_disruption_budgets_allow_one_node_down_and_keep_one_gateway() -> None:
+    pdbs = by_kind(rc.disruption_budgets("demo", "ns", rc.Spec()))
+    assert pdbs["PodDisruptionBudget", "demo-node"]["spec"]["maxUnavailable"] == 1
+    assert pdbs["PodDisruptionBudget", "demo-gateway"]["spec"]["minAvailable"] == 1
+
+
+def test_a_single_gateway_gets_no_budget_that_would_block_every_drain() -> None:
+    spec = rc.Spec.parse({"gateway": {"replicas": 1}})
+    pdbs = rc.disruption_budgets("demo", "ns", spec)
+    assert [p["metadata"]["name"] for p in pdbs] == ["demo-node"]
+
+
+# -- the scaling plan -------------------------------------------------------------------------
+
+
+def test_plan_of_a_new_cluster() -> None:
+    p = rc.plan("demo", 0, 3)
+    assert p.replicas_first == 3 and p.replicas_after == 3
+    assert p.members == ["demo-node-0", "demo-node-1", "demo-node-2"]
+    assert not p.scaling
+
+
+def test_plan_up_adds_replicas_first_then_moves_slots_to_them() -> None:
+    p = rc.plan("demo", 3, 5)
+    assert p.replicas_first == 5  # the new pods exist before any slot moves
+    assert p.members == [f"demo-node-{i}" for i in range(5)]
+    assert p.replicas_after == 5
+    assert not p.scaling  # nothing to shrink afterwards
+
+
+def test_plan_down_keeps_the_leaving_pods_until_their_slots_moved_off() -> None:
+    p = rc.plan("demo", 5, 2)
+    assert p.replicas_first == 5  # leaving pods stay while their slots move off
+    assert p.members == ["demo-node-0", "demo-node-1"]  # the lowest ordinals stay
+    assert p.replicas_after == 2  # then the StatefulSet shrinks
+    assert p.scaling
+
+
+def test_plan_is_stable_when_nothing_changes_and_resumes_a_half_done_scale_down() -> None:
+    same = rc.plan("demo", 4, 4)
+    assert (same.replicas_first, same.replicas_after, same.scaling) == (4, 4, False)
+    # an operator restarted after the StatefulSet shrank: nothing more to do
+    assert rc.plan("demo", 2, 2).members == ["demo-node-0", "demo-node-1"]
