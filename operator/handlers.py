@@ -6,8 +6,11 @@ StatefulSet wide enough for the old and the new members, headless Service,
 gateway Deployment and Service, PodDisruptionBudgets), wait until the wanted
 node pods run and answer, move slots with the rebalancer (operator/rebalance.py:
 it finishes a move a previous run left half done), then shrink the StatefulSet
-and point the gateways at the nodes. Progress goes to ``status`` and to
-Kubernetes events. Node addresses are the pods' IPs, read from the API.
+and point the gateways at the nodes. Progress goes to ``status`` (phase, epoch,
+readyNodes, slotsMoving, observedGeneration, the ``Ready`` and ``StorageInSync``
+conditions) and to Kubernetes events. Node addresses are the pods' IPs, read
+from the API. Converges of one cluster never overlap: the create/update/resume
+handler and the timer take the cluster's lock (``cluster_lock``).
 
 Settings are kopf's own (``settings.peering`` …) plus ``OperatorConfig`` in
 ``memo``, set once at startup; no globals.
@@ -52,6 +55,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     cfg = memo.get("config") or OperatorConfig(kubeconfig=os.environ.get("KUBECONFIG"))
     memo.config = cfg
     memo.kube = Kube(load(cfg.kubeconfig))
+    memo.locks = {}  # cluster_lock: shared by every object's copy of this memo
+    memo.storage_warned = {}
 
 
 def _owned(manifest: rc.Manifest, body: kopf.Body) -> rc.Manifest:
@@ -74,41 +79,142 @@ async def _reachable(ip: str, timeout: float) -> bool:
     return True
 
 
+def cluster_lock(memo: kopf.Memo, namespace: str, name: str) -> asyncio.Lock:
+    """The lock that makes converges of one ShardqCluster run one at a time.
+
+    kopf runs the create/update/resume handler and the timer of one object in different
+    tasks, so they can overlap: two converges at once would race on the StatefulSet's
+    replicas and the rebalancer's slot moves. The locks live in a dict of the operator's
+    memo (kopf gives each object a shallow copy of it: the dict is shared), by namespace and
+    name, so the lock outlives a handler run and is the same for every handler.
+    """
+    locks: dict[tuple[str, str], asyncio.Lock] | None = memo.get("locks")
+    if locks is None:
+        locks = memo["locks"] = {}
+    lock = locks.get((namespace, name))
+    if lock is None:
+        lock = locks[namespace, name] = asyncio.Lock()
+    return lock
+
+
+class _Status:
+    """The status writes of one converge: ``observedGeneration`` and the conditions.
+
+    Conditions are a list, which a merge patch replaces whole, so every write carries both
+    (``Ready`` first), and ``lastTransitionTime`` follows the last written state.
+    """
+
+    def __init__(self, kube: Kube, namespace: str, name: str, body: kopf.Body) -> None:
+        self.kube, self.namespace, self.name = kube, namespace, name
+        status = body.get("status") or {}
+        self.conditions: list[dict[str, Any]] = [
+            dict(c) for c in status.get("conditions") or [] if isinstance(c, dict)]
+        self.generation = body.get("metadata", {}).get("generation")
+        self.storage: dict[str, Any] | None = None
+
+    def fields(self, ready: dict[str, Any]) -> dict[str, Any]:
+        conditions = [ready] + ([self.storage] if self.storage else [])
+        self.conditions = conditions
+        out: dict[str, Any] = {"conditions": conditions}
+        if self.generation is not None:
+            out["observedGeneration"] = int(self.generation)
+        return out
+
+    def ready(self, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        return rc.condition("Ready", ok, reason, message, self.conditions, _now())
+
+    async def patch(self, fields: dict[str, Any]) -> None:
+        await self.kube.patch_status(self.namespace, self.name, fields)
+
+
 async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[str, Any],
                    memo: kopf.Memo, logger: Any) -> dict[str, Any]:
+    """Make the cluster what ``spec_raw`` says; the status to write when it is.
+
+    Callers hold ``cluster_lock``.
+    """
     kube: Kube = memo.kube
     cfg: OperatorConfig = memo.config
     spec = rc.Spec.parse(spec_raw)
     if spec.nodes < 1:
         raise kopf.PermanentError("spec.nodes must be at least 1")
-    current = await kube.statefulset_replicas(namespace, rc.node_name(name)) or 0
+    st = _Status(kube, namespace, name, body)
+    live = await kube.statefulset(namespace, rc.node_name(name))
+    current = int(((live or {}).get("spec") or {}).get("replicas") or 0)
+    # Storage (class, size) is in the StatefulSet's volumeClaimTemplates, which the API server
+    # refuses to change. The choice here: never patch them on an existing StatefulSet, apply
+    # everything else (a scale too), and say that the storage change needs a manual migration
+    # with a Warning event (once per change) and the StorageInSync=False condition. A
+    # PermanentError instead would block every other change until spec.storage was set back.
+    changes = rc.storage_changes(spec, live) if live is not None else []
+    st.storage = rc.storage_condition(changes, st.conditions, _now())
+    _warn_storage(memo, body, namespace, name, st, changes)
     plan = rc.plan(name, current, spec.nodes)
     pods = {p.metadata.name: p for p in
             await kube.pods(namespace, rc.labels(name, "node"))}
     seeds = [f"{ip}:{rc.TCP_PORT}" for p in pods.values() if (ip := _ip_ready(p))]
-    await _apply_all(kube, body, name, namespace, spec, plan.replicas_first, seeds)
-    members = await _wait_for_members(kube, name, namespace, plan.members, cfg)
-    await kube.patch_status(namespace, name, {"phase": "Scaling" if plan.scaling or
-                                              current != spec.nodes else "Converging"})
-    topo = await _rebalance(kube, name, namespace, spec, members, cfg, body)
+    await _apply_all(kube, body, name, namespace, spec, plan.replicas_first, seeds,
+                     with_claims=live is None)
+    try:
+        members = await _wait_for_members(kube, name, namespace, plan.members, cfg)
+    except kopf.TemporaryError as exc:
+        ready = st.ready(False, "WaitingForNodes", str(exc))
+        observed = (body.get("status") or {}).get("observedGeneration")
+        if not (_same_condition(ready, st.conditions) and _same_condition(
+                st.storage, st.conditions) and observed == st.generation):
+            await st.patch(st.fields(ready))  # once, not on every retry
+        raise
+    scaling = plan.scaling or current != spec.nodes
+    status = body.get("status") or {}
+    if scaling or status.get("phase") != "Running" or (
+            status.get("observedGeneration") != st.generation):
+        fields = {"phase": "Scaling" if scaling else "Converging"}
+        if scaling:
+            fields.update(st.fields(st.ready(False, "Scaling",
+                                             f"{current} -> {spec.nodes} nodes")))
+        await st.patch(fields)
+    topo = await _rebalance(kube, name, namespace, spec, members, cfg, body, st)
     if plan.replicas_after != plan.replicas_first:
-        await kube.apply(_owned(rc.statefulset(name, namespace, spec, plan.replicas_after), body))
+        await kube.apply(_owned(rc.statefulset(name, namespace, spec, plan.replicas_after,
+                                               with_claims=live is None), body))
         kopf.info(body, reason="ScaledDown",
                   message=f"nodes beyond {spec.nodes} hold no slots any more: removed")
     seeds = await _gateway_seeds(kube, name, namespace, [n.tcp for n in members])
     await kube.apply(_owned(rc.gateway_deployment(name, namespace, spec, seeds), body))
+    ready_nodes = await _ready_nodes(kube, name, namespace, plan.members)
+    ready = rc.ready_condition(ready_nodes, spec.nodes, 0, st.conditions, _now())
     return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.nodes),
-            "slotsMoving": 0, "readyNodes": await _ready_nodes(kube, name, namespace),
-            "conditions": [{"type": "Ready", "status": "True", "reason": "Converged",
-                            "lastTransitionTime": _now()}]}
+            "slotsMoving": 0, "readyNodes": ready_nodes, **st.fields(ready)}
+
+
+def _same_condition(cond: dict[str, Any] | None, conditions: list[dict[str, Any]]) -> bool:
+    return cond is not None and any(c.get("type") == cond["type"] and all(
+        c.get(k) == cond[k] for k in ("status", "reason", "message")) for c in conditions)
+
+
+def _warn_storage(memo: kopf.Memo, body: kopf.Body, namespace: str, name: str, st: _Status,
+                  changes: list[str]) -> None:
+    """A Warning event for a storage change, once (not on every run of the timer)."""
+    warned: dict[tuple[str, str], str] | None = memo.get("storage_warned")
+    if warned is None:
+        warned = memo["storage_warned"] = {}
+    assert st.storage is not None
+    message = str(st.storage["message"])
+    if not changes:
+        warned.pop((namespace, name), None)
+        return
+    if warned.get((namespace, name)) == message or _same_condition(st.storage, st.conditions):
+        return
+    warned[namespace, name] = message
+    kopf.warn(body, reason="StorageChangeIgnored", message=message)
 
 
 async def _apply_all(kube: Kube, body: kopf.Body, name: str, namespace: str, spec: rc.Spec,
-                     replicas: int, seeds: list[str]) -> None:
+                     replicas: int, seeds: list[str], with_claims: bool) -> None:
     pdb_version = await kube.pdb_version()
     if seeds:
         seeds = await _gateway_seeds(kube, name, namespace, seeds)
-    for manifest in rc.objects(name, namespace, spec, replicas, seeds):
+    for manifest in rc.objects(name, namespace, spec, replicas, seeds, with_claims):
         if manifest["kind"] == "PodDisruptionBudget":
             manifest["apiVersion"] = pdb_version
         if manifest["kind"] == "Deployment" and not seeds:
@@ -143,7 +249,8 @@ async def _wait_for_members(kube: Kube, name: str, namespace: str, wanted: list[
 
 
 async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
-                     members: list[NodeInfo], cfg: OperatorConfig, body: kopf.Body) -> Any:
+                     members: list[NodeInfo], cfg: OperatorConfig, body: kopf.Body,
+                     st: _Status) -> Any:
     token = None
     if spec.auth_secret:
         token = (await kube.secret_value(namespace, spec.auth_secret, spec.cluster_token_key)
@@ -156,9 +263,13 @@ async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
         now = time.monotonic()
         if total and (now - last[0] > 1.0 or done == total):
             last[0] = now
-            task = loop.create_task(kube.patch_status(namespace, name, {
-                "phase": "Scaling", "slotsMoving": total - done,
-                "progress": f"{done}/{total} slots moved"}))
+            fields = {"phase": "Scaling", "slotsMoving": total - done,
+                      "progress": f"{done}/{total} slots moved"}
+            fields.update(st.fields(
+                st.ready(False, "SlotsMoving", f"{total - done} slots still moving")
+                if total - done else
+                st.ready(False, "Scaling", "every slot moved; finishing the scale")))
+            task = loop.create_task(st.patch(fields))
             pending.add(task)
             task.add_done_callback(pending.discard)
 
@@ -178,9 +289,12 @@ async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
     return topo
 
 
-async def _ready_nodes(kube: Kube, name: str, namespace: str) -> int:
+async def _ready_nodes(kube: Kube, name: str, namespace: str, members: list[str]) -> int:
+    """Node pods that are Ready, of the ``members`` (not the leaving ones of a scale-down)."""
     count = 0
     for pod in await kube.pods(namespace, rc.labels(name, "node")):
+        if pod.metadata is None or pod.metadata.name not in members:
+            continue
         for cond in (pod.status.conditions or []) if pod.status else []:
             if cond.type == "Ready" and cond.status == "True":
                 count += 1
@@ -196,8 +310,9 @@ def _now() -> str:
 @kopf.on.resume(rc.GROUP, rc.VERSION, rc.PLURAL)
 async def reconcile(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
                     logger: Any, **_: Any) -> None:
-    status = await converge(str(body.metadata.name), str(body.metadata.namespace), body,
-                            dict(spec), memo, logger)
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    async with cluster_lock(memo, namespace, name):  # waits for a running timer's converge
+        status = await converge(name, namespace, body, dict(spec), memo, logger)
     patch.status.update(status)
 
 
@@ -205,21 +320,43 @@ async def reconcile(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: k
 async def follow_pod_addresses(body: kopf.Body, spec: kopf.Spec, status: kopf.Status,
                                patch: kopf.Patch, memo: kopf.Memo, logger: Any,
                                **_: Any) -> None:
-    """A node pod restarted with another IP: publish its new address (same slots)."""
-    if status.get("phase") != "Running":
+    """A node pod restarted with another IP: publish its new address (same slots).
+
+    Also refreshes ``readyNodes`` and the ``Ready`` condition. Skipped while another
+    converge of the cluster runs (the next tick comes in 15 s) and once it is being deleted.
+    """
+    if status.get("phase") != "Running" or body.metadata.get("deletionTimestamp"):
         return
-    status_now = await converge(str(body.metadata.name), str(body.metadata.namespace), body,
-                                dict(spec), memo, logger)
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    lock = cluster_lock(memo, namespace, name)
+    if lock.locked():
+        logger.debug("a converge of %s/%s runs: this tick skips", namespace, name)
+        return
+    async with lock:
+        status_now = await converge(name, namespace, body, dict(spec), memo, logger)
     patch.status.update(status_now)
 
 
 @kopf.on.delete(rc.GROUP, rc.VERSION, rc.PLURAL)
 async def delete(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
-    """Owned objects go with the ShardqCluster (owner references); volumes only if asked."""
+    """Owned objects go with the ShardqCluster (owner references); volumes only if asked.
+
+    The node volume claims are not owned (the StatefulSet controller makes them from the
+    claim template, with its labels): they stay, and a cluster made again with the same name
+    finds its data, unless ``spec.deletion.deleteVolumes``. Then every claim with the node
+    labels of this cluster is deleted (Kubernetes' pvc-protection keeps each until its pod
+    is gone).
+    """
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
-    if rc.Spec.parse(dict(spec)).delete_volumes:
-        count = await memo.kube.delete_claims(namespace, rc.labels(name, "node"))
-        log.info("deleted %d volume claims of %s/%s", count, namespace, name)
+    async with cluster_lock(memo, namespace, name):  # a timer's converge finishes first
+        if rc.Spec.parse(dict(spec)).delete_volumes:
+            count = await memo.kube.delete_claims(namespace, rc.labels(name, "node"))
+            log.info("deleted %d volume claims of %s/%s", count, namespace, name)
+        else:
+            log.info("kept the volume claims of %s/%s (spec.deletion.deleteVolumes is off)",
+                     namespace, name)
+    (memo.get("locks") or {}).pop((namespace, name), None)
+    (memo.get("storage_warned") or {}).pop((namespace, name), None)
 
 
 def run(kubeconfig: str | None = None, namespace: str | None = None) -> None:
@@ -238,4 +375,4 @@ def run(kubeconfig: str | None = None, namespace: str | None = None) -> None:
                               standalone=True))
 
 
-__all__ = ["OperatorConfig", "converge", "run"]
+__all__ = ["OperatorConfig", "cluster_lock", "converge", "run"]

@@ -1,8 +1,9 @@
 """The few Kubernetes API calls the operator makes, on the official client, off the loop.
 
-Create-or-patch of owned manifests, pods of a cluster, a secret's value, the
-status subresource, and API discovery (PodDisruptionBudget is ``policy/v1`` from
-Kubernetes 1.21, ``policy/v1beta1`` before). Every call runs in a thread
+Create-or-patch of owned manifests, the node StatefulSet as it is, pods of a
+cluster, a secret's value, the status subresource, deletion of volume claims,
+and API discovery (PodDisruptionBudget is ``policy/v1`` from Kubernetes 1.21,
+``policy/v1beta1`` before). Every call runs in a thread
 (``asyncio.to_thread``) because the client blocks.
 
 Must not: decide anything; handlers.py does.
@@ -73,15 +74,17 @@ class Kube:
                 raise
             resource.create(body=m, namespace=meta["namespace"])
 
-    async def statefulset_replicas(self, namespace: str, name: str) -> int | None:
-        def read() -> int | None:
+    async def statefulset(self, namespace: str, name: str) -> Manifest | None:
+        """The StatefulSet as plain JSON data (camelCase keys), None when there is none."""
+        def read() -> Manifest | None:
             try:
                 sts = self.apps.read_namespaced_stateful_set(name, namespace)
             except ApiException as exc:
                 if exc.status == 404:
                     return None
                 raise
-            return int(sts.spec.replicas or 0)
+            data: Manifest = self.api.sanitize_for_serialization(sts)  # type: ignore[no-untyped-call]
+            return data
         return await asyncio.to_thread(read)
 
     async def container_env(self, namespace: str, deployment: str, name: str) -> str | None:
@@ -129,9 +132,20 @@ class Kube:
         def delete() -> int:
             claims = self.core.list_namespaced_persistent_volume_claim(
                 namespace, label_selector=text).items
+            deleted = 0
             for c in claims:
-                if c.metadata is not None and c.metadata.name:
+                if c.metadata is None or not c.metadata.name:
+                    continue
+                # checked here too: deleting data is the one thing that cannot be undone, so
+                # never trust a server (or a test double) that ignores the selector
+                if any((c.metadata.labels or {}).get(k) != v for k, v in selector.items()):
+                    continue
+                try:
                     self.core.delete_namespaced_persistent_volume_claim(c.metadata.name,
                                                                         namespace)
-            return len(claims)
+                except ApiException as exc:
+                    if exc.status != 404:  # gone already: what was asked
+                        raise
+                deleted += 1
+            return deleted
         return await asyncio.to_thread(delete)

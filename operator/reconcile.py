@@ -9,7 +9,9 @@ unit tests check it without a cluster.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 GROUP = "shardq.io"
@@ -18,6 +20,8 @@ KIND = "ShardqCluster"
 PLURAL = "shardqclusters"
 TCP_PORT = 6789
 HTTP_PORT = 6790
+#: The image's unprivileged user and group (Dockerfile: ``USER 10001:10001``).
+RUN_AS = 10001
 
 Manifest = dict[str, Any]
 
@@ -29,6 +33,7 @@ class Spec:
     nodes: int = 3
     image: str = "localhost/shardq:latest"
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[str] = field(default_factory=list)
     gateway_replicas: int = 2
     service_type: str = "ClusterIP"
     storage_class: str | None = None
@@ -52,6 +57,8 @@ class Spec:
             nodes=int(raw.get("nodes", 3)),
             image=raw.get("image") or cls.image,
             image_pull_policy=raw.get("imagePullPolicy") or cls.image_pull_policy,
+            image_pull_secrets=[str(ref["name"]) for ref in raw.get("imagePullSecrets") or []
+                                if isinstance(ref, dict) and ref.get("name")],
             gateway_replicas=int(gw.get("replicas", 2)),
             service_type=(gw.get("service") or {}).get("type", "ClusterIP"),
             storage_class=storage.get("storageClassName"),
@@ -113,6 +120,45 @@ def _probe(path: str) -> Manifest:
             "timeoutSeconds": 2, "failureThreshold": 3}
 
 
+def container_security_context() -> Manifest:
+    """Of the node and gateway containers: the "restricted" Pod Security Standard.
+
+    The root filesystem is read-only: a node writes only under its volume (``/data``:
+    WAL, snapshots, topology, blobs), a gateway writes no file, and the image sets
+    ``PYTHONDONTWRITEBYTECODE``. ``/tmp`` is a small emptyDir for libraries that want one.
+    """
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> Manifest:
+    """Of the node and gateway pods: the image's user, and ``fsGroup`` so it can write the PVC."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _tmp_volume() -> Manifest:
+    return {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}
+
+
+def _pod_spec(spec: Spec, container: Manifest, **extra: Any) -> Manifest:
+    pod: Manifest = {"containers": [container], **extra, "volumes": [_tmp_volume()],
+                     "securityContext": pod_security_context()}
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    return pod
+
+
 def headless_service(cluster: str, namespace: str) -> Manifest:
     return {
         "apiVersion": "v1", "kind": "Service",
@@ -127,8 +173,14 @@ def headless_service(cluster: str, namespace: str) -> Manifest:
     }
 
 
-def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int) -> Manifest:
-    """The nodes. ``replicas`` may exceed ``spec.nodes`` while a scale-down moves slots off."""
+def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int,
+                with_claims: bool = True) -> Manifest:
+    """The nodes. ``replicas`` may exceed ``spec.nodes`` while a scale-down moves slots off.
+
+    ``with_claims=False`` leaves ``volumeClaimTemplates`` out: what the operator patches onto
+    an existing StatefulSet, whose claim templates the API server refuses to change (a merge
+    patch without the field keeps them as they are).
+    """
     container = {
         "name": "node",
         "image": spec.image,
@@ -141,8 +193,10 @@ def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int) -> Mani
         "ports": _ports(),
         "readinessProbe": _probe("/ready"),
         "livenessProbe": {**_probe("/health"), "failureThreshold": 6},
-        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                         {"name": "tmp", "mountPath": "/tmp"}],
         "resources": spec.node_resources,
+        "securityContext": container_security_context(),
     }
     claim: Manifest = {
         "metadata": {"name": "data", "labels": labels(cluster, "node")},
@@ -151,7 +205,7 @@ def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int) -> Mani
     }
     if spec.storage_class:
         claim["spec"]["storageClassName"] = spec.storage_class
-    return {
+    sts: Manifest = {
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": {"name": node_name(cluster), "namespace": namespace,
                      "labels": labels(cluster, "node")},
@@ -166,12 +220,14 @@ def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int) -> Mani
                 "metadata": {"labels": labels(cluster, "node"),
                              "annotations": {"prometheus.io/scrape": "true",
                                              "prometheus.io/port": str(HTTP_PORT)}},
-                "spec": {"containers": [container], "terminationGracePeriodSeconds": 30,
-                         "securityContext": {"runAsNonRoot": True, "fsGroup": 10001}},
+                "spec": _pod_spec(spec, container, terminationGracePeriodSeconds=30),
             },
             "volumeClaimTemplates": [claim],
         },
     }
+    if not with_claims:
+        del sts["spec"]["volumeClaimTemplates"]
+    return sts
 
 
 def gateway_deployment(cluster: str, namespace: str, spec: Spec, seeds: list[str]) -> Manifest:
@@ -185,7 +241,9 @@ def gateway_deployment(cluster: str, namespace: str, spec: Spec, seeds: list[str
         "ports": _ports(),
         "readinessProbe": _probe("/ready"),
         "livenessProbe": {**_probe("/health"), "failureThreshold": 6},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "resources": spec.gateway_resources,
+        "securityContext": container_security_context(),
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -198,8 +256,7 @@ def gateway_deployment(cluster: str, namespace: str, spec: Spec, seeds: list[str
                 "metadata": {"labels": labels(cluster, "gateway"),
                              "annotations": {"prometheus.io/scrape": "true",
                                              "prometheus.io/port": str(HTTP_PORT)}},
-                "spec": {"containers": [container],
-                         "securityContext": {"runAsNonRoot": True}},
+                "spec": _pod_spec(spec, container),
             },
         },
     }
@@ -234,11 +291,11 @@ def disruption_budgets(cluster: str, namespace: str, spec: Spec) -> list[Manifes
 
 
 def objects(cluster: str, namespace: str, spec: Spec, replicas: int,
-            seeds: list[str]) -> list[Manifest]:
+            seeds: list[str], with_claims: bool = True) -> list[Manifest]:
     """Every object the operator owns for one ShardqCluster."""
     return [
         headless_service(cluster, namespace),
-        statefulset(cluster, namespace, spec, replicas),
+        statefulset(cluster, namespace, spec, replicas, with_claims),
         gateway_service(cluster, namespace, spec),
         gateway_deployment(cluster, namespace, spec, seeds),
         *disruption_budgets(cluster, namespace, spec),
@@ -263,3 +320,96 @@ def plan(cluster: str, current_replicas: int, wanted: int) -> Plan:
     members = [f"{node_name(cluster)}-{i}" for i in range(wanted)]
     return Plan(replicas_first=max(current_replicas, wanted), members=members,
                 replicas_after=wanted)
+
+
+# -- storage: fixed once the StatefulSet exists ---------------------------------------------------
+
+_QUANTITY = re.compile(
+    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+_SUFFIXES = {"": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+             "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+             "P": Decimal("1e15"), "E": Decimal("1e18"),
+             **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(["Ki", "Mi", "Gi", "Ti", "Pi",
+                                                                  "Ei"])}}
+
+
+def quantity(text: str) -> Decimal | None:
+    """A Kubernetes quantity's value ("1Gi" -> 1073741824), None when it does not parse.
+
+    The API server keeps quantities in a canonical form ("1024Mi" comes back "1Gi"), so
+    sizes are compared by value, never as strings.
+    """
+    m = _QUANTITY.match(str(text).strip())
+    if m is None:
+        return None
+    number, suffix = m.group(1), m.group(2) or ""
+    try:
+        if suffix[:1] in ("e", "E") and len(suffix) > 1:
+            return Decimal(number) * Decimal(10) ** int(suffix[1:])
+        return Decimal(number) * _SUFFIXES[suffix]
+    except (InvalidOperation, KeyError):
+        return None
+
+
+def storage_changes(spec: Spec, live: Manifest) -> list[str]:
+    """How ``spec.storage`` differs from the claim template of the live StatefulSet ``live``.
+
+    One message per field, naming it. Empty when they agree (or the StatefulSet has no
+    ``data`` claim template to compare with).
+    """
+    templates = (live.get("spec") or {}).get("volumeClaimTemplates") or []
+    claim = next((t for t in templates if (t.get("metadata") or {}).get("name") == "data"), None)
+    if claim is None:
+        return []
+    claim_spec = claim.get("spec") or {}
+    out = []
+    live_class = claim_spec.get("storageClassName")
+    if (spec.storage_class or None) != (live_class or None):
+        out.append(f"spec.storage.storageClassName is {spec.storage_class or '(unset)'} but "
+                   f"the node volumes were made with {live_class or '(unset)'}")
+    live_size = (((claim_spec.get("resources") or {}).get("requests") or {}).get("storage"))
+    if live_size is not None and quantity(spec.storage_size) != quantity(str(live_size)):
+        out.append(f"spec.storage.size is {spec.storage_size} but the node volumes were made "
+                   f"with {live_size}")
+    return out
+
+
+# -- status conditions ------------------------------------------------------------------------
+
+
+def condition(kind: str, ok: bool, reason: str, message: str,
+              previous: list[Manifest] | None, now: str) -> Manifest:
+    """A status condition; ``lastTransitionTime`` moves only when its status changes."""
+    status = "True" if ok else "False"
+    old = next((c for c in previous or [] if isinstance(c, dict) and c.get("type") == kind),
+               None)
+    since = now
+    if old is not None and old.get("status") == status and old.get("lastTransitionTime"):
+        since = str(old["lastTransitionTime"])
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since}
+
+
+def ready_condition(ready_nodes: int, wanted: int, slots_moving: int,
+                    previous: list[Manifest] | None, now: str) -> Manifest:
+    """``Ready``: every wanted node pod Ready and no slot moving."""
+    if slots_moving:
+        return condition("Ready", False, "SlotsMoving", f"{slots_moving} slots still moving",
+                         previous, now)
+    if ready_nodes != wanted:
+        return condition("Ready", False, "NodesNotReady",
+                         f"{ready_nodes}/{wanted} node pods Ready", previous, now)
+    return condition("Ready", True, "Converged",
+                     f"{wanted}/{wanted} node pods Ready, no slot moving", previous, now)
+
+
+def storage_condition(changes: list[str], previous: list[Manifest] | None,
+                      now: str) -> Manifest:
+    """``StorageInSync``: False while ``spec.storage`` asks for what the volumes are not."""
+    if changes:
+        return condition("StorageInSync", False, "StorageImmutable",
+                         "; ".join(changes) + ": a StatefulSet's volume claim templates "
+                         "cannot change, so the volumes stay as they are (migrate the data "
+                         "to a new ShardqCluster, or set spec.storage back)", previous, now)
+    return condition("StorageInSync", True, "Unchanged",
+                     "the node volumes match spec.storage", previous, now)

@@ -214,6 +214,7 @@ def test_crd_defaults_are_the_operators_and_cover_every_field_it_reads() -> None
     # a spec with every field set parses into non-default values everywhere
     every = {
         "nodes": 7, "image": "img:1", "imagePullPolicy": "Always",
+        "imagePullSecrets": [{"name": "registry-credentials"}],
         "gateway": {"replicas": 0, "service": {"type": "NodePort"}},
         "storage": {"storageClassName": "ssd", "size": "5Gi"}, "fsync": "never",
         "resources": {"node": {"limits": {"cpu": 1}}, "gateway": {"requests": {"cpu": "1m"}}},
@@ -314,12 +315,16 @@ def test_the_cluster_comes_from_values(default_docs: list[Doc], full_docs: list[
     default = rc.Spec.parse(one(default_docs, "ShardqCluster", RELEASE)["spec"])
     assert (default.nodes, default.gateway_replicas, default.fsync) == (3, 2, "always")
     assert default.image == "localhost/shardq:0.1.0" and default.auth_secret is None
+    assert default.image_pull_secrets == []
     full = one(full_docs, "ShardqCluster", "queues")
     spec = rc.Spec.parse(full["spec"])
     assert (spec.nodes, spec.gateway_replicas, spec.service_type) == (5, 3, "LoadBalancer")
     assert (spec.storage_class, spec.storage_size, spec.fsync) == ("fast-ssd", "20Gi", "everysec")
     assert spec.auth_secret == "shardq-auth" and spec.delete_volumes
     assert spec.node_resources["limits"] == {"memory": "2Gi"}
+    # image.pullSecrets reach the node and gateway pods too, through the ShardqCluster
+    assert full["spec"]["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert spec.image_pull_secrets == ["registry-credentials"]
     assert full["metadata"]["annotations"]["merged"] == "yes"  # cluster.merge
     assert full["spec"]["metrics"] == {"serviceMonitor": True,
                                        "labels": {"release": "kube-prometheus-stack"}}

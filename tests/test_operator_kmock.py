@@ -8,8 +8,15 @@ the handler's wait for running, reachable node pods never ends and kopf keeps
 retrying it (``kopf.TemporaryError``). These tests check what the handler does
 up to there: the owned objects, their owner references, the PDB version found
 by discovery (the emulator serves ``policy/v1beta1`` only, like Kubernetes
-1.20), a changed ``spec.nodes`` reaching the StatefulSet, and deletion through
-kopf's finalizer. Converging for real is tests/test_e2e_k8s.py's job.
+1.20), a changed ``spec.nodes`` reaching the StatefulSet, the status while it
+waits (``observedGeneration``, ``Ready`` False), a storage change left out of
+the StatefulSet patch with one Warning event, and deletion through kopf's
+finalizer (volume claims kept unless ``deleteVolumes``, and only the cluster's
+own). Converging for real is tests/test_e2e_k8s.py's job.
+
+The last tests call the handlers directly, with ``converge`` replaced by a
+recorder: the create/update/resume handler, the timer and the delete handler
+of one cluster never converge at once.
 """
 
 from __future__ import annotations
@@ -219,7 +226,8 @@ async def running_operator(emulator: Emulator,
 def _cluster(spec: dict[str, Any]) -> dict[str, Any]:
     # kmock stores objects as given: the uid and resourceVersion the apiserver would set
     return {"apiVersion": f"{rc.GROUP}/{rc.VERSION}", "kind": rc.KIND,
-            "metadata": {"name": CLUSTER, "namespace": NS, "uid": UID, "resourceVersion": "1"},
+            "metadata": {"name": CLUSTER, "namespace": NS, "uid": UID, "resourceVersion": "1",
+                         "generation": 3},
             "spec": spec}
 
 
@@ -305,7 +313,15 @@ async def test_kopf_runs_the_handler_which_creates_every_owned_object_and_retrie
     # the handler never got past the wait: no events of a finished rebalance, no status phase
     assert not any(r == "v1/events" for r, _, _ in objects)
     cluster = objects[SHARDQ, NS, CLUSTER]
-    assert "phase" not in (cluster.get("status") or {})
+    status = cluster.get("status") or {}
+    assert "phase" not in status
+    # ... but the status says why it is not Ready, for the generation it saw
+    assert status["observedGeneration"] == 3
+    ready, storage = status["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False",
+                                                                 "WaitingForNodes")
+    assert ready["message"] == "waiting for node pod demo-node-0 to run"
+    assert (storage["type"], storage["status"]) == ("StorageInSync", "True")
 
     # kopf's finalizer is on the object, and the waiting shows in kopf's log
     assert "shardq.io/finalizer" in cluster["metadata"].get("finalizers", [])
@@ -365,6 +381,8 @@ async def test_deleting_the_cluster_runs_the_delete_handler_and_drops_the_finali
              "spec": {"accessModes": ["ReadWriteOnce"],
                       "resources": {"requests": {"storage": "1Gi"}}}}
     await emulator.put("v1/persistentvolumeclaims", claim["metadata"]["name"], claim)
+    others = _claim("other", 0)  # another cluster's data in the same namespace
+    await emulator.put("v1/persistentvolumeclaims", others["metadata"]["name"], others)
     await emulator.put(SHARDQ, CLUSTER, _cluster({"nodes": 1, "deletion": {"deleteVolumes": True}}))
     async with running_operator(emulator, monkeypatch):
         await emulator.wait_for("kopf's finalizer", lambda objs: "shardq.io/finalizer" in (
@@ -374,6 +392,195 @@ async def test_deleting_the_cluster_runs_the_delete_handler_and_drops_the_finali
             "the cluster gone", lambda objs: (SHARDQ, NS, CLUSTER) not in objs and objs)
     # spec.deletion.deleteVolumes: the delete handler removed the node volume claims
     assert ("v1/persistentvolumeclaims", NS, claim["metadata"]["name"]) not in objects
+    assert ("v1/persistentvolumeclaims", NS, others["metadata"]["name"]) in objects
+
+
+def _claim(cluster: str, ordinal: int) -> dict[str, Any]:
+    """A node volume claim as the StatefulSet controller makes it (the template's labels)."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": f"data-{cluster}-node-{ordinal}", "namespace": NS,
+                         "labels": rc.labels(cluster, "node")},
+            "spec": {"accessModes": ["ReadWriteOnce"],
+                     "resources": {"requests": {"storage": "1Gi"}}}}
+
+
+async def test_deleting_the_cluster_keeps_the_volume_claims_by_default(
+        emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    claims = [_claim(CLUSTER, 0), _claim(CLUSTER, 1)]
+    for claim in claims:
+        await emulator.put("v1/persistentvolumeclaims", claim["metadata"]["name"], claim)
+    await emulator.put(SHARDQ, CLUSTER, _cluster({"nodes": 2}))  # deleteVolumes: default off
+    async with running_operator(emulator, monkeypatch):
+        await emulator.wait_for("kopf's finalizer", lambda objs: "shardq.io/finalizer" in (
+            objs.get((SHARDQ, NS, CLUSTER), {}).get("metadata", {}).get("finalizers", [])))
+        await asyncio.to_thread(_delete_cluster, emulator.kubeconfig)
+        objects = await emulator.wait_for(
+            "the cluster gone", lambda objs: (SHARDQ, NS, CLUSTER) not in objs and objs)
+    for claim in claims:  # the data stays for a cluster made again with the same name
+        assert ("v1/persistentvolumeclaims", NS, claim["metadata"]["name"]) in objects
+
+
+async def test_a_storage_change_leaves_the_claim_templates_and_warns_once(
+        emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """volumeClaimTemplates are immutable: the rest applies, an event and a condition say so."""
+    made = rc.Spec.parse({"nodes": 1, "storage": {"size": "1Gi"}})
+    sts = rc.statefulset(CLUSTER, NS, made, 1)
+    sts["spec"]["volumeClaimTemplates"][0]["spec"]["volumeMode"] = "Filesystem"
+    await emulator.put("apps/v1/statefulsets", rc.node_name(CLUSTER), sts)
+    await emulator.put(SHARDQ, CLUSTER, _cluster(
+        {"nodes": 2, "fsync": "never", "storage": {"size": "5Gi", "storageClassName": "fast"}}))
+    async with running_operator(emulator, monkeypatch):
+        objects = await emulator.wait_for(
+            "two retries after the StatefulSet was patched",
+            lambda objs: _replicas(objs) == 2 and _retries(objs) >= 2 and objs, timeout=20)
+    sts = objects["apps/v1/statefulsets", NS, rc.node_name(CLUSTER)]
+    # everything else applied: replicas, the pod template, the owner reference
+    assert sts["metadata"]["ownerReferences"][0]["uid"] == UID
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--fsync") + 1] == "never"
+    # the claim template as it was: never in a patch, which the API server would refuse
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"] == {"requests": {"storage": "1Gi"}}
+    assert "storageClassName" not in claim["spec"]
+    assert claim["spec"]["volumeMode"] == "Filesystem"
+    # one Warning event naming both fields, not one per retry
+    warnings_ = [o for (r, _, _), o in objects.items()
+                 if r == "v1/events" and o.get("reason") == "StorageChangeIgnored"]
+    assert len(warnings_) == 1
+    assert warnings_[0]["type"] == "Warning"
+    message = warnings_[0]["message"]
+    assert "spec.storage.size is 5Gi" in message and "made with 1Gi" in message
+    assert "spec.storage.storageClassName is fast" in message
+    storage = {c["type"]: c for c in objects[SHARDQ, NS, CLUSTER]["status"]["conditions"]}[
+        "StorageInSync"]
+    assert (storage["status"], storage["reason"]) == ("False", "StorageImmutable")
+    assert storage["message"] == message
+
+
+# -- the handlers called directly: one converge at a time per cluster ----------------------------
+
+
+class _Converges:
+    """Stands for ``handlers.converge``: records its runs, and any two of one cluster at once."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, int] = {}
+        self.log: list[tuple[str, str]] = []
+        self.overlaps: list[str] = []
+        self.most_at_once = 0
+
+    async def __call__(self, name: str, namespace: str, body: kopf.Body,
+                       spec_raw: dict[str, Any], memo: kopf.Memo, logger: Any) -> dict[str, Any]:
+        if self.running.get(name):
+            self.overlaps.append(name)
+        self.running[name] = self.running.get(name, 0) + 1
+        self.most_at_once = max(self.most_at_once, sum(self.running.values()))
+        self.log.append(("start", name))
+        await asyncio.sleep(0.05)
+        self.log.append(("end", name))
+        self.running[name] -= 1
+        return {"phase": "Running", "readyNodes": 3}
+
+    async def started(self, count: int = 1) -> None:
+        while sum(1 for what, _ in self.log if what == "start") < count:
+            await asyncio.sleep(0.001)
+
+
+def _body(name: str = CLUSTER, **metadata: Any) -> kopf.Body:
+    return kopf.Body({"apiVersion": f"{rc.GROUP}/{rc.VERSION}", "kind": rc.KIND,
+                      "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}",
+                                   "generation": 1, **metadata},
+                      "spec": {"nodes": 3}, "status": {"phase": "Running"}})
+
+
+async def _reconcile(memo: kopf.Memo, body: kopf.Body) -> kopf.Patch:
+    patch = kopf.Patch()
+    await handlers.reconcile(body=body, spec=body.spec, patch=patch, memo=memo,
+                             logger=logging.getLogger("test"))
+    return patch
+
+
+async def _tick(memo: kopf.Memo, body: kopf.Body) -> kopf.Patch:
+    patch = kopf.Patch()
+    await handlers.follow_pod_addresses(body=body, spec=body.spec, status=body.status,
+                                        patch=patch, memo=memo, logger=logging.getLogger("test"))
+    return patch
+
+
+@pytest.fixture
+def converges(monkeypatch: pytest.MonkeyPatch) -> _Converges:
+    fake = _Converges()
+    monkeypatch.setattr(handlers, "converge", fake)
+    return fake
+
+
+async def test_a_reconcile_waits_for_the_converge_of_a_timer_tick(converges: _Converges) -> None:
+    memo, body = kopf.Memo(), _body()
+    tick = asyncio.create_task(_tick(memo, body))
+    await converges.started()
+    reconcile = asyncio.create_task(_reconcile(memo, body))
+    tick_patch, reconcile_patch = await asyncio.gather(tick, reconcile)
+    assert converges.overlaps == []
+    assert converges.log == [("start", CLUSTER), ("end", CLUSTER)] * 2
+    # both ran to the end and wrote their status
+    assert tick_patch["status"]["phase"] == reconcile_patch["status"]["phase"] == "Running"
+
+
+async def test_a_timer_tick_during_a_reconcile_skips(converges: _Converges) -> None:
+    memo, body = kopf.Memo(), _body()
+    reconcile = asyncio.create_task(_reconcile(memo, body))
+    await converges.started()
+    tick_patch = await _tick(memo, body)  # returns at once: the reconcile holds the lock
+    assert not tick_patch
+    await reconcile
+    assert converges.log == [("start", CLUSTER), ("end", CLUSTER)]
+    # the lock is free again: the next tick converges
+    assert (await _tick(memo, body))["status"]["phase"] == "Running"
+    assert converges.overlaps == []
+
+
+async def test_converges_queue_per_cluster_and_other_clusters_run_alongside(
+        converges: _Converges) -> None:
+    memo = kopf.Memo()
+    await asyncio.gather(*(_reconcile(memo, _body(name)) for name in
+                           (CLUSTER, CLUSTER, CLUSTER, "other")))
+    assert converges.overlaps == []
+    assert converges.most_at_once == 2  # demo's three ran one by one, "other" alongside
+    assert handlers.cluster_lock(memo, NS, CLUSTER) is handlers.cluster_lock(memo, NS, CLUSTER)
+    assert handlers.cluster_lock(memo, NS, CLUSTER) is not handlers.cluster_lock(memo, NS,
+                                                                                 "other")
+    # kopf gives each object a shallow copy of the operator's memo: the locks are shared
+    memo.locks = {}
+    copy_a, copy_b = copy.copy(memo), copy.copy(memo)
+    assert handlers.cluster_lock(copy_a, NS, "x") is handlers.cluster_lock(copy_b, NS, "x")
+
+
+async def test_no_timer_converge_of_a_cluster_being_deleted_or_not_running(
+        converges: _Converges) -> None:
+    memo = kopf.Memo()
+    assert not await _tick(memo, _body(deletionTimestamp="2024-05-01T10:00:00Z"))
+    pending = kopf.Body({**_body(), "status": {"phase": "Scaling"}})
+    assert not await _tick(memo, pending)
+    assert converges.log == []
+
+
+async def test_the_delete_handler_waits_for_a_running_converge(converges: _Converges) -> None:
+    deleted: list[bool] = []
+
+    class Kube:
+        async def delete_claims(self, namespace: str, selector: dict[str, str]) -> int:
+            assert selector == rc.labels(CLUSTER, "node")
+            deleted.append(bool(converges.running.get(CLUSTER)))
+            return 2
+
+    memo = kopf.Memo(kube=Kube())
+    body = kopf.Body({**_body(), "spec": {"nodes": 3, "deletion": {"deleteVolumes": True}}})
+    tick = asyncio.create_task(_tick(memo, body))
+    await converges.started()
+    await handlers.delete(body=body, spec=body.spec, memo=memo)
+    await tick
+    assert deleted == [False]  # after the converge ended, not during it
+    assert (NS, CLUSTER) not in memo.locks  # forgotten with the cluster
 
 
 def _custom_api(kubeconfig: Path) -> Any:

@@ -4,21 +4,32 @@ Pure functions, so these are plain tests without a cluster: names and labels,
 selectors that match their pod templates, ports Kubernetes 1.20 accepts
 (``protocol: TCP`` everywhere), the node StatefulSet (``Parallel`` pods,
 volumeClaimTemplates, auth env from the Secret, probes), the gateway's seeds,
-``Spec.parse`` defaults and every field, and the order of a scale.
+``Spec.parse`` defaults and every field, and the order of a scale; the pods'
+security contexts (the restricted Pod Security Standard) and pull secrets; the
+storage fields an existing StatefulSet cannot take (compared by quantity
+value); the ``Ready`` and ``StorageInSync`` conditions, and that the CRD's
+status schema takes what the operator writes.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 
 from shardq.operator import reconcile as rc
+
+CRD_FILE = Path(__file__).resolve().parents[1] / "charts" / "shardq" / "crds" / "shardqcluster.yaml"
 
 FULL_SPEC: dict[str, Any] = {
     "nodes": 5,
     "image": "registry.example/shardq:1.2.3",
     "imagePullPolicy": "Always",
+    "imagePullSecrets": [{"name": "registry-credentials"}, {"name": "mirror"}],
     "gateway": {"replicas": 3, "service": {"type": "LoadBalancer"}},
     "storage": {"storageClassName": "fast-ssd", "size": "20Gi"},
     "fsync": "everysec",
@@ -59,6 +70,7 @@ def test_spec_parse_of_an_empty_spec_gives_the_documented_defaults() -> None:
     assert spec.nodes == 3
     assert spec.image == "localhost/shardq:latest"
     assert spec.image_pull_policy == "IfNotPresent"
+    assert spec.image_pull_secrets == []
     assert spec.gateway_replicas == 2
     assert spec.service_type == "ClusterIP"
     assert spec.storage_class is None
@@ -76,6 +88,7 @@ def test_spec_parse_reads_every_field() -> None:
     assert spec.nodes == 5
     assert spec.image == "registry.example/shardq:1.2.3"
     assert spec.image_pull_policy == "Always"
+    assert spec.image_pull_secrets == ["registry-credentials", "mirror"]
     assert spec.gateway_replicas == 3
     assert spec.service_type == "LoadBalancer"
     assert spec.storage_class == "fast-ssd"
@@ -199,8 +212,21 @@ def test_the_statefulset_runs_nodes_in_parallel_with_a_claim_template() -> None:
     assert claim["spec"]["storageClassName"] == "fast-ssd"
     assert claim["spec"]["resources"] == {"requests": {"storage": "20Gi"}}
     c = container(sts)
-    assert c["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert c["volumeMounts"] == [{"name": "data", "mountPath": "/data"},
+                                 {"name": "tmp", "mountPath": "/tmp"}]
     assert arg_after(c["args"], "--data-dir") == "/data"
+
+
+def test_a_statefulset_patch_leaves_the_immutable_claim_templates_out() -> None:
+    spec = rc.Spec.parse(FULL_SPEC)
+    full = rc.statefulset("demo", "ns", spec, 5)
+    patch = rc.statefulset("demo", "ns", spec, 5, with_claims=False)
+    assert "volumeClaimTemplates" not in patch["spec"]
+    assert {k: v for k, v in full["spec"].items() if k != "volumeClaimTemplates"} == patch["spec"]
+    objs = by_kind(rc.objects("demo", "ns", spec, 5, ["a:1"], with_claims=False))
+    assert "volumeClaimTemplates" not in objs["StatefulSet", "demo-node"]["spec"]
+    objs = by_kind(rc.objects("demo", "ns", spec, 5, ["a:1"]))
+    assert objs["StatefulSet", "demo-node"]["spec"]["volumeClaimTemplates"]
 
 
 def test_without_a_storage_class_the_claim_uses_the_cluster_default() -> None:
@@ -263,11 +289,48 @@ def test_probes_ask_ready_and_health_on_the_http_port(component: str) -> None:
     assert pod_annotations["prometheus.io/port"] == "6790"
 
 
-def test_pods_run_as_non_root() -> None:
-    sts = rc.statefulset("demo", "ns", rc.Spec(), 3)
-    dep = rc.gateway_deployment("demo", "ns", rc.Spec(), ["a:1"])
-    for m in (sts, dep):
-        assert m["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+@pytest.mark.parametrize("component", ["node", "gateway"])
+def test_pods_meet_the_restricted_pod_security_standard(component: str) -> None:
+    manifest = (rc.statefulset("demo", "ns", rc.Spec(), 3) if component == "node"
+                else rc.gateway_deployment("demo", "ns", rc.Spec(), ["a:1"]))
+    pod = manifest["spec"]["template"]["spec"]
+    # the image's user (Dockerfile: USER 10001:10001); fsGroup makes the volume writable to it
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"}}
+    c = container(manifest)
+    assert c["securityContext"] == {
+        "runAsNonRoot": True, "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}}
+    # read-only root: the only writable paths are volumes (/data of a node, a small /tmp)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"] == {"name": "tmp",
+                              "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claims = {t["metadata"]["name"] for t in manifest["spec"].get("volumeClaimTemplates", [])}
+    assert set(mounts.values()) <= set(volumes) | claims
+    assert mounts == ({"/data": "data", "/tmp": "tmp"} if component == "node" else
+                      {"/tmp": "tmp"})
+    if component == "node":
+        assert arg_after(c["args"], "--data-dir") in mounts  # the node writes only there
+
+
+def test_image_pull_secrets_and_policy_reach_both_pod_templates() -> None:
+    spec = rc.Spec.parse(FULL_SPEC)
+    for manifest in (rc.statefulset("demo", "ns", spec, 5),
+                     rc.gateway_deployment("demo", "ns", spec, ["a:1"])):
+        pod = manifest["spec"]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "registry-credentials"},
+                                           {"name": "mirror"}]
+        assert container(manifest)["imagePullPolicy"] == "Always"
+    for manifest in (rc.statefulset("demo", "ns", rc.Spec(), 3),
+                     rc.gateway_deployment("demo", "ns", rc.Spec(), ["a:1"])):
+        assert "imagePullSecrets" not in manifest["spec"]["template"]["spec"]
+        assert container(manifest)["imagePullPolicy"] == "IfNotPresent"
+    # entries without a name (not valid for the CRD either) are left out
+    assert rc.Spec.parse({"imagePullSecrets": [{"name": ""}, {}, {"name": "x"}]}
+                         ).image_pull_secrets == ["x"]
 
 
 def test_the_gateway_gets_its_seeds_in_env_and_listens_everywhere() -> None:
@@ -328,3 +391,108 @@ def test_plan_is_stable_when_nothing_changes_and_resumes_a_half_done_scale_down(
     assert (same.replicas_first, same.replicas_after, same.scaling) == (4, 4, False)
     # an operator restarted after the StatefulSet shrank: nothing more to do
     assert rc.plan("demo", 2, 2).members == ["demo-node-0", "demo-node-1"]
+
+
+# -- storage changes of an existing cluster ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("1Gi", 2**30), ("1024Mi", 2**30), ("1G", 10**9), ("1.5Gi", 3 * 2**29), ("500M", 5 * 10**8),
+    ("2e3", 2000), ("100m", Decimal("0.1")), ("3", 3), ("lots", None), ("1Gb", None)])
+def test_quantities_compare_by_value(text: str, value: Any) -> None:
+    assert rc.quantity(text) == (None if value is None else Decimal(value))
+
+
+def _live(spec: rc.Spec, **claim_spec: Any) -> rc.Manifest:
+    """The StatefulSet as the API returns it: claim template with defaults, canonical sizes."""
+    sts = rc.statefulset("demo", "ns", spec, spec.nodes)
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    claim["spec"]["volumeMode"] = "Filesystem"
+    claim["status"] = {"phase": "Pending"}
+    claim["spec"].update(claim_spec)
+    return sts
+
+
+def test_unchanged_storage_is_no_change_whatever_the_spelling_of_the_size() -> None:
+    spec = rc.Spec.parse({"storage": {"size": "1024Mi", "storageClassName": "ssd"}})
+    live = _live(spec, resources={"requests": {"storage": "1Gi"}})  # the API's canonical form
+    assert rc.storage_changes(spec, live) == []
+    assert rc.storage_changes(rc.Spec(), _live(rc.Spec())) == []
+    assert rc.storage_changes(rc.Spec(), {"spec": {}}) == []  # nothing to compare with
+
+
+def test_a_changed_storage_size_or_class_is_named_by_its_field() -> None:
+    made = rc.Spec.parse({"storage": {"size": "1Gi"}})
+    live = _live(made)
+    bigger = rc.Spec.parse({"storage": {"size": "5Gi"}})
+    assert rc.storage_changes(bigger, live) == [
+        "spec.storage.size is 5Gi but the node volumes were made with 1Gi"]
+    classed = rc.Spec.parse({"storage": {"size": "1Gi", "storageClassName": "fast"}})
+    assert rc.storage_changes(classed, live) == [
+        "spec.storage.storageClassName is fast but the node volumes were made with (unset)"]
+    both = rc.Spec.parse({"storage": {"size": "2Gi"}})
+    live = _live(rc.Spec.parse({"storage": {"storageClassName": "slow"}}))
+    changes = rc.storage_changes(both, live)
+    assert [c.split(" is ")[0] for c in changes] == ["spec.storage.storageClassName",
+                                                     "spec.storage.size"]
+
+
+def test_the_storage_condition_says_a_change_needs_a_manual_migration() -> None:
+    cond = rc.storage_condition(["spec.storage.size is 5Gi but the node volumes were made "
+                                 "with 1Gi"], None, NOW)
+    assert (cond["type"], cond["status"], cond["reason"]) == (
+        "StorageInSync", "False", "StorageImmutable")
+    assert cond["message"].startswith("spec.storage.size is 5Gi")
+    assert "cannot change" in cond["message"] and "migrate" in cond["message"]
+    ok = rc.storage_condition([], None, NOW)
+    assert (ok["status"], ok["reason"]) == ("True", "Unchanged")
+
+
+# -- status conditions ------------------------------------------------------------------------
+
+NOW = "2024-05-01T10:00:00Z"
+LATER = "2024-05-01T10:05:00Z"
+
+
+def test_ready_is_true_only_with_every_node_ready_and_no_slot_moving() -> None:
+    ready = rc.ready_condition(3, 3, 0, None, NOW)
+    assert ready == {"type": "Ready", "status": "True", "reason": "Converged",
+                     "message": "3/3 node pods Ready, no slot moving",
+                     "lastTransitionTime": NOW}
+    moving = rc.ready_condition(3, 3, 12, None, NOW)
+    assert (moving["status"], moving["reason"], moving["message"]) == (
+        "False", "SlotsMoving", "12 slots still moving")
+    short = rc.ready_condition(2, 3, 0, None, NOW)
+    assert (short["status"], short["reason"], short["message"]) == (
+        "False", "NodesNotReady", "2/3 node pods Ready")
+    extra = rc.ready_condition(4, 3, 0, None, NOW)  # readyNodes must equal spec.nodes
+    assert extra["status"] == "False"
+
+
+def test_last_transition_time_moves_only_when_the_status_changes() -> None:
+    first = rc.ready_condition(2, 3, 0, None, NOW)
+    still = rc.ready_condition(1, 3, 0, [first], LATER)  # False again, other message
+    assert still["lastTransitionTime"] == NOW and still["message"] == "1/3 node pods Ready"
+    now_ready = rc.ready_condition(3, 3, 0, [first], LATER)
+    assert now_ready["lastTransitionTime"] == LATER
+    other_type = rc.condition("StorageInSync", True, "Unchanged", "", [first], LATER)
+    assert other_type["lastTransitionTime"] == LATER
+    # what a user or an old operator wrote without a time gets one
+    assert rc.condition("Ready", False, "x", "", [{"type": "Ready", "status": "False"}],
+                        LATER)["lastTransitionTime"] == LATER
+
+
+def test_the_crd_status_schema_takes_what_the_operator_writes() -> None:
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    status = {"phase": "Running", "epoch": 7, "nodes": 3, "slotsMoving": 0, "readyNodes": 3,
+              "progress": "1024/1024 slots moved", "observedGeneration": 4,
+              "conditions": [rc.ready_condition(3, 3, 0, None, NOW),
+                             rc.storage_condition(["spec.storage.size is 2Gi but x"], None,
+                                                  NOW)]}
+    jsonschema.validate({"status": status}, schema)
+    properties = schema["properties"]["status"]["properties"]
+    assert set(status) <= set(properties)
+    condition_fields = set(properties["conditions"]["items"]["properties"])
+    for cond in status["conditions"]:
+        assert set(cond) <= condition_fields
