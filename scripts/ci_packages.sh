@@ -22,6 +22,11 @@ case "${1:-test}" in
 esac
 need=()
 for pkg in "${packages[@]}"; do
+    case "$pkg" in
+        # a Node.js from elsewhere (NodeSource's nodejs bundles npm and
+        # conflicts with Debian's npm) serves as well as Debian's
+        nodejs|npm) command -v "${pkg/nodejs/node}" >/dev/null 2>&1 && continue ;;
+    esac
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,11 @@ from .helpers import CI, RawClient, free_port, start_node_process
 class FaultyFiles(Files):
     """The real file layer, with an error to raise on the next writes/fsyncs when armed."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync_delay: float = 0.0) -> None:
         self.write_error: int | None = None
         self.fsync_error: int | None = None
+        self.fsync_delay = fsync_delay  # a slow disk: every fsync takes at least this long
+        self.fsync_threads: list[int] = []  # the thread of each fsync, in order
 
     def write(self, fd: int, data: bytes) -> None:
         if self.write_error is not None:
@@ -42,6 +46,9 @@ class FaultyFiles(Files):
         super().pwrite(fd, data, offset)
 
     def fsync(self, fd: int) -> None:
+        self.fsync_threads.append(threading.get_ident())
+        if self.fsync_delay:
+            time.sleep(self.fsync_delay)
         if self.fsync_error is not None:
             raise OSError(self.fsync_error, os.strerror(self.fsync_error))
         super().fsync(fd)
@@ -157,11 +164,12 @@ async def test_blob_jobs_survive_a_restart(tmp_path: Path, started: list[Node]) 
 # -- disk failures ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("disk", ["fast", "slow"])
 @pytest.mark.parametrize("where", ["write", "fsync"])
 async def test_failing_disk_refuses_writes_serves_reads_and_acknowledges_nothing_lost(
-    tmp_path: Path, started: list[Node], where: str
+    tmp_path: Path, started: list[Node], where: str, disk: str
 ) -> None:
-    files = FaultyFiles()
+    files = FaultyFiles(fsync_delay=0.004 if disk == "slow" else 0.0)
     node = await start(started, storage(tmp_path), files)
     raw = await RawClient.connect(node.tcp_port)
     ok = await raw.call({"cmd": "PUSH", "queue": "q", "data": "kept"})
@@ -205,6 +213,40 @@ async def test_failed_write_answers_every_pipelined_request_of_its_group(
     assert all(a["ok"] is False for a in answers)
     assert all("No space left on device" in a["error"] for a in answers)
     await raw.close()
+
+
+async def test_group_commit_fsyncs_on_the_loop_for_a_fast_disk_and_in_a_thread_for_a_slow_one(
+    tmp_path: Path, started: list[Node]
+) -> None:
+    files = FaultyFiles()
+    node = await start(started, storage(tmp_path), files)
+    raw = await RawClient.connect(node.tcp_port)
+    loop_thread = threading.get_ident()  # the in-process node runs on the test's loop
+
+    async def pipelined(first: int) -> list[int]:
+        await raw.send(*({"cmd": "PUSH", "queue": "q", "data": first + i} for i in range(20)))
+        answers = [await raw.recv() for _ in range(20)]
+        assert all(a["ok"] is True for a in answers), answers
+        return [a["id"] for a in answers]
+
+    ids = await pipelined(0)
+    assert set(files.fsync_threads) == {loop_thread}
+    files.fsync_threads.clear()
+    files.fsync_delay = 0.004  # the disk slows down: fsyncs move off the loop
+    for r in range(1, 8):
+        ids += await pipelined(r * 20)
+    assert files.fsync_threads[-1] != loop_thread
+    # a slow fsync no longer blocks reads
+    stats = await raw.call({"cmd": "STATS"})
+    assert stats["queued"] == 160
+    await raw.close()
+    await node.stop()
+    started.remove(node)
+    node2 = await start(started, storage(tmp_path))
+    async with AsyncClient(f"127.0.0.1:{node2.tcp_port}") as c:
+        jobs = await c.pull_batch("q", 200, timeout=0)
+        assert sorted(j.data for j in jobs) == list(range(160))
+        assert sorted(j.id for j in jobs) == sorted(ids)
 
 
 # -- a real full disk -----------------------------------------------------------------------------
