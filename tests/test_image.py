@@ -85,10 +85,15 @@ def image_id() -> str:
     return done.stdout.strip()
 
 
+#: the operator's pod security context, as podman flags: read-only root, a tmpfs /tmp, no
+#: capabilities, no privilege escalation (operator/reconcile.py builds the same for Kubernetes)
+HARDENED = ["--read-only", "--tmpfs=/tmp", "--cap-drop=ALL", "--security-opt=no-new-privileges"]
+
+
 def run(script: str, *args: str, env: dict[str, str] | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        timeout: float = 120, hardened: bool = False) -> subprocess.CompletedProcess[str]:
     """``sh -c script`` in a throwaway container of the image, offline, as the image's user."""
-    flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
+    flags = [f"--env={k}={v}" for k, v in (env or {}).items()] + (HARDENED if hardened else [])
     return podman("run", "--rm", "--network=none", *flags, "--entrypoint", "sh", TAG,
                   "-c", script, "sh", *args, timeout=timeout)
 
@@ -131,20 +136,23 @@ def test_image_runs_shardq_as_uid_10001_with_the_role_as_command(image: dict[str
 
 
 def test_node_in_the_image_answers_stats_and_the_healthcheck(image: dict[str, Any]) -> None:
+    """Run as the operator runs it: read-only root, no capabilities; the node writes only /data."""
     health = healthcheck(image)[1:]
     script = """
         set -e
         echo "UID $(id -u)"
+        echo "ROOTFS $(awk '$2 == "/" {split($4, o, ","); print o[1]}' /proc/mounts)"
         shardq node --port 6789 --http-port 6790 >/tmp/node.log 2>&1 &
         python3 -c "$STATS_CLIENT"
         for _ in 1 2 3 4 5 6 7 8 9 10; do "$@" && { echo HEALTHY; break; }; sleep 0.3; done
         echo "DATA $(stat -c %u /data) $(find /data -type f | wc -l)"
         kill $!
     """
-    done = run(script, *health, env={"STATS_CLIENT": STATS_CLIENT})
+    done = run(script, *health, env={"STATS_CLIENT": STATS_CLIENT}, hardened=True)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
     assert lines["UID"] == str(UID)
+    assert lines["ROOTFS"] == "ro", "the node needs no writable root filesystem"
     stats = json.loads(lines["STATS"])
     assert stats["ok"] is True
     assert "HEALTHY" in done.stdout
