@@ -103,6 +103,8 @@ class AsyncWorker:
         self._running: dict[int, tuple[Job, float]] = {}  # jobs without timeout, since when
         self._slot_free = asyncio.Event()
         self._ack_tasks: set[asyncio.Task[None]] = set()
+        #: (handler, takes a context, is a coroutine function), worked out on first use
+        self._shape: tuple[Callable[..., Any], bool, bool] | None = None
 
     def handler(self, fn: F) -> F:
         """Decorator style: ``@worker.handler`` sets the function jobs are run with."""
@@ -206,17 +208,22 @@ class AsyncWorker:
             await self._settle(self.client.fail(job, f"{type(exc).__name__}: {exc}"), job)
         else:
             self.processed += 1
-            await self._settle(self._ack(job, result), job)
+            try:  # no shield needed: the ack is already in the next ACKB, cancelled or not
+                await self._ack(job, result)
+            except ShardqError as exc:
+                log.warning("could not settle job %s: %s", job.id, exc)
         finally:
             self._running.pop(job.id, None)
 
-    async def _ack(self, job: Job, result: Any) -> None:
-        """Acks of one event-loop turn go out together, as one ACKB."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def _ack(self, job: Job, result: Any) -> asyncio.Future[None]:
+        """Acks of one event-loop turn go out together, as one ACKB (a future, not a
+        coroutine: shielding a future costs no task per job)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._acks.append((job, result, fut))
         if len(self._acks) == 1:
-            asyncio.get_running_loop().call_soon(self._send_acks)
-        await fut
+            loop.call_soon(self._send_acks)
+        return fut
 
     def _send_acks(self) -> None:
         acks, self._acks = self._acks, []
@@ -248,15 +255,19 @@ class AsyncWorker:
     async def _call(self, job: Job) -> Any:
         handler = self._handler
         assert handler is not None
-        wants_ctx = _arity(handler) >= 2
-        ctx = JobContext(self.client, job)
-        if inspect.iscoroutinefunction(handler):
-            return await (handler(job, ctx) if wants_ctx else handler(job))
+        shape = self._shape
+        if shape is None or shape[0] is not handler:  # inspect once per handler, not per job
+            shape = self._shape = (handler, _arity(handler) >= 2,
+                                   inspect.iscoroutinefunction(handler))
+        _, wants_ctx, is_async = shape
+        if is_async:
+            return await (handler(job, JobContext(self.client, job)) if wants_ctx
+                          else handler(job))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="shardq-job")
         loop = asyncio.get_running_loop()
         if wants_ctx:
-            blocking = BlockingJobContext(ctx, loop)
+            blocking = BlockingJobContext(JobContext(self.client, job), loop)
             return await loop.run_in_executor(self._pool, handler, job, blocking)
         return await loop.run_in_executor(self._pool, handler, job)
 

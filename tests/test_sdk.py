@@ -125,6 +125,31 @@ async def test_async_worker_with_concurrency_and_context(node: Node) -> None:
         assert [await q.get_result(i) for i in ids] == [n * 2 for n in range(40)]
 
 
+async def test_a_worker_picks_up_a_new_handler_of_another_shape(node: Node) -> None:
+    async with AsyncQueue("shapes", address(node)) as q:
+        ids = await q.push_batch([{"data": n} for n in range(6)])
+        worker = AsyncWorker("shapes", address=address(node), concurrency=2)
+
+        async def first(job: Any) -> str:  # a coroutine, no context
+            return f"async {job.data}"
+
+        def second(job: Any, ctx: Any) -> str:  # blocking, with a context, fails on odd data
+            ctx.update_progress(10)
+            if job.data % 2:
+                raise ValueError(f"odd {job.data}")
+            return f"blocking {job.data}"
+
+        worker.handler(first)
+        await asyncio.wait_for(worker.run(max_jobs=3, handle_signals=False), 30)
+        worker.handler(second)
+        await asyncio.wait_for(worker.run(max_jobs=3, handle_signals=False), 30)
+        assert (worker.processed, worker.failed) == (4, 2)
+        assert [await q.get_result(i) for i in ids[:3]] == ["async 0", "async 1", "async 2"]
+        assert [await q.get_result(i) for i in ids[3:]] == [None, "blocking 4", None]
+        failed = await q.get_job(ids[3])
+        assert failed is not None and failed["error"] == "ValueError: odd 3"
+
+
 def test_blocking_twins_share_the_async_core(node_process: str) -> None:
     with Queue("sync", node_process) as q:
         ids = [q.push({"n": i}, max_attempts=2) for i in range(10)]
