@@ -376,10 +376,12 @@ def _profiled_run(
 
 
 def profile(cfg: Config, place: Placement) -> list[dict[str, Any]]:
-    """Pipelined PUSH and PUSHB: once plain (rate, GC time), once under cProfile."""
+    """Pipelined PUSH, PUSHB and PUSH→PULL→ACK: once plain (rate, GC time), once under
+    cProfile."""
     out = []
     for key, title, fn in (("pipe", "Pipelined PUSH", pipe_push),
-                           ("batch", f"Batch PUSHB of {cfg.batch_size:,}", batch_push)):
+                           ("batch", f"Batch PUSHB of {cfg.batch_size:,}", batch_push),
+                           ("cycle", "PUSH→PULL→ACK, one request in flight", cycle)):
         plain, plain_gc = _profiled_run(cfg, place, key, fn, None)
         prof = OUT_DIR / f"profile-{key}.prof"
         prof.unlink(missing_ok=True)
@@ -502,7 +504,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
                    "or profile.json)")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     p.add_argument("--profile", action="store_true",
-                   help="only profile the node (cProfile) under pipelined PUSH and PUSHB")
+                   help="only profile the node (cProfile) under pipelined PUSH, PUSHB and "
+                        "PUSH→PULL→ACK")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin client and servers to CPUs (see Placement)")
     defaults = Config()
