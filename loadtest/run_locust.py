@@ -162,7 +162,10 @@ def publish_section(res: dict[str, Any], command: str) -> str:
         "machine, so this is the pair's saturation, a lower bound for the node's).",
         f"- At 50% of it: p50 **{p50:.2f} ms**, p99 **{p99:.2f} ms** "
         f"(targets p50 ≤ 1 ms: {'met' if p50 <= 1 else 'missed'}; p99 ≤ 5 ms: "
-        f"{'met' if p99 <= 5 else 'missed'}); {half['failures']} failures.",
+        f"{'met' if p99 <= 5 else 'missed'}); {half['failures']} failures. These latencies "
+        "include locust's own queueing: its 100 greenlets share the 2 cores with the node. "
+        "The node's own figure, measured with a lean client on the other core, is in "
+        "\"`/publish` latency at half of the node's saturation\" below.",
     ])
 
 
