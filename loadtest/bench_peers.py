@@ -13,9 +13,9 @@ connection type, pre-encoded requests; each protocol's requests are its own):
   of 1,000 · push → pull → ack, one at a time (Redis: LPUSH, LMOVE, LREM; beanstalkd:
   put, reserve, delete) · 10 and 50 concurrent producers · fsync on every write
   with 50 producers (shardq ``always`` vs Redis ``appendfsync always``) · a worker
-  draining 100,000 waiting jobs (shardq's SDK AsyncWorker, concurrency 50, vs
-  BullMQ's Worker, concurrency 50) · memory per waiting 200-byte job (RSS growth
-  of the server process, shardq vs Redis).
+  draining 100,000 waiting jobs (shardq's SDK AsyncWorker, concurrency 50, as it
+  comes and with ``prefetch=50``, vs BullMQ's Worker, concurrency 50) · memory per
+  waiting 200-byte job (RSS growth of the server process, shardq vs Redis).
 
 BullMQ runs its own workloads from Node (its client is Node-only); those
 numbers are from a different client and are marked so. Writes the ``peers``
@@ -258,11 +258,12 @@ async def producers(port: int, t: Target, count: int, total: int) -> C.Measure:
             c.close()
 
 
-async def drain_shardq(port: int, n: int) -> float:
+async def drain_shardq(port: int, n: int, prefetch: int = 0) -> float:
     async with AsyncClient(f"127.0.0.1:{port}") as client:
         for _ in range(n // 1000):
             await client.push_batch("drain", [{"data": PAYLOAD}] * 1000)
-        worker = AsyncWorker("drain", None, client, concurrency=50, batch_size=100, poll_ms=100)
+        worker = AsyncWorker("drain", None, client, concurrency=50, batch_size=100, poll_ms=100,
+                             prefetch=prefetch)
 
         async def handle(job: Any) -> None:
             return None
@@ -371,6 +372,8 @@ async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     try:
         res["shardq"] = await suite(node.port, SHARDQ, q)
         res["shardq"]["drain"] = {"rate": await drain_shardq(node.port, 20_000 if q else 100_000)}
+        res["shardq"]["drain_prefetch"] = {
+            "rate": await drain_shardq(node.port, 20_000 if q else 100_000, prefetch=50)}
     finally:
         node.stop()
     cluster = Cluster(work, logs)
@@ -378,6 +381,8 @@ async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
         port = await cluster.start()
         res["gateway"] = await suite(port, SHARDQ, q)
         res["gateway"]["drain"] = {"rate": await drain_shardq(port, 20_000 if q else 100_000)}
+        res["gateway"]["drain_prefetch"] = {
+            "rate": await drain_shardq(port, 20_000 if q else 100_000, prefetch=50)}
     finally:
         cluster.stop()
     with procs.floor(logs) as fl:
@@ -427,7 +432,10 @@ ROWS = [
     ("concurrent50", "50 concurrent producers"),
     ("always50", "fsync every write, 50 producers"),
     ("drain", "Worker draining 100k jobs (concurrency 50)"),
+    ("drain_prefetch", "… the SDK worker with `prefetch=50` (BullMQ: the row above)"),
 ]
+#: rows whose peers' figure is another row's (BullMQ has no prefetch setting)
+PEER_KEY = {"drain_prefetch": "drain"}
 
 
 def _cell(m: dict[str, Any] | None) -> str:
@@ -469,6 +477,8 @@ def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float | None, 
         ("push → pull → ack ÷ beanstalkd put+reserve+delete", s("cycle"),
          _rate(r, "beanstalkd", "cycle"), 1.0),
         ("SDK worker draining 100k ÷ BullMQ worker", s("drain"), _rate(r, "BullMQ", "drain"), 3.0),
+        ("SDK worker with prefetch=50 draining 100k ÷ BullMQ worker", s("drain_prefetch"),
+         _rate(r, "BullMQ", "drain"), 3.0),
         ("through the gateway ÷ direct, pipelined push", _rate(r, "gateway", "pipelined"),
          s("pipelined"), 0.7),
         ("memory per waiting 200-byte job (bytes) ÷ Redis", mem_s, mem_r, 2.0),
@@ -498,7 +508,7 @@ def section(res: dict[str, Any], command: str, meta: str) -> str:
     for key, title in ROWS:
         s = (res["shardq"] or {}).get(key)
         cells = [_cell((res.get(p) or {}).get(key)) for p in ["gateway", *peers, "floor"]]
-        ratios = [_ratio(_rate(res, "shardq", key), _rate(res, p, key))
+        ratios = [_ratio(_rate(res, "shardq", key), _rate(res, p, PEER_KEY.get(key, key)))
                   for p in [*peers, "floor"]]
         out.append(f"| {title} | {_cell(s)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     mem_s, mem_r = res["shardq"]["memory_per_job"], res["Redis"]["memory_per_job"]

@@ -75,6 +75,7 @@ class AsyncWorker:
         token: str | None = None,
         concurrency: int = 1,
         batch_size: int | None = None,
+        prefetch: int = 0,
         poll_ms: int = 1000,
         grace: float = 30.0,
         touch_every: float = 60.0,
@@ -89,6 +90,9 @@ class AsyncWorker:
             self._owns_client = True
         self.concurrency = max(1, concurrency)
         self.batch_size = batch_size or self.concurrency
+        #: jobs leased ahead of the running ones, so the next batch is here when a slot frees
+        #: (their lease and ``timeout`` run while they wait here)
+        self.prefetch = max(0, prefetch)
         self.poll_ms = poll_ms
         self.grace = grace
         self.touch_every = touch_every
@@ -144,14 +148,14 @@ class AsyncWorker:
             await self._drain(consumers, toucher)
 
     async def _pull_loop(self, jobs: asyncio.Queue[Job | None], max_jobs: int | None) -> None:
-        """Keep the consumers fed: lease a batch whenever fewer than ``concurrency`` jobs
-        are running or waiting to run here."""
+        """Keep the consumers fed: lease a batch whenever fewer than ``concurrency`` +
+        ``prefetch`` jobs are running or waiting to run here."""
         assert self._stopping is not None
         started = 0
         while not self._stopping.is_set():
             if max_jobs is not None and started >= max_jobs:
                 break
-            free = self.concurrency - self._busy - jobs.qsize()
+            free = self.concurrency + self.prefetch - self._busy - jobs.qsize()
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()

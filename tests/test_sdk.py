@@ -150,6 +150,37 @@ async def test_a_worker_picks_up_a_new_handler_of_another_shape(node: Node) -> N
         assert failed is not None and failed["error"] == "ValueError: odd 3"
 
 
+async def test_prefetch_leases_ahead_without_running_more_than_concurrency(node: Node) -> None:
+    async with AsyncQueue("ahead", address(node)) as q:
+        await q.push_batch([{"data": n} for n in range(10)])
+        worker = AsyncWorker("ahead", address=address(node), concurrency=2, prefetch=3)
+        running = 0
+        peak = 0
+        go = asyncio.Event()
+
+        @worker.handler
+        async def handle(job: Any) -> int:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await go.wait()
+            running -= 1
+            return int(job.data)
+
+        task = asyncio.create_task(worker.run(max_jobs=10, handle_signals=False))
+        for _ in range(100):
+            if (await q.stats())["processing"] == 5:
+                break
+            await asyncio.sleep(0.02)
+        stats = await q.stats()
+        assert (stats["processing"], stats["pending"]) == (5, 5)  # 2 running + 3 leased ahead
+        assert running == 2
+        go.set()
+        await asyncio.wait_for(task, 30)
+        assert worker.processed == 10 and peak == 2
+        assert (await q.stats())["processing"] == 0
+
+
 def test_blocking_twins_share_the_async_core(node_process: str) -> None:
     with Queue("sync", node_process) as q:
         ids = [q.push({"n": i}, max_attempts=2) for i in range(10)]
