@@ -402,16 +402,19 @@ class Wal:
         self.on_flushed()
 
     def _start_sync(self) -> None:
+        if self.closing:  # close() fsyncs and closes everything itself
+            return
         if self._syncing:
             self._sync_again = True
             return
         target, pos = self.written, (self.segment, self.segment_size)
         files = self.extra_fsync
         self.extra_fsync = []
-        if self.fsync_ewma < INLINE_FSYNC_BELOW:
+        if not files and self.fsync_ewma < INLINE_FSYNC_BELOW:
             # A fast disk: fsync right here. Handing a ~0.1 ms fsync to a thread costs more
             # (two cross-thread wake-ups) than the fsync; the commands that arrive meanwhile
-            # wait in the socket buffers and form the next group.
+            # wait in the socket buffers and form the next group. Blob files and a retired
+            # segment (megabytes to write back) always go to the thread.
             try:
                 seconds = self._sync_blocking(self.fd, files)
             except OSError as exc:
@@ -426,17 +429,23 @@ class Wal:
 
     def _sync_blocking(self, fd: int, files: list[int]) -> float:
         started = time.perf_counter()
-        for blob_fd in files:
-            self.files.fsync(blob_fd)
-            self.files.close(blob_fd)
-        self.files.fsync(fd)
+        try:
+            for blob_fd in files:
+                self.files.fsync(blob_fd)
+            self.files.fsync(fd)
+        finally:  # closed whether or not their fsync worked: nobody else holds them
+            for blob_fd in files:
+                try:
+                    self.files.close(blob_fd)
+                except OSError:
+                    pass
         return time.perf_counter() - started
 
     def _synced(self, fut: asyncio.Future[float], target: int, pos: tuple[int, int]) -> None:
         self._syncing = False
-        if self.closing:
+        exc = fut.exception()  # retrieved even when ignored below
+        if self.closing or self.failed is not None:  # a failed write already cut `durable`
             return
-        exc = fut.exception()
         if exc is not None:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self._fail(f"fsync of WAL failed: {reason}")
