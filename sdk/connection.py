@@ -92,9 +92,10 @@ class Connection:
         """Write one request now; the future resolves with its answer."""
         if self.closed or self.transport is None:
             raise ShardqConnectionError(f"connection to {self.address} is closed")
+        line = orjson.dumps(req) + b"\n"  # a request that cannot be encoded leaves no trace
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending.append(fut)
-        self.transport.write(orjson.dumps(req) + b"\n")
+        self.transport.write(line)
         return fut
 
     async def call(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -109,13 +110,14 @@ class Connection:
         """Pipeline several requests; answers in order (errors stay in the list as dicts)."""
         if self.closed or self.transport is None:
             raise ShardqConnectionError(f"connection to {self.address} is closed")
+        data = b"".join(orjson.dumps(r) + b"\n" for r in reqs)
         loop = asyncio.get_running_loop()
         futs = []
         for _ in reqs:
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
             self.pending.append(fut)
             futs.append(fut)
-        self.transport.write(b"".join(orjson.dumps(r) + b"\n" for r in reqs))
+        self.transport.write(data)
         return list(await asyncio.gather(*futs))
 
     def _answer(self, obj: Any) -> None:

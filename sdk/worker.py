@@ -22,12 +22,17 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import orjson
+
 from shardq.client import AsyncClient
 from shardq.connection import DEFAULT_ADDRESS
 from shardq.errors import ShardqConnectionError, ShardqError
 from shardq.job import Job
 
 log = logging.getLogger("shardq.worker")
+
+#: results that always encode (anything else is checked before its ack is batched)
+_JSON_SCALARS = (type(None), str, float, bool)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,9 +123,14 @@ class AsyncWorker:
     def stop(self) -> None:
         """Ask the worker to stop gracefully (safe from any thread or signal handler)."""
         self._stop_requested = True
-        loop, event = self._loop, self._stopping
-        if loop is not None and event is not None:
-            loop.call_soon_threadsafe(event.set)
+        loop = self._loop
+        if loop is not None and self._stopping is not None:
+            loop.call_soon_threadsafe(self._wake_for_stop)
+
+    def _wake_for_stop(self) -> None:
+        assert self._stopping is not None
+        self._stopping.set()
+        self._slot_free.set()  # a pull loop waiting for a free slot sees the stop at once
 
     async def run(self, *, max_jobs: int | None = None, handle_signals: bool = True) -> None:
         """Work until ``stop()``, a signal, or ``max_jobs`` jobs are done."""
@@ -134,7 +144,7 @@ class AsyncWorker:
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self.stop)
-        jobs: asyncio.Queue[Job | None] = asyncio.Queue()
+        jobs: asyncio.Queue[tuple[Job, float] | None] = asyncio.Queue()
         consumers = [asyncio.create_task(self._consume(jobs)) for _ in range(self.concurrency)]
         toucher = asyncio.create_task(self._keep_alive()) if self.touch_every > 0 else None
         try:
@@ -145,9 +155,13 @@ class AsyncWorker:
                     self._loop.remove_signal_handler(sig)
             for _ in consumers:  # after the jobs already leased: they are ours to finish
                 jobs.put_nowait(None)
-            await self._drain(consumers, toucher)
+            # stopped: running jobs get ``grace``; done with ``max_jobs``: every job finishes
+            await self._drain(consumers, toucher,
+                              self.grace if self._stopping.is_set() else None)
 
-    async def _pull_loop(self, jobs: asyncio.Queue[Job | None], max_jobs: int | None) -> None:
+    async def _pull_loop(
+        self, jobs: asyncio.Queue[tuple[Job, float] | None], max_jobs: int | None
+    ) -> None:
         """Keep the consumers fed: lease a batch whenever fewer than ``concurrency`` +
         ``prefetch`` jobs are running or waiting to run here."""
         assert self._stopping is not None
@@ -169,53 +183,71 @@ class AsyncWorker:
                 log.warning("pull failed, retrying in 1 s: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
+            now = time.monotonic()
             for job in pulled:
                 started += 1
-                jobs.put_nowait(job)
+                if not job.timeout:  # its lease is kept alive from now, waiting here or running
+                    self._running[job.id] = (job, now)
+                jobs.put_nowait((job, now))
 
-    async def _consume(self, jobs: asyncio.Queue[Job | None]) -> None:
+    async def _consume(self, jobs: asyncio.Queue[tuple[Job, float] | None]) -> None:
         """One of ``concurrency`` long-lived consumers (no task per job)."""
-        while (job := await jobs.get()) is not None:
+        while (item := await jobs.get()) is not None:
             self._busy += 1
             try:
-                await self._run_one(job)
+                await self._run_one(*item)
             finally:
                 self._busy -= 1
                 self._slot_free.set()
 
     async def _drain(
-        self, consumers: list[asyncio.Task[None]], toucher: asyncio.Task[None] | None
+        self, consumers: list[asyncio.Task[None]], toucher: asyncio.Task[None] | None,
+        grace: float | None,
     ) -> None:
-        """Let running jobs finish (within ``grace``), keeping their leases alive meanwhile."""
-        _, late = await asyncio.wait(consumers, timeout=self.grace)
+        """Let running jobs finish (within ``grace``), keeping their leases alive meanwhile;
+        then send the last acks before the connection closes."""
+        _, late = await asyncio.wait(consumers, timeout=grace)
         for task in late:
             task.cancel()
         if late:
             await asyncio.wait(late)
         if toucher is not None:
             toucher.cancel()
+        if self._acks:
+            self._send_acks()
+        if self._ack_tasks:
+            await asyncio.wait(self._ack_tasks, timeout=max(grace or 0.0, 10.0))
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         if self._owns_client:
             await self.client.close()
 
-    async def _run_one(self, job: Job) -> None:
-        if not job.timeout:
-            self._running[job.id] = (job, time.monotonic())
+    async def _run_one(self, job: Job, leased_at: float) -> None:
         try:
-            result = await self._call(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the handler's failure is the job's failure
-            self.failed += 1
-            await self._settle(self.client.fail(job, f"{type(exc).__name__}: {exc}"), job)
-        else:
+            if job.timeout and (time.monotonic() - leased_at) * 1000 >= job.timeout:
+                # prefetched and waited here past its timeout: the node has timed this attempt
+                # out (a counted failure, retried elsewhere); running it now would run it twice
+                log.warning("job %s waited %d ms here, past its timeout: not run", job.id,
+                            (time.monotonic() - leased_at) * 1000)
+                return
+            try:
+                result = await self._call(job)
+                if type(result) not in _JSON_SCALARS:
+                    orjson.dumps(result)  # refused here, so one bad result fails only its job
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the handler's failure is the job's failure
+                self.failed += 1
+                await self._settle(self.client.fail(job, f"{type(exc).__name__}: {exc}"), job)
+                return
             self.processed += 1
             try:  # no shield needed: the ack is already in the next ACKB, cancelled or not
                 await self._ack(job, result)
             except ShardqError as exc:
                 log.warning("could not settle job %s: %s", job.id, exc)
+            except Exception:  # never let one batch's trouble end a consumer
+                log.exception("could not ack job %s", job.id)
         finally:
             self._running.pop(job.id, None)
 

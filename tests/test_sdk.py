@@ -181,6 +181,86 @@ async def test_prefetch_leases_ahead_without_running_more_than_concurrency(node:
         assert (await q.stats())["processing"] == 0
 
 
+async def test_stop_is_seen_while_every_slot_is_busy(node: Node) -> None:
+    async with AsyncQueue("stuck", address(node)) as q:
+        await q.push_batch([{"data": n} for n in range(4)])
+        worker = AsyncWorker("stuck", address=address(node), concurrency=1, prefetch=1,
+                             grace=0.2)
+        started: list[int] = []
+
+        @worker.handler
+        async def handle(job: Any) -> None:
+            started.append(job.data)
+            await asyncio.Event().wait()  # never finishes by itself
+
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        while not started:
+            await asyncio.sleep(0.01)
+        worker.stop()
+        await asyncio.wait_for(task, 5)  # grace, then the running job is cut off
+        assert started[0] == 0 and worker.processed == 0
+
+
+async def test_a_result_that_is_not_json_fails_only_its_own_job(node: Node) -> None:
+    async with AsyncQueue("odd-results", address(node)) as q:
+        ids = await q.push_batch([{"data": n} for n in range(4)])
+        worker = AsyncWorker("odd-results", address=address(node), concurrency=4)
+
+        @worker.handler
+        async def handle(job: Any) -> Any:
+            return object() if job.data == 1 else job.data * 10
+
+        await asyncio.wait_for(worker.run(max_jobs=4, handle_signals=False), 10)
+        assert (worker.processed, worker.failed) == (3, 1)
+        assert [await q.get_result(ids[n]) for n in (0, 2, 3)] == [0, 20, 30]
+        failed = await q.get_job(ids[1])
+        assert failed is not None and failed["error"].startswith("TypeError: ")
+        # the connection still pairs answers with requests
+        assert await q.push({"after": True}) > ids[-1]
+
+
+async def test_max_jobs_lets_every_prefetched_job_finish(node: Node) -> None:
+    async with AsyncQueue("all-of-them", address(node)) as q:
+        ids = await q.push_batch([{"data": n} for n in range(10)])
+        worker = AsyncWorker("all-of-them", address=address(node), concurrency=1, prefetch=5,
+                             grace=0.01)
+
+        @worker.handler
+        async def handle(job: Any) -> int:
+            await asyncio.sleep(0.02)
+            return int(job.data)
+
+        await asyncio.wait_for(worker.run(max_jobs=10, handle_signals=False), 10)
+        assert worker.processed == 10
+        assert [await q.get_result(i) for i in ids] == list(range(10))
+
+
+async def test_a_prefetched_job_past_its_timeout_is_not_run(node: Node) -> None:
+    async with AsyncQueue("late", address(node)) as q:
+        first = await q.push(0)
+        late = [await q.push(n, timeout=150) for n in (1, 2)]
+        worker = AsyncWorker("late", address=address(node), concurrency=1, prefetch=2)
+        ran: list[int] = []
+
+        @worker.handler
+        async def handle(job: Any) -> None:
+            ran.append(job.data)
+            if job.data == 0:
+                await asyncio.sleep(0.4)  # the two behind it wait past their timeout
+
+        await asyncio.wait_for(worker.run(max_jobs=3, handle_signals=False), 10)
+        assert ran == [0] and worker.processed == 1
+        assert await q.get_job(first) is not None
+        for job_id in late:  # the node timed them out: a counted attempt, back in the queue
+            for _ in range(100):
+                info = await q.get_job(job_id)
+                if info is not None and info["attempts"] == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert info is not None and info["attempts"] == 1
+            assert "timed out" in info["error"]
+
+
 def test_blocking_twins_share_the_async_core(node_process: str) -> None:
     with Queue("sync", node_process) as q:
         ids = [q.push({"n": i}, max_attempts=2) for i in range(10)]
