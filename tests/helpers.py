@@ -12,6 +12,9 @@ from typing import Any
 
 import orjson
 
+from shardq import AsyncClient
+from shardq.errors import ShardqError
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -103,3 +106,73 @@ def start_node_process(port: int, *args: str, env: dict[str, str] | None = None,
                             env={**os.environ, **(env or {})})
     wait_port(port, proc=proc)
     return proc
+
+
+class SteadyLoad:
+    """Producers push numbered jobs and workers pull and ack them, until ``stop`` is set and
+    every pushed job was completed; counts what a test checks: pushed, completed (how often),
+    errors, and the longest single request."""
+
+    def __init__(self, queues: list[str], producer_address: str,
+                 worker_address: str | None = None, *, token: str | None = None,
+                 pause: float = 0.002, work_pause: float = 0.005,
+                 error_pause: float = 0.0) -> None:
+        self.queues = queues
+        self.producer_address = producer_address
+        self.worker_address = worker_address or producer_address
+        self.token = token
+        self.pause = pause
+        self.work_pause = work_pause
+        self.error_pause = error_pause
+        self.pushed: set[int] = set()
+        self.completed: dict[int, int] = {}
+        self.longest = 0.0
+        self.errors: list[str] = []
+        self.stop = asyncio.Event()
+
+    def timed(self, started: float) -> None:
+        self.longest = max(self.longest, time.monotonic() - started)
+
+    async def produce(self, producer: int) -> None:
+        n = 0
+        async with AsyncClient(self.producer_address, token=self.token) as c:
+            while not self.stop.is_set():
+                number = producer * 1_000_000 + n
+                n += 1
+                started = time.monotonic()
+                try:
+                    await c.push(self.queues[number % len(self.queues)], {"n": number})
+                except ShardqError as exc:
+                    self.errors.append(f"push: {exc}")
+                    await asyncio.sleep(self.error_pause)
+                    continue
+                self.timed(started)
+                self.pushed.add(number)
+                await asyncio.sleep(self.pause)
+
+    async def work(self, queues: list[str]) -> None:
+        async with AsyncClient(self.worker_address, token=self.token) as c:
+            while not self.stop.is_set() or self.completed.keys() < self.pushed:
+                for q in queues:
+                    started = time.monotonic()
+                    try:
+                        jobs = await c.pull_batch(q, 20, timeout=0)
+                        self.timed(started)
+                        for job in jobs:
+                            started = time.monotonic()
+                            await c.ack(job, job.data["n"])
+                            self.timed(started)
+                            number = job.data["n"]
+                            self.completed[number] = self.completed.get(number, 0) + 1
+                    except ShardqError as exc:
+                        self.errors.append(f"work: {exc}")
+                        await asyncio.sleep(self.error_pause)
+                if self.stop.is_set() and self.completed.keys() >= self.pushed:
+                    return
+                await asyncio.sleep(self.work_pause)
+
+    def duplicates(self) -> int:
+        return sum(1 for count in self.completed.values() if count > 1)
+
+    def lost(self) -> int:
+        return len(self.pushed - self.completed.keys())

@@ -237,10 +237,10 @@ class Kubelet:
             return  # ran before (by an earlier kubelet): never again, as a real one would
         try:
             run = self._prepare(core, pod)
+            self._spawn(run)  # before the prober can see it: it restarts runs without a process
         except Exception as exc:
             self._error(f"cannot run pod {pod.metadata.name}: {exc!r}")
             return
-        self._spawn(run)  # before the prober can see it: it restarts runs without a process
         with self._lock:
             self.runs[run.uid] = run
         self._report(core, run)
@@ -277,7 +277,7 @@ class Kubelet:
             if argv[i] == "--host" and argv[i + 1] == "0.0.0.0":
                 argv[i + 1] = ip
         mounts = self._mounts(pod, c)
-        for i, arg in enumerate(argv):
+        for i, arg in enumerate(argv[1:], 1):  # the program itself is the host's, never moved
             for path, local in mounts.items():
                 if arg == path or arg.startswith(path.rstrip("/") + "/"):
                     argv[i] = str(local) + arg[len(path.rstrip("/")):]

@@ -57,7 +57,7 @@ from shardq import AsyncClient
 from shardq.errors import ShardqError, Unavailable
 from shardq.operator import reconcile as rc
 
-from .helpers import CI
+from .helpers import CI, SteadyLoad
 from .kubelet import Kubelet, PodRun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # a cold build: ~5 min
@@ -569,60 +569,6 @@ async def test_pushes_through_a_gateway_pod(deployment: Deployment) -> None:
             await anonymous.push(QUEUES[0], 1)  # the gateway took its token from the Secret
 
 
-class Load:
-    """Producers push numbered jobs, workers pull and ack them, through the gateway pods."""
-
-    def __init__(self, producer_address: str, worker_address: str) -> None:
-        self.producer_address = producer_address
-        self.worker_address = worker_address
-        self.pushed: set[int] = set()
-        self.completed: dict[int, int] = {}
-        self.longest = 0.0
-        self.errors: list[str] = []
-        self.stop = asyncio.Event()
-
-    def timed(self, started: float) -> None:
-        self.longest = max(self.longest, time.monotonic() - started)
-
-    async def produce(self, producer: int) -> None:
-        n = 0
-        async with AsyncClient(self.producer_address, token=TOKEN) as c:
-            while not self.stop.is_set():
-                number = producer * 1_000_000 + n
-                n += 1
-                started = time.monotonic()
-                try:
-                    await c.push(QUEUES[number % len(QUEUES)], {"n": number})
-                except ShardqError as exc:
-                    self.errors.append(f"push: {exc}")
-                    await asyncio.sleep(0.05)
-                    continue
-                self.timed(started)
-                self.pushed.add(number)
-                await asyncio.sleep(0.01)
-
-    async def work(self, queues: list[str]) -> None:
-        async with AsyncClient(self.worker_address, token=TOKEN) as c:
-            while not self.stop.is_set() or self.completed.keys() < self.pushed:
-                for q in queues:
-                    started = time.monotonic()
-                    try:
-                        jobs = await c.pull_batch(q, 20, timeout=0)
-                        self.timed(started)
-                        for job in jobs:
-                            started = time.monotonic()
-                            await c.ack(job, job.data["n"])
-                            self.timed(started)
-                            number = job.data["n"]
-                            self.completed[number] = self.completed.get(number, 0) + 1
-                    except ShardqError as exc:
-                        self.errors.append(f"work: {exc}")
-                        await asyncio.sleep(0.05)
-                if self.stop.is_set() and self.completed.keys() >= self.pushed:
-                    return
-                await asyncio.sleep(0.01)
-
-
 @dataclass
 class Change:
     """One change of the ShardqCluster (``what`` "cluster") or of the StatefulSet ("sts")."""
@@ -744,7 +690,8 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
                                       lambda: len(g := dep.gateway_addresses()) == 2 and g, 60)
     gateway_pods = {r.name for r in dep.kubelet.live(rc.gateway_name(CLUSTER))}
     epoch0 = api.status()["epoch"]
-    load = Load(gateways[0], gateways[1])
+    load = SteadyLoad(QUEUES, gateways[0], gateways[1], token=TOKEN, pause=0.01,
+                      work_pause=0.01, error_pause=0.05)
     producers = [asyncio.create_task(load.produce(i)) for i in range(3)]
     workers = [asyncio.create_task(load.work(QUEUES[i::2])) for i in range(2)]
     scale_up = scale_down = 0.0
@@ -793,8 +740,7 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
             await asyncio.wait_for(asyncio.gather(*producers, return_exceptions=True), 30)
             await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 120)
 
-    duplicates = sum(1 for count in load.completed.values() if count > 1)
-    lost = len(load.pushed - load.completed.keys())
+    duplicates, lost = load.duplicates(), load.lost()
     changes = rec.ordered()
     phases = sorted({c.phase for c in changes if c.what == "cluster"})
     progress = [c.progress for c in changes if c.progress]

@@ -375,11 +375,7 @@ async def test_a_changed_spec_reaches_the_statefulset_on_the_next_run(
 
 async def test_deleting_the_cluster_runs_the_delete_handler_and_drops_the_finalizer(
         emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-             "metadata": {"name": f"data-{CLUSTER}-node-0", "namespace": NS,
-                          "labels": rc.labels(CLUSTER, "node")},
-             "spec": {"accessModes": ["ReadWriteOnce"],
-                      "resources": {"requests": {"storage": "1Gi"}}}}
+    claim = _claim(CLUSTER, 0)
     await emulator.put("v1/persistentvolumeclaims", claim["metadata"]["name"], claim)
     others = _claim("other", 0)  # another cluster's data in the same namespace
     await emulator.put("v1/persistentvolumeclaims", others["metadata"]["name"], others)

@@ -23,58 +23,9 @@ from shardq.errors import ShardqError
 from shardq.operator.local import LocalCluster
 from shardq.topology import Topology, ring_owners
 
-from .helpers import free_port, start_node_process
+from .helpers import SteadyLoad, free_port, start_node_process
 
 QUEUES = [f"scale-{i}" for i in range(16)]
-
-
-class Load:
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.pushed: set[int] = set()
-        self.completed: dict[int, int] = {}
-        self.longest = 0.0
-        self.errors: list[str] = []
-        self.stop = asyncio.Event()
-
-    def timed(self, started: float) -> None:
-        self.longest = max(self.longest, time.monotonic() - started)
-
-    async def produce(self, worker: int) -> None:
-        n = 0
-        async with AsyncClient(self.address) as c:
-            while not self.stop.is_set():
-                number = worker * 1_000_000 + n
-                n += 1
-                started = time.monotonic()
-                try:
-                    await c.push(QUEUES[number % len(QUEUES)], {"n": number})
-                except ShardqError as exc:
-                    self.errors.append(f"push: {exc}")
-                    continue
-                self.timed(started)
-                self.pushed.add(number)
-                await asyncio.sleep(0.002)
-
-    async def work(self, queues: list[str]) -> None:
-        async with AsyncClient(self.address) as c:
-            while not self.stop.is_set() or self.completed.keys() < self.pushed:
-                for q in queues:
-                    started = time.monotonic()
-                    try:
-                        jobs = await c.pull_batch(q, 20, timeout=0)
-                        self.timed(started)
-                        for job in jobs:
-                            started = time.monotonic()
-                            await c.ack(job, job.data["n"])
-                            self.timed(started)
-                            number = job.data["n"]
-                            self.completed[number] = self.completed.get(number, 0) + 1
-                    except ShardqError as exc:
-                        self.errors.append(f"work: {exc}")
-                if self.stop.is_set() and self.completed.keys() >= self.pushed:
-                    return
-                await asyncio.sleep(0.005)
 
 
 @pytest.mark.slow
@@ -83,7 +34,7 @@ async def test_scaling_3_to_5_to_2_under_load_completes_every_job_once(tmp_path:
     cluster = LocalCluster("127.0.0.1", port, 0, str(tmp_path / "data"), "always")
     try:
         await cluster.start(3)
-        load = Load(f"127.0.0.1:{port}")
+        load = SteadyLoad(QUEUES, f"127.0.0.1:{port}")
         producers = [asyncio.create_task(load.produce(i)) for i in range(3)]
         workers = [asyncio.create_task(load.work(QUEUES[i::2])) for i in range(2)]
         await asyncio.sleep(1.0)
@@ -99,8 +50,7 @@ async def test_scaling_3_to_5_to_2_under_load_completes_every_job_once(tmp_path:
         await asyncio.wait_for(asyncio.gather(*workers), 60)
     finally:
         await cluster.stop()
-    duplicates = sum(1 for count in load.completed.values() if count > 1)
-    lost = len(load.pushed - load.completed.keys())
+    duplicates, lost = load.duplicates(), load.lost()
     print(f"\nscaling 3->5->2: {len(load.pushed)} jobs pushed, {len(load.completed)} completed, "
           f"{duplicates} duplicates, {lost} lost, {sum(t for _, t in moved[-1:])} slots in the "
           f"last move, longest request {load.longest * 1000:.0f} ms, "
