@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 VENV  := .venv/bin
 PORT  ?= 6789
+HTTP_PORT ?= 6790
 
 .PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test packages-test packages-bench
 .PHONY: dashboards rules-test dashboard-png
@@ -20,9 +21,10 @@ packages-test:
 packages-bench:
 	@scripts/ci_packages.sh bench
 
-## run: set up and start a local shardq cluster on loopback (Ctrl-C stops it)
+## run: set up and start a local shardq cluster on loopback (Ctrl-C stops it);
+## PORT (TCP, 6789) and HTTP_PORT (HTTP and the dashboard, 6790) move it
 run: venv-server
-	$(VENV)/shardq up --port $(PORT)
+	$(VENV)/shardq up --port $(PORT) --http-port $(HTTP_PORT)
 
 ## test: set up and run everything CI runs
 test: venv-test packages-test lint typecheck unit
