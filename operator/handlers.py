@@ -27,7 +27,7 @@ from typing import Any
 
 import kopf
 
-from shardq.topology import NodeInfo
+from shardq.topology import ACTIVE, NodeInfo
 
 from . import reconcile as rc
 from .kube import Kube, load
@@ -141,6 +141,11 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
     st = _Status(kube, namespace, name, body)
     live = await kube.statefulset(namespace, rc.node_name(name))
     current = int(((live or {}).get("spec") or {}).get("replicas") or 0)
+    if live is None:
+        # made again over volumes kept from before: start every pod that has data, so its
+        # slots can move to the wanted nodes before the StatefulSet shrinks to spec.nodes
+        current = max(current, rc.nodes_with_data(
+            name, await kube.claim_names(namespace, rc.labels(name, "node"))))
     # Storage (class, size) is in the StatefulSet's volumeClaimTemplates, which the API server
     # refuses to change. The choice here: never patch them on an existing StatefulSet, apply
     # everything else (a scale too), and say that the storage change needs a manual migration
@@ -175,6 +180,10 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
         await st.patch(fields)
     topo = await _rebalance(kube, name, namespace, spec, members, cfg, body, st)
     if plan.replicas_after != plan.replicas_first:
+        wanted = set(plan.members)
+        if topo.pending_moves() or topo.moving or not set(topo.owners) <= wanted or {
+                n.name for n in topo.nodes if n.state == ACTIVE} - wanted:
+            raise kopf.TemporaryError("slots still on leaving nodes: not shrinking yet", delay=3)
         await kube.apply(_owned(rc.statefulset(name, namespace, spec, plan.replicas_after,
                                                with_claims=live is None), body))
         kopf.info(body, reason="ScaledDown",
@@ -184,7 +193,8 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
     ready_nodes = await _ready_nodes(kube, name, namespace, plan.members)
     ready = rc.ready_condition(ready_nodes, spec.nodes, 0, st.conditions, _now())
     return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.nodes),
-            "slotsMoving": 0, "readyNodes": ready_nodes, **st.fields(ready)}
+            "slotsMoving": 0, "progress": None, "readyNodes": ready_nodes,
+            **st.fields(ready)}
 
 
 def _same_condition(cond: dict[str, Any] | None, conditions: list[dict[str, Any]]) -> bool:
@@ -275,17 +285,23 @@ async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
 
     reb = Rebalancer(token=token, batch=cfg.batch, on_progress=progress)
     try:
-        extra = [f"{ip}:{rc.TCP_PORT}" for p in await kube.pods(namespace, rc.labels(name, "node"))
-                 if (ip := _ip_ready(p))]
-        topo = await reb.converge(members, extra)
+        wanted = {n.name for n in members}
+        pods = await kube.pods(namespace, rc.labels(name, "node"))
+        extra = [f"{ip}:{rc.TCP_PORT}" for p in pods if (ip := _ip_ready(p))]
+        # where the other node pods (leaving ones of a scale-down) are now
+        known = [NodeInfo(p.metadata.name, f"{ip}:{rc.TCP_PORT}", f"{ip}:{rc.HTTP_PORT}")
+                 for p in pods if p.metadata.name not in wanted and (ip := _ip_ready(p))]
+        topo = await reb.converge(members, extra, known)
     except Exception as exc:
         raise kopf.TemporaryError(f"rebalance not finished: {exc}", delay=3) from exc
     finally:
         await reb.close()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-    kopf.info(body, reason="Rebalanced",
-              message=f"topology epoch {topo.epoch}: {len(topo.nodes)} nodes own the 1024 slots")
+    if topo.epoch != (body.get("status") or {}).get("epoch"):  # not on every timer tick
+        kopf.info(body, reason="Rebalanced",
+                  message=f"topology epoch {topo.epoch}: {len(topo.nodes)} nodes own the 1024 "
+                          "slots")
     return topo
 
 

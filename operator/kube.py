@@ -126,6 +126,15 @@ class Kube:
             self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
             PLURAL, name, {"status": status})
 
+    async def claim_names(self, namespace: str, selector: dict[str, str]) -> list[str]:
+        """Names of the volume claims carrying every label of ``selector``."""
+        text = ",".join(f"{k}={v}" for k, v in selector.items())
+        res = await asyncio.to_thread(self.core.list_namespaced_persistent_volume_claim,
+                                      namespace, label_selector=text)
+        return [c.metadata.name for c in res.items
+                if c.metadata is not None and c.metadata.name and all(
+                    (c.metadata.labels or {}).get(k) == v for k, v in selector.items())]
+
     async def delete_claims(self, namespace: str, selector: dict[str, str]) -> int:
         text = ",".join(f"{k}={v}" for k, v in selector.items())
 

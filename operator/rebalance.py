@@ -78,19 +78,26 @@ class Rebalancer:
 
     async def current(self, addresses: Iterable[str]) -> Topology | None:
         """The newest topology any of ``addresses`` holds (None if none has one)."""
+        return (await self._newest(addresses))[0]
+
+    async def _newest(self, addresses: Iterable[str]) -> tuple[Topology | None, set[str]]:
+        """The newest topology any of ``addresses`` holds, and the addresses that did not
+        answer."""
         best: Topology | None = None
+        silent: set[str] = set()
         for address in addresses:
             try:
                 answer = await asyncio.wait_for(self.call(address, {"cmd": "TOPOLOGY"}), 10)
             except (TimeoutError, RebalanceError) as exc:
                 log.warning("no topology from %s: %s", address, exc)
+                silent.add(address)
                 continue
             raw = answer.get("topology")
             if raw is not None:
                 topo = Topology.from_wire(raw)
                 if best is None or topo.epoch > best.epoch:
                     best = topo
-        return best
+        return best, silent
 
     async def publish(self, topo: Topology, first: str | None = None) -> None:
         """SETTOPOLOGY on every node (``first`` before the others)."""
@@ -105,15 +112,24 @@ class Rebalancer:
 
     # -- converging -------------------------------------------------------------------------------
 
-    async def converge(self, wanted: list[NodeInfo], seeds: Iterable[str] = ()) -> Topology:
-        """Make ``wanted`` the active nodes and move every slot to its ring owner."""
+    async def converge(self, wanted: list[NodeInfo], seeds: Iterable[str] = (),
+                       known: Iterable[NodeInfo] = ()) -> Topology:
+        """Make ``wanted`` the active nodes and move every slot to its ring owner.
+
+        ``known``: the current addresses of other nodes that still exist (leaving ones of a
+        scale-down whose pods moved), so slots are fetched from where they are now."""
         addresses = [n.tcp for n in wanted] + list(seeds)
-        topo = await self.current(dict.fromkeys(addresses))
+        topo, silent = await self._newest(dict.fromkeys(addresses))
         if topo is None:
+            if silent:  # a topology may live on a node that did not answer: never start over
+                raise RebalanceError(
+                    f"no topology found and {len(silent)} node(s) did not answer "
+                    f"({', '.join(sorted(silent))}); not starting a new one")
             topo = initial(wanted)
             await self.publish(topo)
             self.on_progress(0, 0)
             return topo
+        topo = await self._readdress(topo, known)
         topo = await self.resume(topo)
         topo = await self._set_members(topo, wanted)
         moves = topo.pending_moves()
@@ -126,6 +142,20 @@ class Rebalancer:
             done += len(slots)
             self.on_progress(done, len(moves))
         return await self._finish(topo, clear)
+
+    async def _readdress(self, topo: Topology, known: Iterable[NodeInfo]) -> Topology:
+        """New addresses of nodes that are not wanted any more but still hold slots (a leaving
+        pod recreated mid scale-down): their state stays, their address follows the pod."""
+        changed = False
+        for info in known:
+            have = topo.node(info.name)
+            if have is not None and (have.tcp != info.tcp or have.http != info.http):
+                have.tcp, have.http = info.tcp, info.http
+                changed = True
+        if changed:
+            topo.epoch += 1
+            await self.publish(topo)
+        return topo
 
     async def _set_members(self, topo: Topology, wanted: list[NodeInfo]) -> Topology:
         names = {n.name for n in wanted}

@@ -19,6 +19,8 @@ VERSION = "v1alpha1"
 KIND = "ShardqCluster"
 PLURAL = "shardqclusters"
 TCP_PORT = 6789
+#: the node StatefulSet's volumeClaimTemplate (claims are named data-<sts>-<ordinal>)
+CLAIM = "data"
 HTTP_PORT = 6790
 #: The image's unprivileged user and group (Dockerfile: ``USER 10001:10001``).
 RUN_AS = 10001
@@ -143,6 +145,9 @@ def pod_security_context() -> Manifest:
         "runAsUser": RUN_AS,
         "runAsGroup": RUN_AS,
         "fsGroup": RUN_AS,
+        # re-own the volume only when its root is not ours yet: not every WAL segment and
+        # blob on every start
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -154,8 +159,9 @@ def _tmp_volume() -> Manifest:
 def _pod_spec(spec: Spec, container: Manifest, **extra: Any) -> Manifest:
     pod: Manifest = {"containers": [container], **extra, "volumes": [_tmp_volume()],
                      "securityContext": pod_security_context()}
-    if spec.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    # always written, [] included: the operator applies with a merge patch, where a missing
+    # key would leave secrets removed from the spec in place
+    pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
     return pod
 
 
@@ -193,13 +199,16 @@ def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int,
         "ports": _ports(),
         "readinessProbe": _probe("/ready"),
         "livenessProbe": {**_probe("/health"), "failureThreshold": 6},
-        "volumeMounts": [{"name": "data", "mountPath": "/data"},
+        # /health answers once recovery is done, which takes seconds per million jobs: up
+        # to 10 minutes before liveness starts counting
+        "startupProbe": {**_probe("/health"), "failureThreshold": 120},
+        "volumeMounts": [{"name": CLAIM, "mountPath": "/data"},
                          {"name": "tmp", "mountPath": "/tmp"}],
         "resources": spec.node_resources,
         "securityContext": container_security_context(),
     }
     claim: Manifest = {
-        "metadata": {"name": "data", "labels": labels(cluster, "node")},
+        "metadata": {"name": CLAIM, "labels": labels(cluster, "node")},
         "spec": {"accessModes": ["ReadWriteOnce"],
                  "resources": {"requests": {"storage": spec.storage_size}}},
     }
@@ -279,14 +288,14 @@ def disruption_budgets(cluster: str, namespace: str, spec: Spec) -> list[Manifes
                      "labels": labels(cluster, "node")},
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(cluster, "node")}},
     }]
-    if spec.gateway_replicas > 1:
-        out.append({
-            "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
-            "metadata": {"name": gateway_name(cluster), "namespace": namespace,
-                         "labels": labels(cluster, "gateway")},
-            "spec": {"minAvailable": 1,
-                     "selector": {"matchLabels": labels(cluster, "gateway")}},
-        })
+    # one gateway down at a time; written for every replica count (maxUnavailable, not
+    # minAvailable): a budget left from more replicas must never block a drain at one
+    out.append({
+        "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": gateway_name(cluster), "namespace": namespace,
+                     "labels": labels(cluster, "gateway")},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(cluster, "gateway")}},
+    })
     return out
 
 
@@ -313,6 +322,15 @@ class Plan:
     @property
     def scaling(self) -> bool:
         return self.replicas_first != self.replicas_after
+
+
+def nodes_with_data(cluster: str, claim_names: list[str]) -> int:
+    """How many node pods the claims cover: highest ordinal + 1 (claims are
+    ``data-<cluster>-node-<i>``, made by the StatefulSet from its volumeClaimTemplate)."""
+    prefix = f"{CLAIM}-{node_name(cluster)}-"
+    ordinals = [int(n[len(prefix):]) for n in claim_names
+                if n.startswith(prefix) and n[len(prefix):].isdigit()]
+    return max(ordinals) + 1 if ordinals else 0
 
 
 def plan(cluster: str, current_replicas: int, wanted: int) -> Plan:
@@ -358,7 +376,7 @@ def storage_changes(spec: Spec, live: Manifest) -> list[str]:
     ``data`` claim template to compare with).
     """
     templates = (live.get("spec") or {}).get("volumeClaimTemplates") or []
-    claim = next((t for t in templates if (t.get("metadata") or {}).get("name") == "data"), None)
+    claim = next((t for t in templates if (t.get("metadata") or {}).get("name") == CLAIM), None)
     if claim is None:
         return []
     claim_spec = claim.get("spec") or {}

@@ -338,8 +338,10 @@ async def test_no_gateway_before_a_node_pod_has_an_address(
             lambda objs: _replicas(objs) == 2 and _retries(objs) >= 1 and objs)
     assert ("apps/v1/deployments", NS, rc.gateway_name(CLUSTER)) not in objects
     assert ("v1/services", NS, rc.gateway_name(CLUSTER)) in objects
-    # one gateway replica: no gateway budget, which would block every node drain
-    assert ("policy/v1beta1/poddisruptionbudgets", NS, rc.gateway_name(CLUSTER)) not in objects
+    # one gateway replica: its budget allows the one pod to go (maxUnavailable), so it never
+    # blocks a node drain
+    budget = objects[("policy/v1beta1/poddisruptionbudgets", NS, rc.gateway_name(CLUSTER))]
+    assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
     assert ("policy/v1beta1/poddisruptionbudgets", NS, rc.node_name(CLUSTER)) in objects
 
 

@@ -283,6 +283,12 @@ def test_probes_ask_ready_and_health_on_the_http_port(component: str) -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     # liveness is more patient than readiness: a node busy with a slot move is not killed
     assert c["livenessProbe"]["failureThreshold"] > c["readinessProbe"]["failureThreshold"]
+    if component == "node":  # recovery of a big node takes minutes, not liveness' 30 s
+        start = c["startupProbe"]
+        assert start["httpGet"] == c["livenessProbe"]["httpGet"]
+        assert start["periodSeconds"] * start["failureThreshold"] >= 600
+    else:  # a gateway has nothing to recover
+        assert "startupProbe" not in c
     # the named port exists in the container
     assert "http" in {p["name"] for p in c["ports"]}
     pod_annotations = manifest["spec"]["template"]["metadata"]["annotations"]
@@ -297,7 +303,7 @@ def test_pods_meet_the_restricted_pod_security_standard(component: str) -> None:
     # the image's user (Dockerfile: USER 10001:10001); fsGroup makes the volume writable to it
     assert pod["securityContext"] == {
         "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-        "seccompProfile": {"type": "RuntimeDefault"}}
+        "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
     c = container(manifest)
     assert c["securityContext"] == {
         "runAsNonRoot": True, "allowPrivilegeEscalation": False,
@@ -326,7 +332,8 @@ def test_image_pull_secrets_and_policy_reach_both_pod_templates() -> None:
         assert container(manifest)["imagePullPolicy"] == "Always"
     for manifest in (rc.statefulset("demo", "ns", rc.Spec(), 3),
                      rc.gateway_deployment("demo", "ns", rc.Spec(), ["a:1"])):
-        assert "imagePullSecrets" not in manifest["spec"]["template"]["spec"]
+        # [] rather than absent: a merge patch must be able to remove every secret
+        assert manifest["spec"]["template"]["spec"]["imagePullSecrets"] == []
         assert container(manifest)["imagePullPolicy"] == "IfNotPresent"
     # entries without a name (not valid for the CRD either) are left out
     assert rc.Spec.parse({"imagePullSecrets": [{"name": ""}, {}, {"name": "x"}]}
@@ -348,16 +355,27 @@ def test_the_gateway_gets_its_seeds_in_env_and_listens_everywhere() -> None:
     assert c["resources"] == {"limits": {"cpu": "1"}}
 
 
-def test_disruption_budgets_allow_one_node_down_and_keep_one_gateway() -> None:
+def test_disruption_budgets_allow_one_node_and_one_gateway_down() -> None:
     pdbs = by_kind(rc.disruption_budgets("demo", "ns", rc.Spec()))
     assert pdbs["PodDisruptionBudget", "demo-node"]["spec"]["maxUnavailable"] == 1
-    assert pdbs["PodDisruptionBudget", "demo-gateway"]["spec"]["minAvailable"] == 1
+    assert pdbs["PodDisruptionBudget", "demo-gateway"]["spec"]["maxUnavailable"] == 1
 
 
-def test_a_single_gateway_gets_no_budget_that_would_block_every_drain() -> None:
-    spec = rc.Spec.parse({"gateway": {"replicas": 1}})
-    pdbs = rc.disruption_budgets("demo", "ns", spec)
-    assert [p["metadata"]["name"] for p in pdbs] == ["demo-node"]
+def test_a_single_gateway_keeps_a_budget_that_never_blocks_a_drain() -> None:
+    # the same object at every replica count: scaling 2 -> 1 leaves no minAvailable behind
+    for replicas in (1, 2, 3):
+        spec = rc.Spec.parse({"gateway": {"replicas": replicas}})
+        pdbs = by_kind(rc.disruption_budgets("demo", "ns", spec))
+        assert pdbs["PodDisruptionBudget", "demo-gateway"]["spec"] == {
+            "maxUnavailable": 1, "selector": {"matchLabels": rc.labels("demo", "gateway")}}
+        assert "minAvailable" not in pdbs["PodDisruptionBudget", "demo-node"]["spec"]
+
+
+def test_nodes_with_data_counts_the_claims_left_from_before() -> None:
+    names = ["data-demo-node-0", "data-demo-node-4", "data-demo-node-2", "data-other-node-9",
+             "data-demo-node-x", "scratch-demo-node-7"]
+    assert rc.nodes_with_data("demo", names) == 5
+    assert rc.nodes_with_data("demo", []) == 0
 
 
 # -- the scaling plan -------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import pytest
 
 from shardq.errors import Moved, TryAgain
 from shardq.node.runtime import Node
-from shardq.operator.rebalance import Rebalancer
+from shardq.node.settings import NodeSettings, StorageSettings
+from shardq.operator.rebalance import RebalanceError, Rebalancer
 from shardq.slots import slot_of
-from shardq.topology import ring_owners
+from shardq.topology import NodeInfo, ring_owners
 
 from .cluster import Direct, infos, start_nodes
+from .helpers import free_port
 
 QUEUES = [f"q{i}" for i in range(40)]
 
@@ -187,5 +189,51 @@ async def test_a_coordinator_that_died_mid_move_is_finished_by_the_next(tmp_path
         await check_owners(nodes)
     finally:
         await direct.close()
+        await reb.close()
+        await stop_all(nodes)
+
+
+async def test_a_silent_node_keeps_the_coordinator_from_starting_a_new_topology() -> None:
+    nodes = await start_nodes(["node-0", "node-1"])
+    try:
+        silent = NodeInfo("node-2", f"127.0.0.1:{free_port()}")  # its pod runs, nothing answers
+        reb = Rebalancer(retry_for=0.3)
+        try:
+            with pytest.raises(RebalanceError, match="did not answer"):
+                await reb.converge([*infos(nodes), silent])
+        finally:
+            await reb.close()
+        # nobody was given a fresh topology that the silent node's might be newer than
+        assert [n.cluster.topology for n in nodes] == [None, None]
+    finally:
+        await stop_all(nodes)
+
+
+async def test_a_leaving_node_whose_pod_moved_is_followed_to_its_new_address(
+    tmp_path: Path
+) -> None:
+    nodes = await start_nodes(["node-0", "node-1", "node-2"], tmp_path)
+    reb = Rebalancer(retry_for=2.0)
+    try:
+        await reb.converge(infos(nodes))
+        direct = Direct(nodes)
+        ids = {q: (await direct.call({"cmd": "PUSH", "queue": q, "data": q}))["id"]
+               for q in QUEUES}
+        await direct.close()
+        # node-2's pod is recreated on a new address (same volume) in the middle of a
+        # scale-down to 2: the coordinator must fetch its slots from where it is now
+        await nodes[2].stop()
+        moved = Node(NodeSettings(name="node-2", port=0, http_port=0,
+                                  storage=StorageSettings(data_dir=str(tmp_path / "node-2"))))
+        await moved.start()
+        nodes[2] = moved
+        topo = await reb.converge(infos(nodes[:2]), known=infos(nodes[2:]))
+        assert set(topo.owners) == {"node-0", "node-1"} and not topo.pending_moves()
+        direct = Direct(nodes[:2])
+        for q, job_id in ids.items():
+            job = (await direct.call({"cmd": "GETJOB", "id": job_id}))["job"]
+            assert job is not None and job["data"] == q
+        await direct.close()
+    finally:
         await reb.close()
         await stop_all(nodes)
