@@ -139,7 +139,7 @@ class Retry:
 class Forward(Pending):
     """A request for the owner of one slot; line and answer pass through unchanged."""
 
-    __slots__ = ("flags", "line", "retry", "rid", "session", "slot")
+    __slots__ = ("flags", "line", "looked", "retry", "rid", "session", "slot")
 
     def __init__(
         self, session: ClientSession, line: bytes, slot: int, rid: str | int | None, flags: int
@@ -151,6 +151,7 @@ class Forward(Pending):
         self.rid = rid
         self.flags = flags
         self.retry: Retry | None = None
+        self.looked = False  # the topology was read again once after the owner did not answer
 
     def dispatch(self) -> None:
         session = self.session
@@ -195,7 +196,23 @@ class Forward(Pending):
             self.finish(error_line(moving(self.slot), self.rid))
 
     def unavailable(self, text: str) -> None:
+        """The owner did not answer: read the topology again once (its pod may have moved
+        to a new address, published meanwhile) and send there; else the clear error."""
+        router = self.session.router
+        link = router.by_slot[self.slot]
+        if not self.looked and link is not None:
+            self.looked = True
+            if router.reread(link, lambda: self._after_reread(link, text)):
+                return
         self.finish(error_line(text, self.rid))
+
+    def _after_reread(self, before: NodeLink, text: str) -> None:
+        if self.session.closed:
+            return
+        if self.session.router.by_slot[self.slot] is not before:
+            self.dispatch()  # a new owner, or the same node at a new address
+        else:
+            self.finish(error_line(text, self.rid))
 
     def finish(self, answer: bytes) -> None:
         self.answer = answer

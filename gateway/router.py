@@ -35,7 +35,7 @@ from .upstream import Flusher, NodeLink, ask
 log = logging.getLogger("shardq.gateway.router")
 
 #: Unreachable nodes and TRYAGAIN trigger at most one topology refresh per this many seconds.
-DOWN_REFRESH_EVERY = 1.0
+DOWN_REFRESH_EVERY = 0.25
 
 
 class Router:
@@ -178,9 +178,25 @@ class Router:
         if self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_until(want))
 
-    async def _refresh_until(self, want: int) -> None:
+    def reread(self, down: NodeLink, then: Callable[[], None]) -> bool:
+        """``down`` did not answer: ask the other nodes for their topology now (it may name a
+        new address for it, a pod that moved) and call ``then`` when that is done. Shares a
+        refresh in flight; at most one per ``DOWN_REFRESH_EVERY``. False: none was due."""
+        if self._refresh is not None:
+            self._waiters.append(then)
+            return True
+        now = time.monotonic()
+        if now < self._down_refresh_at or self.epoch < 1:
+            return False
+        self._down_refresh_at = now + DOWN_REFRESH_EVERY
+        self._waiters.append(then)
+        self._refresh = asyncio.get_running_loop().create_task(
+            self._refresh_until(self.epoch + 1, down))
+        return True
+
+    async def _refresh_until(self, want: int, skip: NodeLink | None = None) -> None:
         try:
-            await self._ask_all(want)
+            await self._ask_all(want, skip)
         except Exception:  # a refresh must never leave its waiters hanging
             log.exception("topology refresh failed")
         finally:
@@ -189,8 +205,9 @@ class Router:
             for then in waiters:
                 then()
 
-    async def _ask_all(self, want: int) -> None:
-        links = list({id(link): link for link in [*self.members, *self.seeds]}.values())
+    async def _ask_all(self, want: int, skip: NodeLink | None = None) -> None:
+        links = [link for link in {id(link): link for link in [*self.members, *self.seeds]}.values()
+                 if link is not skip]
         loop = asyncio.get_running_loop()
         pending = {loop.create_task(self._topology_of(link)) for link in links}
         deadline = loop.time() + self.settings.connect_timeout * 2

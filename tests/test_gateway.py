@@ -404,6 +404,36 @@ async def test_a_stopped_node_gives_quick_unavailable_errors_and_other_slots_kee
         await back.stop()
 
 
+async def test_a_node_back_at_a_new_address_is_followed_on_the_first_call(
+    cluster: Cluster
+) -> None:
+    gateway = await start_gateway(cluster, topology_poll=600.0)  # no help from the poller
+    client = await RawClient.connect(gateway.port)
+    try:
+        name = cluster.nodes[1].settings.name
+        queue = cluster.queues_on(name, "moved-")[0]
+        await push(client, queue)  # the gateway holds a connection to the old address
+        await cluster.stop_node(name)
+        # its pod comes back on another address; the coordinator publishes it
+        back = Node(NodeSettings(name=name, port=0, http_port=0))
+        await back.start()
+        cluster.nodes[1] = back
+        cluster.stopped.discard(name)
+        topo = cluster.topology.copy()
+        node = topo.node(name)
+        assert node is not None
+        node.tcp = f"127.0.0.1:{back.tcp_port}"
+        topo.epoch += 1
+        await cluster.publish(topo)
+        answer = await client.call({"cmd": "PUSH", "queue": queue, "data": "after"}, timeout=5)
+        assert answer["ok"] is True, answer  # no Unavailable first
+        pulled = await node_call(back.tcp_port, {"cmd": "PULL", "queue": queue, "timeout": 0})
+        assert pulled["job"]["data"] == "after"
+    finally:
+        await client.close()
+        await gateway.stop()
+
+
 async def test_two_gateways_serve_the_same_cluster_side_by_side(
     cluster: Cluster, gateway: Gateway
 ) -> None:
