@@ -382,15 +382,23 @@ async def test_deleting_the_cluster_runs_the_delete_handler_and_drops_the_finali
     others = _claim("other", 0)  # another cluster's data in the same namespace
     await emulator.put("v1/persistentvolumeclaims", others["metadata"]["name"], others)
     await emulator.put(SHARDQ, CLUSTER, _cluster({"nodes": 1, "deletion": {"deleteVolumes": True}}))
+    objects = await _deleted_under_the_operator(emulator, monkeypatch)
+    # spec.deletion.deleteVolumes: the delete handler removed the node volume claims
+    assert ("v1/persistentvolumeclaims", NS, claim["metadata"]["name"]) not in objects
+    assert ("v1/persistentvolumeclaims", NS, others["metadata"]["name"]) in objects
+
+
+async def _deleted_under_the_operator(
+        emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> dict[Any, Any]:
+    """Run the operator until kopf's finalizer is on the cluster, delete the cluster, and
+    return the objects left once it is gone."""
     async with running_operator(emulator, monkeypatch):
         await emulator.wait_for("kopf's finalizer", lambda objs: "shardq.io/finalizer" in (
             objs.get((SHARDQ, NS, CLUSTER), {}).get("metadata", {}).get("finalizers", [])))
         await asyncio.to_thread(_delete_cluster, emulator.kubeconfig)
-        objects = await emulator.wait_for(
+        objects: dict[Any, Any] = await emulator.wait_for(
             "the cluster gone", lambda objs: (SHARDQ, NS, CLUSTER) not in objs and objs)
-    # spec.deletion.deleteVolumes: the delete handler removed the node volume claims
-    assert ("v1/persistentvolumeclaims", NS, claim["metadata"]["name"]) not in objects
-    assert ("v1/persistentvolumeclaims", NS, others["metadata"]["name"]) in objects
+    return objects
 
 
 def _claim(cluster: str, ordinal: int) -> dict[str, Any]:
@@ -408,12 +416,7 @@ async def test_deleting_the_cluster_keeps_the_volume_claims_by_default(
     for claim in claims:
         await emulator.put("v1/persistentvolumeclaims", claim["metadata"]["name"], claim)
     await emulator.put(SHARDQ, CLUSTER, _cluster({"nodes": 2}))  # deleteVolumes: default off
-    async with running_operator(emulator, monkeypatch):
-        await emulator.wait_for("kopf's finalizer", lambda objs: "shardq.io/finalizer" in (
-            objs.get((SHARDQ, NS, CLUSTER), {}).get("metadata", {}).get("finalizers", [])))
-        await asyncio.to_thread(_delete_cluster, emulator.kubeconfig)
-        objects = await emulator.wait_for(
-            "the cluster gone", lambda objs: (SHARDQ, NS, CLUSTER) not in objs and objs)
+    objects = await _deleted_under_the_operator(emulator, monkeypatch)
     for claim in claims:  # the data stays for a cluster made again with the same name
         assert ("v1/persistentvolumeclaims", NS, claim["metadata"]["name"]) in objects
 
