@@ -43,6 +43,10 @@ class OperatorConfig:
     connect_timeout: float = 1.0
     #: Slots moved per rebalancer step.
     batch: int = 4
+    #: After a converge, how long to wait for the members' readiness probes to see their
+    #: new slots before writing the status (s): ``Ready`` then says True right away instead
+    #: of at the next timer tick.
+    ready_wait: float = 15.0
 
 
 @kopf.on.startup()
@@ -191,6 +195,10 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
     seeds = await _gateway_seeds(kube, name, namespace, [n.tcp for n in members])
     await kube.apply(_owned(rc.gateway_deployment(name, namespace, spec, seeds), body))
     ready_nodes = await _ready_nodes(kube, name, namespace, plan.members)
+    deadline = time.monotonic() + cfg.ready_wait
+    while ready_nodes < spec.nodes and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        ready_nodes = await _ready_nodes(kube, name, namespace, plan.members)
     ready = rc.ready_condition(ready_nodes, spec.nodes, 0, st.conditions, _now())
     return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.nodes),
             "slotsMoving": 0, "progress": None, "readyNodes": ready_nodes,

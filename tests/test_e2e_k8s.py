@@ -733,6 +733,9 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
                                           hint=dep.logs)
             scale_down = _timed("scale 5 -> 2 with an operator SIGKILLed and replaced", started)
             assert down["slotsMoving"] == 0
+            # Ready as soon as the scale is done (not at the timer's next tick)
+            ready = {c["type"]: c for c in down["conditions"]}["Ready"]
+            assert (ready["status"], down["readyNodes"]) == ("True", 2), ready
             await async_wait_until("2 node pods left", lambda: len(dep.node_runs()) == 2, 60)
             await asyncio.sleep(1.0)
         finally:
