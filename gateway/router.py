@@ -178,10 +178,11 @@ class Router:
         if self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_until(want))
 
-    def reread(self, down: NodeLink, then: Callable[[], None]) -> bool:
-        """``down`` did not answer: ask the other nodes for their topology now (it may name a
-        new address for it, a pod that moved) and call ``then`` when that is done. Shares a
-        refresh in flight; at most one per ``DOWN_REFRESH_EVERY``. False: none was due."""
+    def reread(self, down: NodeLink | None, then: Callable[[], None]) -> bool:
+        """Ask the nodes (all but ``down``, which did not answer) for their topology now: it
+        may name a new owner, or a new address for ``down`` (a pod that moved); call ``then``
+        when that is done. Shares a refresh in flight; at most one per
+        ``DOWN_REFRESH_EVERY``. False: none was due."""
         if self._refresh is not None:
             self._waiters.append(then)
             return True
@@ -235,11 +236,7 @@ class Router:
     def look_again(self) -> None:
         """Refresh in the background, at most once per ``DOWN_REFRESH_EVERY`` (a node is
         down, or a slot is frozen: the topology of the move may name a node that is new)."""
-        now = time.monotonic()
-        if self._refresh is not None or now < self._down_refresh_at or self.epoch < 1:
-            return
-        self._down_refresh_at = now + DOWN_REFRESH_EVERY
-        self.refresh(self.epoch + 1, _nothing)
+        self.reread(None, _nothing)
 
     async def poll(self, every: float) -> None:
         """Look for a newer topology every ``every`` seconds (a slot move the gateway's own

@@ -18,6 +18,7 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter_ns
+from typing import Any
 
 import orjson
 
@@ -323,6 +324,13 @@ async def run(workloads: list[Workload], cap_s: float) -> None:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one workload's round summaries (``Measure.summary()``): the one with the median rate
+    (its latencies with it), and every round's rate under ``rounds``, lowest first."""
+    ordered = sorted(rounds, key=lambda m: float(m["rate"]))
+    return {**ordered[len(ordered) // 2], "rounds": [m["rate"] for m in ordered]}
 
 
 def measured(workloads: list[Workload], per_unit: int = 1) -> Measure:

@@ -81,9 +81,8 @@ async def policies(log_dir: Path, work: Path, quick: bool) -> list[dict[str, Any
     rows = []
     for name, _, note in POLICIES:
         for count in (1, 50):
-            ms = sorted(runs[(name, count)], key=lambda m: float(m["rate"]))
             rows.append({"policy": name, "note": note, "producers": count,
-                         **ms[len(ms) // 2], "rounds": [m["rate"] for m in ms]})
+                         **C.median_round(runs[(name, count)])})
     return rows
 
 

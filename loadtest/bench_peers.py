@@ -467,8 +467,7 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
             finally:
                 p.stop()
     for name, runs in rounds.items():
-        runs.sort(key=lambda m: float(m["rate"]))
-        res[name]["always50"] = {**runs[1], "rounds": [m["rate"] for m in runs]}
+        res[name]["always50"] = C.median_round(runs)
     for name, start, t in (("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS)):
         p = start(work, "never" if name == "shardq" else "no", logs)
         try:

@@ -27,7 +27,7 @@ from typing import Any
 
 import kopf
 
-from shardq.topology import ACTIVE, NodeInfo
+from shardq.topology import NodeInfo
 
 from . import reconcile as rc
 from .kube import Kube, load
@@ -165,7 +165,7 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
     await _apply_all(kube, body, name, namespace, spec, plan.replicas_first, seeds,
                      with_claims=live is None)
     try:
-        members = await _wait_for_members(kube, name, namespace, plan.members, cfg)
+        members, node_pods = await _wait_for_members(kube, name, namespace, plan.members, cfg)
     except kopf.TemporaryError as exc:
         ready = st.ready(False, "WaitingForNodes", str(exc))
         observed = (body.get("status") or {}).get("observedGeneration")
@@ -182,11 +182,10 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
             fields.update(st.fields(st.ready(False, "Scaling",
                                              f"{current} -> {spec.nodes} nodes")))
         await st.patch(fields)
-    topo = await _rebalance(kube, name, namespace, spec, members, cfg, body, st)
+    topo = await _rebalance(kube, name, namespace, spec, members, node_pods, cfg, body, st)
     if plan.replicas_after != plan.replicas_first:
-        wanted = set(plan.members)
-        if topo.pending_moves() or topo.moving or not set(topo.owners) <= wanted or {
-                n.name for n in topo.nodes if n.state == ACTIVE} - wanted:
+        # no pending move among active members only means every slot is on a member
+        if topo.pending_moves() or topo.moving or set(topo.active_names()) - set(plan.members):
             raise kopf.TemporaryError("slots still on leaving nodes: not shrinking yet", delay=3)
         await kube.apply(_owned(rc.statefulset(name, namespace, spec, plan.replicas_after,
                                                with_claims=live is None), body))
@@ -254,8 +253,10 @@ async def _gateway_seeds(kube: Kube, name: str, namespace: str,
 
 
 async def _wait_for_members(kube: Kube, name: str, namespace: str, wanted: list[str],
-                            cfg: OperatorConfig) -> list[NodeInfo]:
-    pods = {p.metadata.name: p for p in await kube.pods(namespace, rc.labels(name, "node"))}
+                            cfg: OperatorConfig) -> tuple[list[NodeInfo], list[Any]]:
+    """The members, each running and reachable, and every node pod as listed."""
+    listed = await kube.pods(namespace, rc.labels(name, "node"))
+    pods = {p.metadata.name: p for p in listed}
     members = []
     for pod_name in wanted:
         pod = pods.get(pod_name)
@@ -263,12 +264,12 @@ async def _wait_for_members(kube: Kube, name: str, namespace: str, wanted: list[
         if ip is None or not await _reachable(ip, cfg.connect_timeout):
             raise kopf.TemporaryError(f"waiting for node pod {pod_name} to run", delay=2)
         members.append(NodeInfo(pod_name, f"{ip}:{rc.TCP_PORT}", f"{ip}:{rc.HTTP_PORT}"))
-    return members
+    return members, listed
 
 
 async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
-                     members: list[NodeInfo], cfg: OperatorConfig, body: kopf.Body,
-                     st: _Status) -> Any:
+                     members: list[NodeInfo], pods: list[Any], cfg: OperatorConfig,
+                     body: kopf.Body, st: _Status) -> Any:
     token = None
     if spec.auth_secret:
         token = (await kube.secret_value(namespace, spec.auth_secret, spec.cluster_token_key)
@@ -294,7 +295,6 @@ async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
     reb = Rebalancer(token=token, batch=cfg.batch, on_progress=progress)
     try:
         wanted = {n.name for n in members}
-        pods = await kube.pods(namespace, rc.labels(name, "node"))
         extra = [f"{ip}:{rc.TCP_PORT}" for p in pods if (ip := _ip_ready(p))]
         # where the other node pods (leaving ones of a scale-down) are now
         known = [NodeInfo(p.metadata.name, f"{ip}:{rc.TCP_PORT}", f"{ip}:{rc.HTTP_PORT}")

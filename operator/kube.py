@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client, config, dynamic
@@ -76,32 +77,20 @@ class Kube:
 
     async def statefulset(self, namespace: str, name: str) -> Manifest | None:
         """The StatefulSet as plain JSON data (camelCase keys), None when there is none."""
-        def read() -> Manifest | None:
-            try:
-                sts = self.apps.read_namespaced_stateful_set(name, namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
-            data: Manifest = self.api.sanitize_for_serialization(sts)  # type: ignore[no-untyped-call]
-            return data
-        return await asyncio.to_thread(read)
+        sts = await _found(self.apps.read_namespaced_stateful_set, name, namespace)
+        if sts is None:
+            return None
+        data: Manifest = self.api.sanitize_for_serialization(sts)  # type: ignore[no-untyped-call]
+        return data
 
     async def container_env(self, namespace: str, deployment: str, name: str) -> str | None:
         """The value of env ``name`` in a Deployment's first container (None: no such thing)."""
-        def read() -> str | None:
-            try:
-                dep = self.apps.read_namespaced_deployment(deployment, namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
-            pod = dep.spec.template.spec if dep.spec is not None else None
-            for var in (pod.containers[0].env or []) if pod is not None else []:
-                if var.name == name:
-                    return str(var.value or "")
-            return None
-        return await asyncio.to_thread(read)
+        dep = await _found(self.apps.read_namespaced_deployment, deployment, namespace)
+        pod = dep.spec.template.spec if dep is not None and dep.spec is not None else None
+        for var in (pod.containers[0].env or []) if pod is not None else []:
+            if var.name == name:
+                return str(var.value or "")
+        return None
 
     async def pods(self, namespace: str, selector: dict[str, str]) -> list[Any]:
         text = ",".join(f"{k}={v}" for k, v in selector.items())
@@ -110,51 +99,50 @@ class Kube:
         return list(res.items)
 
     async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        def read() -> str | None:
-            try:
-                secret = self.core.read_namespaced_secret(name, namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
-            raw = (secret.data or {}).get(key)
-            return base64.b64decode(raw).decode() if raw else None
-        return await asyncio.to_thread(read)
+        secret = await _found(self.core.read_namespaced_secret, name, namespace)
+        raw = (secret.data or {}).get(key) if secret is not None else None
+        return base64.b64decode(raw).decode() if raw else None
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         await asyncio.to_thread(
             self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
             PLURAL, name, {"status": status})
 
-    async def claim_names(self, namespace: str, selector: dict[str, str]) -> list[str]:
-        """Names of the volume claims carrying every label of ``selector``."""
+    def _claims(self, namespace: str, selector: dict[str, str]) -> list[str]:
+        """Names of the volume claims carrying every label of ``selector`` (blocking).
+
+        The labels are checked here too: deleting data is the one thing that cannot be
+        undone, so never trust a server (or a test double) that ignores the selector."""
         text = ",".join(f"{k}={v}" for k, v in selector.items())
-        res = await asyncio.to_thread(self.core.list_namespaced_persistent_volume_claim,
-                                      namespace, label_selector=text)
-        return [c.metadata.name for c in res.items
+        claims = self.core.list_namespaced_persistent_volume_claim(
+            namespace, label_selector=text).items
+        return [c.metadata.name for c in claims
                 if c.metadata is not None and c.metadata.name and all(
                     (c.metadata.labels or {}).get(k) == v for k, v in selector.items())]
 
-    async def delete_claims(self, namespace: str, selector: dict[str, str]) -> int:
-        text = ",".join(f"{k}={v}" for k, v in selector.items())
+    async def claim_names(self, namespace: str, selector: dict[str, str]) -> list[str]:
+        return await asyncio.to_thread(self._claims, namespace, selector)
 
+    async def delete_claims(self, namespace: str, selector: dict[str, str]) -> int:
         def delete() -> int:
-            claims = self.core.list_namespaced_persistent_volume_claim(
-                namespace, label_selector=text).items
-            deleted = 0
-            for c in claims:
-                if c.metadata is None or not c.metadata.name:
-                    continue
-                # checked here too: deleting data is the one thing that cannot be undone, so
-                # never trust a server (or a test double) that ignores the selector
-                if any((c.metadata.labels or {}).get(k) != v for k, v in selector.items()):
-                    continue
+            names = self._claims(namespace, selector)
+            for claim in names:
                 try:
-                    self.core.delete_namespaced_persistent_volume_claim(c.metadata.name,
-                                                                        namespace)
+                    self.core.delete_namespaced_persistent_volume_claim(claim, namespace)
                 except ApiException as exc:
                     if exc.status != 404:  # gone already: what was asked
                         raise
-                deleted += 1
-            return deleted
+            return len(names)
         return await asyncio.to_thread(delete)
+
+
+async def _found(read: Callable[..., Any], name: str, namespace: str) -> Any:
+    """``read(name, namespace)`` in a worker thread; None when the object does not exist."""
+    def call() -> Any:
+        try:
+            return read(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+    return await asyncio.to_thread(call)

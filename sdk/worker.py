@@ -31,7 +31,7 @@ from shardq.job import Job
 
 log = logging.getLogger("shardq.worker")
 
-#: results that always encode (anything else is checked before its ack is batched)
+#: results that always encode (anything else is encoded when the handler returns it)
 _JSON_SCALARS = (type(None), str, float, bool)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -234,7 +234,9 @@ class AsyncWorker:
             try:
                 result = await self._call(job)
                 if type(result) not in _JSON_SCALARS:
-                    orjson.dumps(result)  # refused here, so one bad result fails only its job
+                    # encoded once, here: a result that cannot be fails only its own job, and
+                    # the ACKB embeds the bytes as they are
+                    result = orjson.Fragment(orjson.dumps(result))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the handler's failure is the job's failure
