@@ -30,13 +30,11 @@ run: venv-server
 test: venv-test packages-test lint typecheck unit
 
 lint:
-	$(VENV)/ruff check sdk node gateway operator tests $(wildcard loadtest) charts
-	scripts/pkgtree.sh
-	PYTHONPATH=build/pkg $(VENV)/lint-imports
+	$(VENV)/ruff check sdk server node gateway operator tests $(wildcard loadtest) charts
+	$(VENV)/lint-imports
 
 typecheck:
-	scripts/pkgtree.sh
-	cd build/pkg && ../../.venv/bin/mypy --config-file ../../pyproject.toml -p shardq
+	$(VENV)/mypy -p shardq -p shardq_server -p shardq_node -p shardq_gateway -p shardq_operator
 
 unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

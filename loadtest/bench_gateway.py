@@ -32,7 +32,8 @@ import bench_procs as procs
 import bench_report as report
 
 from shardq.connection import Connection
-from shardq.topology import NodeInfo, initial
+from shardq.wire.topology import NodeInfo
+from shardq_operator.ring import initial
 
 _GW_READY = re.compile(rb"gateway listening on 127\.0\.0\.1:(\d+)")
 

@@ -19,10 +19,10 @@ import time
 import tracemalloc
 from typing import Any
 
-from shardq.node.engine import Engine
-from shardq.node.runtime import Node, wall_clock_ms
-from shardq.node.settings import NodeSettings
-from shardq.protocol import JobSpec
+from shardq.wire.protocol import JobSpec
+from shardq_node.engine import Engine
+from shardq_node.runtime import Node, wall_clock_ms
+from shardq_node.settings import NodeSettings
 
 
 def _push_many(engine: Engine, queue: str, data: Any, n: int) -> None:

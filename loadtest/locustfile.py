@@ -30,7 +30,7 @@ from locust import FastHttpUser, User, between, constant, events, task
 from locust.env import Environment
 
 from shardq.errors import ShardqError, error_from_text
-from shardq.job import Job
+from shardq.wire.job import Job
 
 LATENCIES: dict[str, list[float]] = defaultdict(list)
 

@@ -35,7 +35,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-from shardq.operator.local import LocalCluster  # noqa: E402
+from shardq_operator.local import LocalCluster  # noqa: E402
 
 
 def free_port() -> int:

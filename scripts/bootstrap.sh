@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11+) and install shardq with the given extras.
-# Usage: scripts/bootstrap.sh server,test
-# Re-installs only when pyproject.toml changed since the last install.
+# Create .venv (Python 3.11+) and install the workspace into it (DESIGN §1): the five
+# distributions (sdk, server, node, gateway, operator) editable, plus the workspace's extras.
+# Usage: scripts/bootstrap.sh server        # the servers: what `make run` needs
+#        scripts/bootstrap.sh server,test   # and the test tools
+# Re-installs only when a pyproject.toml changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-server}"
@@ -25,8 +27,18 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 stamp=".venv/.installed-$extras"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+packages=(sdk server node gateway operator)
+stale=0
+[ -f "$stamp" ] || stale=1
+for p in pyproject.toml "${packages[@]/%//pyproject.toml}"; do
+    [ "$p" -nt "$stamp" ] && stale=1
+done
+if [ "$stale" = 1 ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+    args=()
+    for p in "${packages[@]}"; do args+=(-e "./$p"); done
+    extra=${extras//server/}; extra=${extra//,/ }; extra=$(echo $extra | tr ' ' ',')
+    if [ -n "$extra" ]; then args+=(-e ".[$extra]"); fi
+    .venv/bin/python -m pip install -q --disable-pip-version-check "${args[@]}"
     touch "$stamp"
 fi

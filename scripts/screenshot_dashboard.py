@@ -29,7 +29,7 @@ from pathlib import Path
 from playwright.async_api import async_playwright
 
 from shardq.client import AsyncClient
-from shardq.operator.local import LocalCluster
+from shardq_operator.local import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = [

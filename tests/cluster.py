@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from shardq.connection import Connection
-from shardq.gateway.main import Gateway
-from shardq.gateway.settings import GatewaySettings
-from shardq.node.runtime import Node
-from shardq.node.settings import NodeSettings, StorageSettings
-from shardq.slots import slot_of
-from shardq.topology import NodeInfo, Topology, initial
+from shardq.wire.slots import slot_of
+from shardq.wire.topology import NodeInfo, Topology
+from shardq_gateway.main import Gateway
+from shardq_gateway.settings import GatewaySettings
+from shardq_node.runtime import Node
+from shardq_node.settings import NodeSettings, StorageSettings
+from shardq_operator.ring import initial
 
 from .helpers import RawClient
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from shardq.node.runtime import Node
-from shardq.node.settings import NodeSettings
+from shardq_node.runtime import Node
+from shardq_node.settings import NodeSettings
 
 from .helpers import FakeClock, RawClient
 

@@ -5,7 +5,7 @@ that gives every node metric data.
 its own config and TSDB in a temporary directory, and is stopped by its PID. ``start_nodes``
 starts nodes with an HTTP port (``/metrics``) and a data dir (WAL, fsync, blob metrics) and
 publishes a topology that splits the slots between them. ``Load`` pushes, pulls, acks and
-fails jobs through the SDK's direct mode. Used by tests/test_observability.py and by
+fails jobs through the SDK's direct mode. Used by tests/integration/test_observability.py and by
 charts/shardq/dashboards/render.py (the PNG in docs/).
 """
 
@@ -27,8 +27,8 @@ import yaml
 
 from shardq.client import AsyncClient
 from shardq.errors import ShardqError
-from shardq.node.runtime import Node
-from shardq.node.settings import NodeSettings, StorageSettings
+from shardq_node.runtime import Node
+from shardq_node.settings import NodeSettings, StorageSettings
 
 from .cluster import Cluster
 from .helpers import CI, free_port

@@ -1,7 +1,7 @@
 """values.schema.json and the README's parameter tables, from the `## @param` lines of values.yaml.
 
     python charts/shardq/schema.py           # (re)write values.schema.json and README.md's tables
-    python charts/shardq/schema.py --check   # exit 1 when either is stale (tests/test_chart.py)
+    python charts/shardq/schema.py --check   # exit 1 when either is stale (tests/unit/test_chart)
 
 Bitnami's convention: every value is documented by ``## @param key description`` (a key may be a
 whole object, e.g. ``operator.resources``), ``## @section Title`` starts a table. The schema

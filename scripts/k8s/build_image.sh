@@ -7,11 +7,12 @@
 #    (cached in podman's store after the first run).
 # 2. Wheels on the host, into build/wheels/ (the build context; nothing is fetched inside the
 #    build, which runs with --network=none):
-#    - deps/: every dependency of shardq[server], pinned to the versions the project's .venv
-#      has (scripts/k8s/image_requirements.py). Built again only when the pinned set changes
+#    - deps/: every third-party dependency of shardq's five distributions, pinned to the
+#      versions the project's .venv has (scripts/k8s/image_requirements.py). Built again only when the pinned set changes
 #      (stamp: deps/.stamp); SHARDQ_WHEELS_REBUILD=1 forces it. Only this step needs PyPI.
 #    - build/: setuptools and wheel, so the shardq wheel builds in an isolated env offline.
-#    - shardq/: the shardq wheel, built again when its sources changed (stamp: shardq/.stamp),
+#    - shardq/: the wheels of shardq, shardq-server, shardq-node, shardq-gateway and
+#      shardq-operator, built again when their sources changed (stamp: shardq/.stamp),
 #      with SOURCE_DATE_EPOCH fixed, and replaced only when its bytes changed, so podman's layer
 #      cache holds when the code did not change.
 # 3. podman build --pull=never --network=none --format docker (the docker format keeps the
@@ -74,33 +75,41 @@ else
     mv "$WHEELS/build.new" "$WHEELS/build"
 fi
 
-# --- the shardq wheel (offline; again only when its sources changed) --------------------------
-SOURCES=(pyproject.toml README.md sdk node gateway operator)
+# --- shardq's wheels (offline; again only when their sources changed) -----------------------
+DISTRIBUTIONS=(sdk server node gateway operator)
 srchash=$(tar -c --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
-              --exclude=__pycache__ --exclude='*.pyc' "${SOURCES[@]}" | sha256sum | cut -c1-16)
+              --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
+              "${DISTRIBUTIONS[@]}" | sha256sum | cut -c1-16)
 if [ "$(cat "$WHEELS/shardq/.stamp" 2>/dev/null)" = "$srchash" ] && ls "$WHEELS"/shardq/*.whl >/dev/null 2>&1; then
-    log "shardq wheel cached ($srchash)"
+    log "shardq wheels cached ($srchash)"
 else
     # from a copy of the sources: setuptools builds in-tree and its build/lib keeps deleted modules
     tmp=$(mktemp -d "$ROOT/build/wheel.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     mkdir "$tmp/src" "$tmp/out"
-    tar -c --exclude=__pycache__ --exclude='*.pyc' "${SOURCES[@]}" | tar -x -C "$tmp/src"
-    if ! timeout 300 "$PY" "${PIP[@]}" wheel --no-deps --no-index --find-links "$ROOT/$WHEELS/build" \
-            --wheel-dir "$tmp/out" "$tmp/src" >"$tmp/wheel.log" 2>&1; then
-        tail -n 40 "$tmp/wheel.log" >&2
-        die "building the shardq wheel failed"
-    fi
-    new=$(ls "$tmp"/out/shardq-*.whl)
+    tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' "${DISTRIBUTIONS[@]}" \
+        | tar -x -C "$tmp/src"
+    for dist in "${DISTRIBUTIONS[@]}"; do
+        if ! timeout 300 "$PY" "${PIP[@]}" wheel --no-deps --no-index \
+                --find-links "$ROOT/$WHEELS/build" --wheel-dir "$tmp/out" "$tmp/src/$dist" \
+                >"$tmp/wheel.log" 2>&1; then
+            tail -n 40 "$tmp/wheel.log" >&2
+            die "building the wheel of $dist/ failed"
+        fi
+    done
     mkdir -p "$WHEELS/shardq"
-    old="$WHEELS/shardq/$(basename "$new")"
-    if [ -f "$old" ] && cmp -s "$new" "$old"; then
-        log "shardq wheel unchanged"   # keeps its mtime: podman's layer cache holds
-    else
-        rm -f "$WHEELS"/shardq/*.whl
-        mv "$new" "$WHEELS/shardq/"
-        log "shardq wheel: $(basename "$new") ($srchash)"
-    fi
+    for have in "$WHEELS"/shardq/*.whl; do   # a wheel no distribution builds any more
+        [ -e "$have" ] && [ ! -f "$tmp/out/$(basename "$have")" ] && rm -f "$have"
+    done
+    for new in "$tmp"/out/*.whl; do
+        old="$WHEELS/shardq/$(basename "$new")"
+        if [ -f "$old" ] && cmp -s "$new" "$old"; then
+            log "wheel unchanged: $(basename "$new")"   # keeps its mtime: the layer cache holds
+        else
+            mv "$new" "$WHEELS/shardq/"
+            log "wheel: $(basename "$new") ($srchash)"
+        fi
+    done
     echo "$srchash" >"$WHEELS/shardq/.stamp"
 fi
 

@@ -2,8 +2,9 @@
 
     python scripts/k8s/image_requirements.py OUTDIR
 
-writes ``OUTDIR/requirements.txt`` (shardq's own dependencies and its ``server`` extra, read
-from pyproject.toml, so a dependency added there counts before the venv is reinstalled) and
+writes ``OUTDIR/requirements.txt`` (the third-party dependencies of shardq's five
+distributions, read from their pyproject.toml files, so a dependency added there counts before
+the venv is reinstalled) and
 ``OUTDIR/constraints.txt`` (``name==version`` of every distribution in their dependency closure
 that the running interpreter has installed). Run with the project's .venv, the image gets the
 versions the tests ran against; a requirement the venv lacks is left to pip to resolve.
@@ -25,12 +26,24 @@ except ImportError:  # pragma: no cover - a bare interpreter: pip vendors packag
     from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[2]
-EXTRA = "server"
+#: the distributions the image installs (DESIGN §1), as folders of the repository
+DISTRIBUTIONS = ("sdk", "server", "node", "gateway", "operator")
 
 
 def top_level() -> list[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"][EXTRA]]
+    """Every third-party requirement of the image's distributions (theirs on each other left
+    out: their wheels are built from the sources)."""
+    ours = set()
+    specs: list[str] = []
+    for folder in DISTRIBUTIONS:
+        project = tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]
+        ours.add(project["name"])
+        specs.extend(project["dependencies"])
+    out: list[str] = []
+    for spec in specs:
+        if Requirement(spec).name not in ours and spec not in out:
+            out.append(spec)
+    return out
 
 
 def _applies(req: Requirement, extras: set[str]) -> bool:

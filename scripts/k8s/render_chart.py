@@ -5,7 +5,7 @@
 writes ``default.yaml`` (the chart's default values) and ``full.yaml``
 (``charts/shardq/ci/full-values.yaml``: every option on), each the CRDs then every rendered
 manifest (test hooks included, NOTES.txt left out) in template order, as release ``shardq`` in
-namespace ``queues``. ``make chart-render`` runs it; tests/test_chart.py renders the same way and
+namespace ``queues``. ``make chart-render`` runs it; tests/unit/test_chart.py renders the same way and
 requires the same documents.
 
 Must not: contact a cluster (no Helm config, ``lookup`` returns nothing).

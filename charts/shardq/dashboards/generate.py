@@ -6,14 +6,14 @@ per panel.
     python charts/shardq/dashboards/generate.py --list     # every PromQL expression in use
 
 `make dashboards` runs the first. The JSON is sorted and stable (``sort_keys``, a trailing
-newline): tests/test_dashboards.py regenerates it and fails on any difference with the
+newline): tests/unit/test_dashboards.py regenerates it and fails on any difference with the
 committed files, so edit this file, never the JSON.
 
 This module is also **the one list of every PromQL expression** shardq's monitoring uses:
 ``all_exprs()`` returns the panels' queries and the alert rules' expressions (read from
-``../alerts/shardq-rules.yaml``); tests/test_observability.py runs each of them against a real
-Prometheus scraping real nodes. ``concrete()`` turns a panel query into plain PromQL by filling
-in the Grafana variables.
+``../alerts/shardq-rules.yaml``); tests/integration/test_observability.py runs each of them
+against a real Prometheus scraping real nodes. ``concrete()`` turns a panel query into plain
+PromQL by filling in the Grafana variables.
 
 Every panel and query uses the ``$datasource`` variable, so the dashboards work with any
 Prometheus data source. Node metrics have no node label: ``instance`` is the node.

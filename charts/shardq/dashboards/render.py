@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository: 
 
 from shardq.client import AsyncClient
 from shardq.errors import ShardqError
-from shardq.gateway.main import Gateway
-from shardq.gateway.settings import GatewaySettings
+from shardq_gateway.main import Gateway
+from shardq_gateway.settings import GatewaySettings
 from tests.helpers import free_port
 from tests.observe import ROOT, Load, Prometheus, load_generator, metrics_targets, start_nodes
 

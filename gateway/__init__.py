@@ -1,1 +1,0 @@
-"""shardq.gateway: the stateless router in front of the nodes."""

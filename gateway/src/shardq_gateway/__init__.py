@@ -1,0 +1,1 @@
+"""shardq_gateway: the stateless router in front of the nodes."""

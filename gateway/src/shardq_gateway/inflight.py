@@ -1,0 +1,423 @@
+"""Requests in flight through the gateway, from routing to the answer a client gets.
+
+Each client request becomes one ``Pending`` at the back of its session's FIFO;
+the session writes answers from the front as they fill in, so a client sees its
+answers in request order whichever node answered first.
+
+- ``Forward``: a request one node answers (queue and id commands, PUSHB and
+  PULLB too: they name one queue). The original line goes out and the node's
+  answer comes back, both byte for byte. ``MOVED`` makes it re-read the topology
+  and go to the new owner; ``TRYAGAIN`` retries after a short, growing pause;
+  both within the retry budget, after which the client gets
+  ``Unavailable: slot N is moving, try again``.
+- ``Split``: ACKB and RELEASE, whose ids may belong to several nodes: one request
+  per owner, the counts summed (``{"ok":true,"ids":[sum]}``).
+- ``FanOut``: a cluster-wide read sent to every node and merged (merge.py).
+
+Must not: block, answer out of order, or re-encode a line it can forward as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from shardq.errors import ShardqError, Unavailable
+from shardq.wire.slots import SLOTS
+
+if TYPE_CHECKING:
+    from .router import Router
+    from .server_tcp import ClientSession
+    from .upstream import NodeLink
+
+log = logging.getLogger("shardq_gateway")
+
+#: Forward flags.
+BLOCKING = 1  # a PULL/PULLB that may wait: on the session's dedicated connection
+FOREVER = 2  # the client gave no timeout: send again each time it comes back empty
+TRACK = 4  # a non-blocking pull on a shared connection: remember the leased ids
+
+MOVED = 1
+TRYAGAIN = 2
+FIRST_DELAY = 0.01
+MAX_DELAY = 0.2
+#: A blocked pull refused after waiting this long had been accepted: its budget starts over.
+ACCEPTED_AFTER = 1.0
+
+#: How a node writes an error answer (``protocol.error_answer``): ok, error, then reqId.
+ERROR_PREFIX = b'{"ok":false,"error":"'
+_AT = len(ERROR_PREFIX)
+OK_PREFIX = b'{"ok":true'
+EMPTY_PULL = (b'{"ok":true,"job":null', b'{"ok":true,"jobs":[]')
+
+
+def error_line(text: str, rid: str | int | None) -> bytes:
+    """``{"ok":false,"error":text[,"reqId"]}`` without its newline (as a node writes it)."""
+    if rid is None:
+        return orjson.dumps({"ok": False, "error": text})
+    return orjson.dumps({"ok": False, "error": text, "reqId": rid})
+
+
+def answer_line(answer: dict[str, Any], rid: str | int | None) -> bytes:
+    if rid is not None:
+        answer["reqId"] = rid
+    return orjson.dumps(answer)
+
+
+def refusal(answer: bytes) -> tuple[int, int] | None:
+    """``(MOVED, epoch)`` or ``(TRYAGAIN, 0)`` when a node refused for a slot move."""
+    if answer.startswith(b"MOVED ", _AT):
+        end = answer.find(b'"', _AT + 6)
+        try:
+            return MOVED, int(answer[_AT + 6 : end])
+        except ValueError:
+            return None
+    if answer.startswith(b'TRYAGAIN"', _AT):
+        return TRYAGAIN, 0
+    return None
+
+
+def moving(slot: int) -> str:
+    return Unavailable(f"slot {slot} is moving, try again").text
+
+
+class Pending:
+    """One answer a client waits for, in its session's FIFO (``answer`` has no newline).
+
+    ``cmd`` and ``started`` are set by the session for the gateway's metrics."""
+
+    __slots__ = ("answer", "cmd", "started")
+
+    def __init__(self, answer: bytes | None = None) -> None:
+        self.answer = answer
+        self.cmd: str | None = None
+        self.started = 0.0
+
+
+class Retry:
+    """The retry budget of one request: when it began, and the next pause."""
+
+    __slots__ = ("delay", "sent", "since")
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.since = self.sent = time.monotonic()
+        self.delay = FIRST_DELAY
+
+    def waited(self) -> bool:
+        """Was the refused attempt first accepted (a pull that waited before the move came)?"""
+        return time.monotonic() - self.sent > ACCEPTED_AFTER
+
+    def schedule(self, router: Router, kind: int, epoch: int, then: Callable[[], None]) -> bool:
+        """Plan the next attempt; False when the budget is spent."""
+        now = time.monotonic()
+        if now - self.since > router.settings.retry_budget:
+            router.metrics.retry("timeout")
+            return False
+        router.metrics.retry("MOVED" if kind == MOVED else "TRYAGAIN")
+        loop = asyncio.get_running_loop()
+        if kind == MOVED and epoch > router.epoch:
+            if self.delay == FIRST_DELAY:
+                router.refresh(epoch, then)
+            else:  # refreshed before and still behind: do not spin
+                loop.call_later(self.delay, router.refresh, epoch, then)
+        else:
+            loop.call_later(self.delay, then)
+            if kind == TRYAGAIN:
+                router.look_again()
+        self.delay = min(self.delay * 1.5, MAX_DELAY)
+        return True
+
+
+class Forward(Pending):
+    """A request for the owner of one slot; line and answer pass through unchanged."""
+
+    __slots__ = ("flags", "line", "looked", "retry", "rid", "session", "slot")
+
+    def __init__(
+        self, session: ClientSession, line: bytes, slot: int, rid: str | int | None, flags: int
+    ) -> None:
+        self.answer = None
+        self.session = session
+        self.line = line
+        self.slot = slot
+        self.rid = rid
+        self.flags = flags
+        self.retry: Retry | None = None
+        self.looked = False  # the topology was read again once after the owner did not answer
+
+    def dispatch(self) -> None:
+        session = self.session
+        if session.closed:
+            return
+        link = session.router.by_slot[self.slot]
+        if self.retry is not None:
+            self.retry.sent = time.monotonic()
+        if link is None:
+            self.unavailable(Unavailable(f"slot {self.slot} has no owner").text)
+        elif self.flags & BLOCKING:
+            conn = session.dedicated(link)
+            if conn is None:
+                self.unavailable(link.unreachable())
+            else:
+                conn.send(self)
+        else:
+            link.send(self, session.index)
+
+    def done(self, answer: bytes) -> None:
+        if answer.startswith(ERROR_PREFIX):
+            why = refusal(answer)
+            if why is not None:
+                self._again(*why)
+                return
+        elif self.flags:
+            if self.flags & FOREVER and answer.startswith(EMPTY_PULL):
+                self.dispatch()
+                return
+            if self.flags & TRACK:
+                self.session.took(answer)
+        self.finish(answer)
+
+    def _again(self, kind: int, epoch: int) -> None:
+        retry = self.retry
+        if retry is None:
+            retry = self.retry = Retry()
+            self.session.retry_begin()
+        elif self.flags & BLOCKING and retry.waited():
+            retry.restart()
+        if not retry.schedule(self.session.router, kind, epoch, self.dispatch):
+            self.finish(error_line(moving(self.slot), self.rid))
+
+    def unavailable(self, text: str) -> None:
+        """The owner did not answer: read the topology again once (its pod may have moved
+        to a new address, published meanwhile) and send there; else the clear error."""
+        router = self.session.router
+        link = router.by_slot[self.slot]
+        if not self.looked and link is not None:
+            self.looked = True
+            if router.reread(link, lambda: self._after_reread(link, text)):
+                return
+        self.finish(error_line(text, self.rid))
+
+    def _after_reread(self, before: NodeLink, text: str) -> None:
+        if self.session.closed:
+            return
+        if self.session.router.by_slot[self.slot] is not before:
+            self.dispatch()  # a new owner, or the same node at a new address
+        else:
+            self.finish(error_line(text, self.rid))
+
+    def finish(self, answer: bytes) -> None:
+        self.answer = answer
+        session = self.session
+        if self.retry is not None:
+            self.retry = None
+            session.retry_end()
+        if self.flags & BLOCKING:
+            session.pull_done()
+        session.ready(self)
+
+
+class _Part:
+    """One owner's share of a Split."""
+
+    __slots__ = ("ids", "line", "results", "split")
+
+    def __init__(
+        self, split: Split, ids: list[int], results: list[Any] | None, line: bytes | None
+    ) -> None:
+        self.split = split
+        self.ids = ids
+        self.results = results
+        if line is None:
+            req: dict[str, Any] = {"cmd": split.cmd, "ids": ids}
+            if results is not None:  # ACKB's results, or RELEASE's lease tokens
+                req["results" if split.cmd == "ACKB" else "leases"] = results
+            line = orjson.dumps(req)
+        self.line = line
+
+    def done(self, answer: bytes) -> None:
+        self.split.part_done(self, answer)
+
+    def unavailable(self, text: str) -> None:
+        self.split.part_failed(text)
+
+
+class Split(Pending):
+    """ACKB or RELEASE across owners: one request per owner, the counts summed.
+
+    ``results`` (ACKB) or the lease tokens (RELEASE) are split along with the ids.
+
+    If one owner refuses (other than for a move) the client gets that error; the
+    other owners' ids may have been acked meanwhile, as after a lost connection.
+    ``session`` is None for the RELEASE a closing session leaves behind.
+    """
+
+    __slots__ = ("cmd", "count", "error", "left", "retry", "rid", "router", "session")
+
+    def __init__(
+        self, router: Router, session: ClientSession | None, cmd: str, rid: str | int | None
+    ) -> None:
+        self.answer = None
+        self.router = router
+        self.session = session
+        self.cmd = cmd
+        self.rid = rid
+        self.count = 0
+        self.left = 0
+        self.error: str | None = None
+        self.retry: Retry | None = None
+
+    def start(self, ids: list[int], results: list[Any] | None, line: bytes | None) -> None:
+        """Send the ids; ``line`` (the client's own) is sent as is when one node owns them all."""
+        self.left = 1
+        self._send(ids, results, line)
+        self._one_done()
+
+    def _send(self, ids: list[int], results: list[Any] | None, line: bytes | None) -> None:
+        groups = self._group(ids, results)
+        index = self.session.index if self.session is not None else 0
+        for link, (part_ids, part_results) in groups.items():
+            self.left += 1
+            if link is None:
+                self.part_failed(Unavailable(f"slot {part_ids[0] % SLOTS} has no owner").text)
+                continue
+            link.send(_Part(self, part_ids, part_results, line if len(groups) == 1 else None),
+                      index)
+
+    def _group(
+        self, ids: list[int], results: list[Any] | None
+    ) -> dict[NodeLink | None, tuple[list[int], list[Any] | None]]:
+        by_slot = self.router.by_slot
+        groups: dict[NodeLink | None, tuple[list[int], list[Any] | None]] = {}
+        for i, job_id in enumerate(ids):
+            link = by_slot[job_id % SLOTS]
+            group = groups.get(link)
+            if group is None:
+                group = groups[link] = ([], None if results is None else [])
+            group[0].append(job_id)
+            if results is not None:
+                group[1].append(results[i])  # type: ignore[union-attr]
+        return groups
+
+    def part_done(self, part: _Part, answer: bytes) -> None:
+        if answer.startswith(OK_PREFIX):
+            counts = orjson.loads(answer).get("ids") or [0]
+            self.count += int(counts[0])
+            self._one_done()
+            return
+        why = refusal(answer)
+        if why is None:
+            self.part_failed(str(orjson.loads(answer).get("error")))
+            return
+        if self.retry is None:
+            self.retry = Retry()
+            if self.session is not None:
+                self.session.retry_begin()
+        if not self.retry.schedule(self.router, why[0], why[1], lambda: self._resend(part)):
+            self.part_failed(moving(part.ids[0] % SLOTS))
+
+    def _resend(self, part: _Part) -> None:
+        if self.session is not None and self.session.closed and self.cmd != "RELEASE":
+            self._one_done()
+            return
+        self._send(part.ids, part.results, None)
+        self._one_done()
+
+    def part_failed(self, text: str) -> None:
+        if self.error is None:
+            self.error = text
+        self._one_done()
+
+    def _one_done(self) -> None:
+        self.left -= 1
+        if self.left:
+            return
+        if self.error is not None:
+            answer = error_line(self.error, self.rid)
+        else:
+            answer = answer_line({"ok": True, "ids": [self.count]}, self.rid)
+        self.answer = answer
+        session = self.session
+        if session is None:
+            if self.error is not None and not self.router.closing:
+                log.warning("%s after a client left: %s", self.cmd, self.error)
+            return
+        if self.retry is not None:
+            self.retry = None
+            session.retry_end()
+        session.ready(self)
+
+
+Merge = Callable[[list[tuple[str, dict[str, Any]]], "Router"], dict[str, Any]]
+
+
+class _FanPart:
+    __slots__ = ("fan", "i", "line")
+
+    def __init__(self, fan: FanOut, i: int, line: bytes) -> None:
+        self.fan = fan
+        self.i = i
+        self.line = line
+
+    def done(self, answer: bytes) -> None:
+        self.fan.part(self.i, orjson.loads(answer))
+
+    def unavailable(self, text: str) -> None:
+        self.fan.part(self.i, {"ok": False, "error": text})
+
+
+class FanOut(Pending):
+    """A cluster-wide read: the same line to every node, the answers merged."""
+
+    __slots__ = ("answers", "left", "merge", "names", "rid", "session")
+
+    def __init__(self, session: ClientSession, merge: Merge, rid: str | int | None) -> None:
+        self.answer = None
+        self.session = session
+        self.merge = merge
+        self.rid = rid
+        self.left = 0
+        self.names: list[str] = []
+        self.answers: list[dict[str, Any]] = []
+
+    def start(self, line: bytes) -> None:
+        links = self.session.router.members
+        if not links:
+            self.finish(error_line(Unavailable("the topology names no nodes").text, self.rid))
+            return
+        self.names = [link.name for link in links]
+        self.answers = [{} for _ in links]
+        self.left = len(links)
+        index = self.session.index
+        for i, link in enumerate(links):
+            link.send(_FanPart(self, i, line), index)
+
+    def part(self, i: int, answer: dict[str, Any]) -> None:
+        self.answers[i] = answer
+        self.left -= 1
+        if self.left:
+            return
+        try:
+            merged = self.merge(list(zip(self.names, self.answers, strict=True)),
+                                self.session.router)
+        except ShardqError as exc:
+            self.finish(error_line(exc.text, self.rid))
+            return
+        except Exception as exc:  # a node answered something unexpected: say so, go on
+            log.exception("cannot merge the nodes' answers")
+            text = Unavailable(f"the nodes' answers could not be merged ({exc!r})").text
+            self.finish(error_line(text, self.rid))
+            return
+        self.finish(answer_line(merged, self.rid))
+
+    def finish(self, answer: bytes) -> None:
+        self.answer = answer
+        self.session.ready(self)

@@ -1,0 +1,351 @@
+"""The gateway's TCP server: one ``ClientSession`` per client connection.
+
+A session splits the byte stream into lines, checks each just enough to route
+it (commands.py), and keeps a FIFO of pending answers (inflight.py): requests to
+different nodes run concurrently, answers go back strictly in request order,
+written once per event-loop turn.
+
+Like a node, a session runs a client's lines in order: while one of its PULLs
+is blocked, or one of its requests waits to be retried after ``MOVED`` or
+``TRYAGAIN``, the lines behind it wait (``backlog``), so no request of a client
+overtakes an earlier one. Other clients are never held up: a pull that may wait
+goes on a connection of this session's own to that node (never a shared one),
+closed when the client leaves, and the node then hands back whatever was leased
+on it. Jobs a client pulled over shared connections (``timeout: 0``) are
+remembered until it acks, fails or cancels them; when it leaves they are sent
+back with ``RELEASE``, each with its lease token, so a lease that expired
+meanwhile never hands back another worker's attempt. A line over ``max_line``
+is refused and the connection closed, as a node does.
+
+Must not: block, buffer without bound, answer out of order, or import the node's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from orjson import JSONDecodeError, loads
+
+from shardq.errors import AuthenticationRequired, InvalidRequest, ShardqError
+from shardq.wire.framing import LineSplitter
+from shardq.wire.protocol import parse_line, req_id_of
+
+from .commands import ROUTES, unknown
+from .inflight import BLOCKING, FanOut, Forward, Merge, Pending, Split, error_line
+from .subscriptions import Subscriptions
+from .upstream import CLOSED, NodeLink, Upstream
+
+if TYPE_CHECKING:
+    from .main import Gateway
+
+log = logging.getLogger("shardq_gateway.tcp")
+
+#: Lines queued behind a blocked PULL (or a retry) before reading from that client pauses.
+MAX_BACKLOG_LINES = 10_000
+#: A subscriber whose unsent output passes this many bytes is dropped (as on a node).
+MAX_EVENT_BACKLOG = 8 * 1024 * 1024
+DROPPED = b'{"event":"dropped"'
+
+
+class _TooLong(bytes):
+    """Stands in the line list for a line that was too long; holds its error answer."""
+
+
+class ClientSession(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.router = gateway.router
+        self.settings = gateway.settings
+        self.flusher = gateway.flusher
+        self.index = gateway.next_index()
+        self.max_line = self.settings.max_line
+        self.transport: asyncio.Transport | None = None
+        self.authed = not self.settings.tokens
+        self.fifo: deque[Pending] = deque()
+        self.out: list[bytes] = []  # event lines, written with the next answers
+        self.backlog: deque[bytes] = deque()
+        self.splitter = LineSplitter(self.max_line)
+        self.blocking = 0  # pulls in flight that may wait
+        self.retrying = 0  # requests waiting to be retried
+        #: Jobs pulled over shared connections and not yet settled: id -> lease token
+        #: (the ``started_at`` of the attempt).
+        self.leases: dict[int, int] = {}
+        self.pulls: dict[NodeLink, Upstream] = {}
+        self.subs: Subscriptions | None = None
+        self.dirty = False
+        self.closed = False
+        self.refusing = False
+        self.close_when_sent = False
+        self.read_paused = False
+        self.write_paused = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        self.gateway.sessions.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gateway.sessions.discard(self)
+        for conn in self.pulls.values():
+            conn.close()  # the node hands back what it leased on them
+        self.pulls.clear()
+        if self.subs is not None:
+            self.subs.close()
+        if self.leases:
+            self._release_leases()
+        self.fifo.clear()
+        self.backlog.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.refusing:
+            return
+        lines, too_long = self.splitter.feed(data)
+        if lines or too_long:
+            self._take(lines, too_long)
+
+    # -- running lines --------------------------------------------------------------------------
+
+    def _take(self, lines: list[bytes], too_long: int) -> None:
+        """Run complete lines (or queue them behind a wait); then refuse a too-long one."""
+        if too_long:
+            assert self.transport is not None
+            self.refusing = True
+            self.splitter.drop()
+            self.transport.pause_reading()
+            text = InvalidRequest(f"line longer than {self.max_line} bytes ({too_long}+ received)")
+            lines.append(_TooLong(error_line(text.text, None)))
+        if self.backlog or self.blocking or self.retrying:
+            self.backlog.extend(lines)
+        else:
+            self._run(lines)
+        self._update_reading()
+
+    def _run(self, lines: list[bytes]) -> None:
+        for n, line in enumerate(lines):
+            if type(line) is _TooLong:
+                self.local(bytes(line))
+                self.close_when_sent = True
+                return
+            self._dispatch(line)
+            if self.blocking or self.retrying:
+                self.backlog.extend(lines[n + 1 :])
+                return
+
+    def _dispatch(self, line: bytes) -> None:
+        rid: str | int | None = None
+        try:
+            try:
+                req = loads(line)
+            except JSONDecodeError:
+                req = None
+            if type(req) is not dict:
+                req = parse_line(line)  # raises the node's words for it
+            rid = req.get("reqId")
+            if rid is not None and type(rid) is not str and type(rid) is not int:
+                rid = None
+                req_id_of(req)  # raises the node's words for it
+            cmd = req.get("cmd")
+            route = ROUTES.get(cmd) if type(cmd) is str else None
+            if route is None:
+                raise unknown(req)
+            if not self.authed and cmd != "AUTH":
+                raise AuthenticationRequired()
+            started = perf_counter()
+            route(self, req, line, rid)
+            if self.fifo:
+                call = self.fifo[-1]
+                call.cmd, call.started = cmd, started
+        except ShardqError as exc:
+            self.local(error_line(exc.text, rid))
+
+    def _resume(self) -> None:
+        """What blocked the lines behind it is over: run them."""
+        if self.closed or self.blocking or self.retrying or not self.backlog:
+            return
+        lines = list(self.backlog)
+        self.backlog.clear()
+        self._run(lines)
+        self._update_reading()
+
+    # -- what commands.py and inflight.py use ------------------------------------------------------
+
+    def forward(self, line: bytes, slot: int, rid: str | int | None, flags: int) -> None:
+        call = Forward(self, line, slot, rid, flags)
+        self.fifo.append(call)
+        if flags & BLOCKING:
+            self.blocking += 1
+        link = self.router.by_slot[slot]
+        if link is None or flags:
+            call.dispatch()
+        else:
+            link.send(call, self.index)  # the common case of Forward.dispatch
+
+    def split(self, cmd: str, ids: list[int], results: list[Any] | None,
+              rid: str | int | None, line: bytes) -> None:
+        call = Split(self.router, self, cmd, rid)
+        self.fifo.append(call)
+        call.start(ids, results, line)
+
+    def fan_out(self, line: bytes, merge: Merge, rid: str | int | None) -> None:
+        call = FanOut(self, merge, rid)
+        self.fifo.append(call)
+        call.start(line)
+
+    def local(self, answer: bytes) -> None:
+        """An answer the gateway gives itself, in its place in the order."""
+        call = Pending(answer)
+        self.fifo.append(call)
+        self.ready(call)
+
+    def subscriptions(self) -> Subscriptions:
+        if self.subs is None:
+            self.subs = Subscriptions(self)
+        return self.subs
+
+    def ready(self, call: Pending) -> None:
+        """``call`` has its answer: write it (and those behind it) if it is first in line."""
+        if self.closed:
+            return
+        if not self.dirty and self.fifo and self.fifo[0] is call:
+            self.flusher.mark(self)
+
+    def pull_done(self) -> None:
+        """A pull that may wait has its answer: the lines behind it may run."""
+        self.blocking -= 1
+        if not self.blocking:
+            self._schedule_resume()
+
+    def retry_begin(self) -> None:
+        self.retrying += 1
+
+    def retry_end(self) -> None:
+        self.retrying -= 1
+        if not self.retrying:
+            self._schedule_resume()
+
+    def _schedule_resume(self) -> None:
+        if self.backlog and not self.closed:
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def dedicated(self, link: NodeLink) -> Upstream | None:
+        """This session's own connection to ``link``'s node, for pulls that may wait."""
+        conn = self.pulls.get(link)
+        if conn is None or conn.state == CLOSED:
+            conn = link.open_dedicated()
+            if conn is None:
+                return None
+            self.pulls[link] = conn
+        return conn
+
+    def took(self, answer: bytes) -> None:
+        """A pull over a shared connection answered: remember the leased jobs."""
+        decoded = orjson.loads(answer)
+        jobs = decoded.get("jobs")
+        if jobs is None:
+            job = decoded.get("job")
+            jobs = [job] if job is not None else []
+        leases = self.leases
+        for job in jobs:
+            if type(job) is dict and type(job.get("id")) is int:
+                started = job.get("started_at")
+                leases[job["id"]] = started if type(started) is int and started >= 0 else 0
+        if self.closed:  # the client left before the answer came: hand the jobs back
+            self._release_leases()
+
+    def settled(self, ids: list[int]) -> None:
+        """ACKB or RELEASE from the client: those jobs are no longer its to hand back."""
+        leases = self.leases
+        if leases:
+            for job_id in ids:
+                leases.pop(job_id, None)
+
+    def _release_leases(self) -> None:
+        """RELEASE the jobs this client leased, each with its lease token (``leases``), so a
+        lease that expired meanwhile never hands back another worker's later attempt."""
+        held = sorted(self.leases.items())
+        self.leases.clear()
+        Split(self.router, None, "RELEASE", None).start(
+            [job_id for job_id, _ in held], [started for _, started in held], None)
+
+    def event(self, line: bytes) -> None:
+        """An event line from a node: relay it, unless the client is too far behind."""
+        if self.closed or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() > MAX_EVENT_BACKLOG:
+            line = orjson.dumps({
+                "event": "dropped",
+                "error": f"subscriber too slow: more than {MAX_EVENT_BACKLOG} bytes of events "
+                "unread; connection closed",
+            })
+        if line.startswith(DROPPED):
+            self.close_when_sent = True
+        self.out.append(line)
+        if not self.dirty:
+            self.flusher.mark(self)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        self.dirty = False
+        if self.closed or self.transport is None:
+            return
+        fifo = self.fifo
+        out = self.out
+        metrics = self.router.metrics
+        while fifo:
+            call = fifo[0]
+            answer = call.answer
+            if answer is None:
+                break
+            fifo.popleft()
+            out.append(answer)
+            if call.started:
+                metrics.request(call.cmd, answer.startswith(b'{"ok":true'), call.started)
+        if out:
+            out.append(b"")
+            self.transport.write(b"\n".join(out))
+            self.out = []
+        if self.close_when_sent and not fifo:
+            self.close()
+            return
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed or self.refusing:
+            return
+        want_pause = (self.write_paused or len(self.fifo) > self.settings.max_inflight
+                      or len(self.backlog) > MAX_BACKLOG_LINES)
+        if want_pause != self.read_paused:
+            self.read_paused = want_pause
+            if want_pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+
+
+async def start_tcp(gateway: Gateway, host: str, port: int) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: ClientSession(gateway), host, port,
+                                    reuse_address=True)

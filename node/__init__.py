@@ -1,1 +1,0 @@
-"""shardq.node: one storage node (engine, WAL, servers). Import ``Node`` from ``runtime``."""

@@ -1,0 +1,1 @@
+"""shardq_node: one storage node (engine, WAL, servers). Import ``Node`` from ``runtime``."""

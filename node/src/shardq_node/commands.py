@@ -1,0 +1,364 @@
+"""One handler per protocol command: validate, call the engine, shape the answer.
+
+Handlers take the parsed request and the calling session and return the
+answer object (a dict), or ``PENDING`` when a PULL must wait (the runtime
+answers it later). They raise ``ShardqError`` for refusals; the caller turns
+those into ``{"ok":false,...}``. Transport-agnostic: the TCP server and the
+HTTP routes call the same handlers. No I/O here.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from orjson import Fragment
+
+from shardq.errors import (
+    AuthenticationRequired,
+    CronNotFound,
+    InvalidRequest,
+    InvalidToken,
+    PayloadTooLarge,
+)
+from shardq.wire import protocol as P
+from shardq.wire.job import EVENTS
+
+from .jobs import Job, kept_json
+
+if TYPE_CHECKING:
+    from .runtime import Node
+
+Answer = dict[str, Any]
+OK: Answer = {"ok": True}
+
+
+class Encoded(dict[str, Any]):
+    """An answer already encoded as its line (the hot path: PUSH); ``line`` is the bytes."""
+
+    __slots__ = ("line",)
+
+    def __init__(self, line: bytes) -> None:
+        super().__init__()
+        self.line = line
+
+PENDING: Answer = {"ok": None}  # sentinel: the answer comes later (blocked PULL)
+Handler = Callable[[P.Request, "Caller"], Answer]
+
+
+class Caller(Protocol):
+    """What a handler needs of the connection that sent the command."""
+
+    owner: int
+    authed: bool
+    subscriptions: dict[str, frozenset[str]]
+    pending_rid: str | int | None
+    cluster: bool
+
+
+raw = kept_json
+
+
+def wire_result(result: bytes | None) -> Any:
+    return None if result is None else Fragment(result)
+
+
+class Commands:
+    """The command table of a node, bound to its runtime."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.engine = node.engine
+        self.max_payload = node.settings.storage.max_payload
+        self.tokens = tuple(t.encode() for t in node.settings.tokens)
+        self.table: dict[str, Handler] = {
+            name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
+        }
+        self.table["RELEASE"] = self.release
+        self.cluster = node.cluster
+        for name, fn in node.cluster.handlers().items():
+            self.table[name] = self._internal(fn)
+
+    def authenticate(self, token: object) -> bool:
+        if not self.tokens:
+            return True
+        if type(token) is not str:
+            return False
+        given = token.encode()
+        ok = False
+        for known in self.tokens:  # check every token: time does not tell which matched
+            ok |= hmac.compare_digest(given, known)
+        return ok
+
+    def _internal(self, fn: Handler) -> Handler:
+        def guarded(req: P.Request, caller: Caller) -> Answer:
+            if not self.cluster.cluster_authed(caller):
+                raise AuthenticationRequired()
+            return fn(req, caller)
+
+        return guarded
+
+    def handler(self, cmd: str, caller: Caller) -> Handler:
+        fn = self.table.get(cmd)
+        if fn is None:
+            raise InvalidRequest(f"unknown command '{cmd[:64]}'")
+        if not caller.authed and cmd != "AUTH":
+            raise AuthenticationRequired()
+        return fn
+
+    # -- jobs in ----------------------------------------------------------------------------
+
+    def payload(self, data: Any) -> bytes:
+        blob = raw(data)
+        if len(blob) > self.max_payload:
+            raise PayloadTooLarge(len(blob), self.max_payload)
+        return blob
+
+    def push(self, req: P.Request, caller: Caller) -> Answer:
+        queue = req.get("queue")
+        if type(queue) is not str or not 0 < len(queue) <= P.MAX_QUEUE_NAME:
+            queue = P.check_queue(req)
+        spec = P.job_spec(req)
+        data = kept_json(spec.data)
+        if len(data) > self.max_payload:
+            raise PayloadTooLarge(len(data), self.max_payload)
+        job = self.node.push(queue, [spec], [data])[0]
+        if type(job.data) is not bytes:
+            return {"ok": True, "id": job.id, "stored": "disk"}
+        return Encoded(b'{"ok":true,"id":%d}\n' % job.id)
+
+    def pushb(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        specs = P.check_jobs(req)
+        payload = self.payload
+        jobs = self.node.push(queue, specs, [payload(s.data) for s in specs])
+        return {"ok": True, "ids": [j.id for j in jobs]}
+
+    # -- jobs out -----------------------------------------------------------------------------
+
+    def pull(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        timeout = _timeout(req)
+        jobs = self.engine.pull(queue, caller.owner, 1)
+        if jobs:
+            return {"ok": True, "job": self.node.job_wire(jobs[0])}
+        if timeout == 0:
+            return {"ok": True, "job": None}
+        return self.node.wait(caller, queue, 1, timeout, single=True)
+
+    def pullb(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        count = P.check_count(req, required=True)
+        timeout = _timeout(req)
+        jobs = self.engine.pull(queue, caller.owner, count)
+        if jobs:
+            return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
+        if timeout == 0:
+            return {"ok": True, "jobs": []}
+        return self.node.wait(caller, queue, count, timeout, single=False)
+
+    def ack(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        result = req.get("result")
+        self.engine.ack(job_id, None if result is None else raw(result), _lease(lease))
+        return OK
+
+    def ackb(self, req: P.Request, caller: Caller) -> Answer:
+        ids = P.check_ids(req)
+        results = req.get("results")
+        blobs: list[bytes | None] | None = None
+        if results is not None:
+            if type(results) is not list or len(results) != len(ids):
+                raise InvalidRequest("field 'results' must be an array as long as 'ids'")
+            blobs = [None if r is None else raw(r) for r in results]
+        leases = None
+        if req.get("leases") is not None:
+            leases = P.check_ids(req, "leases")
+            if len(leases) != len(ids):
+                raise InvalidRequest("field 'leases' must be an array as long as 'ids'")
+        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs, leases)]}
+
+    def fail(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        error = P.opt_str(req, "error")
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        self.engine.fail(job_id, error, _lease(lease))
+        return OK
+
+    def touch(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        extend = P.opt_int(req, "extend", 1, P.MAX_MS, default=0)
+        deadline = self.engine.touch(job_id, _lease(lease), extend or None)
+        return {"ok": True, "deadline": deadline}
+
+    def cancel(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.cancel(P.check_id(req))
+        return OK
+
+    def progress(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        value = P.check_progress(req)
+        message = P.opt_str(req, "message")
+        lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
+        self.engine.progress(job_id, value, message, _lease(lease))
+        return OK
+
+    def getprogress(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        value, message = self.engine.get_progress(job_id)
+        return {"ok": True, "progress": {"id": job_id, "progress": value, "message": message}}
+
+    def getresult(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        return {"ok": True, "id": job_id, "result": wire_result(self.engine.get_result(job_id))}
+
+    def getjob(self, req: P.Request, caller: Caller) -> Answer:
+        job_id = P.check_id(req)
+        found = self.engine.get_job(job_id)
+        if found is None:
+            return {"ok": True, "job": None}
+        if isinstance(found, Job):
+            return {"ok": True, "job": self.node.job_wire(found)}
+        return {
+            "ok": True,
+            "job": {
+                "id": job_id, "state": found.state.value, "finished_at": found.at,
+                "result": wire_result(found.result),
+            },
+        }
+
+    # -- DLQ ----------------------------------------------------------------------------------
+
+    def dlq(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        count = P.check_count(req, required=False, default=100)
+        return {"ok": True, "jobs": [self.node.job_wire(j) for j in self.engine.dlq(queue, count)]}
+
+    def retrydlq(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        job_id = None if req.get("id") is None else P.check_id(req)
+        return {"ok": True, "ids": [self.engine.retry_dlq(queue, job_id)]}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def subscribe(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        events = frozenset(P.check_events(req))
+        self.node.subscribe(caller, queue, events)
+        return OK
+
+    def unsubscribe(self, req: P.Request, caller: Caller) -> Answer:
+        self.node.unsubscribe(caller, P.check_queue(req))
+        return OK
+
+    # -- queue control ------------------------------------------------------------------------
+
+    def pause(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), paused=True)
+        return OK
+
+    def resume(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), paused=False)
+        return OK
+
+    def ratelimit(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        self.engine.set_queue(queue, rate_limit=P.check_limit(req))
+        return OK
+
+    def ratelimitclear(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), rate_limit=None)
+        return OK
+
+    def setconcurrency(self, req: P.Request, caller: Caller) -> Answer:
+        queue = P.check_queue(req)
+        self.engine.set_queue(queue, concurrency_limit=P.check_limit(req))
+        return OK
+
+    def clearconcurrency(self, req: P.Request, caller: Caller) -> Answer:
+        self.engine.set_queue(P.check_queue(req), concurrency_limit=None)
+        return OK
+
+    # -- cron ---------------------------------------------------------------------------------
+
+    def cron(self, req: P.Request, caller: Caller) -> Answer:
+        name = P.check_str(req, "name")
+        queue = P.check_queue(req)
+        data = self.payload(P.check_data(req))
+        schedule = P.check_str(req, "schedule", 256)
+        priority = P.opt_int(req, "priority", P.MIN_PRIORITY, P.MAX_PRIORITY)
+        self.engine.crons.add(name, queue, data, schedule, priority)
+        return OK
+
+    def crondelete(self, req: P.Request, caller: Caller) -> Answer:
+        if not self.engine.crons.delete(P.check_str(req, "name")):
+            raise CronNotFound()
+        return OK
+
+    def cronlist(self, req: P.Request, caller: Caller) -> Answer:
+        crons = [
+            {
+                "name": name, "queue": e["queue"], "data": Fragment(e["data"]),
+                "schedule": e["schedule"], "priority": e["priority"], "next_run": e["next_run"],
+            }
+            for name, e in sorted(self.engine.crons.entries.items())
+        ]
+        return {"ok": True, "crons": crons}
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def stats(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, **self.node.stats()}
+
+    def metrics(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, "metrics": self.node.metrics()}
+
+    def listqueues(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, "queues": self.node.list_queues()}
+
+    def topology(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, "topology": self.node.topology()}
+
+    def auth(self, req: P.Request, caller: Caller) -> Answer:
+        token = req.get("token")
+        if token is None:
+            raise InvalidRequest("missing field 'token'")
+        cluster = type(token) is str and self.cluster.tokens and self.cluster.authenticate(token)
+        if not cluster and not self.authenticate(token):
+            raise InvalidToken()
+        caller.authed = True
+        if cluster:
+            caller.cluster = True
+        return OK
+
+    def release(self, req: P.Request, caller: Caller) -> Answer:
+        """RELEASE {ids, leases?}: hand leased jobs back to their queues (a gateway whose
+        client left). With ``leases`` (one token per id) only those attempts are released,
+        never a later attempt of the same job."""
+        ids = P.check_ids(req)
+        leases = req.get("leases")
+        if leases is not None:
+            tokens = P.check_ids(req, "leases")
+            if len(tokens) != len(ids):
+                raise InvalidRequest("field 'leases' must be as long as 'ids'")
+            jobs = self.engine.jobs
+            ids = [i for i, t in zip(ids, tokens, strict=True)
+                   if (job := jobs.get(i)) is not None and job.started_at == t]
+        return {"ok": True, "ids": [self.engine.release(ids, "worker disconnected")]}
+
+
+def _timeout(req: P.Request) -> int | None:
+    """PULL's wait in ms: None = wait indefinitely (field absent or null)."""
+    if req.get("timeout") is None:
+        return None
+    return P.opt_int(req, "timeout", 0, P.MAX_MS)
+
+
+def _lease(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+__all__ = ["EVENTS", "OK", "PENDING", "Caller", "Commands"]

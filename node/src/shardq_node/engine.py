@@ -1,0 +1,683 @@
+"""The queue engine of one node: pure, synchronous, no I/O, driven by a clock.
+
+Servers parse a request, call one method here, and reply. Every state change
+goes through ``apply`` with a record (see ``records.py``) that is also appended
+to ``journal``; the runtime drains the journal into the WAL before the reply
+leaves, and recovery feeds the same records back through ``apply``. So the
+live path and the replay path are one code path.
+
+Indexes, one per state: waiting = each queue's ready heap, delayed = the
+``delayed`` timer heap, waiting-children = ``children``, active = ``active``,
+dead = each queue's ``dlq``, completed/cancelled/expired = ``finished``.
+Heaps hold single ints (see ``jobs.ready_key``) and are cleaned lazily: an
+entry whose job is gone or changed is skipped when popped.
+
+Must not: do I/O, read the real time (use ``clock``), or block.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shardq.errors import (
+    DuplicateJob,
+    JobNotActive,
+    JobNotFound,
+    LeaseExpired,
+)
+from shardq.wire.protocol import JobSpec
+from shardq.wire.slots import SLOT_BITS, SLOTS, slot_of
+
+from . import records as R
+from . import slotmove, snapshot
+from .cron import Crons
+from .dependencies import Dependencies
+from .jobs import (
+    ACTIVE,
+    CANCELLED,
+    COMPLETED,
+    DEAD,
+    DELAYED,
+    ID_MASK,
+    PLAIN,
+    WAITING,
+    WAITING_CHILDREN,
+    BlobRef,
+    Job,
+    JobOpts,
+    Lease,
+    QueueState,
+    TokenBucket,
+    ready_key,
+)
+from .timers import Timers
+
+Clock = Callable[[], int]
+Event = tuple[str, str, dict[str, Any]]  # (event, queue, JOB)
+heappush = heapq.heappush
+heappop = heapq.heappop
+
+
+@dataclass
+class EngineConfig:
+    """Job-model settings of a node (all times in ms)."""
+
+    #: Lease of an active job that has no ``timeout`` of its own; TOUCH/PROGRESS extend it.
+    default_lease_ms: int = 30 * 60 * 1000
+    #: Retry delays are ``backoff * 2**(n-1)``, capped here (or at ``backoff`` if larger).
+    max_backoff_ms: int = 60 * 60 * 1000
+    #: Results (and the final state) of finished jobs are kept this many / this long.
+    results_max: int = 100_000
+    results_ttl_ms: int = 24 * 60 * 60 * 1000
+
+
+class Finished:
+    """What is remembered of a finished job: its final state, when, and its result."""
+
+    __slots__ = ("at", "result", "state")
+
+    def __init__(self, state: Any, at: int, result: bytes | None) -> None:
+        self.state = state
+        self.at = at
+        self.result = result
+
+
+class Engine:
+    """All queues of one node. Every public mutator returns its answer or raises."""
+
+    def __init__(self, clock: Clock, config: EngineConfig | None = None) -> None:
+        self.clock = clock
+        self.config = config or EngineConfig()
+        self.jobs: dict[int, Job] = {}  # every live job: waiting/delayed/children/active/dead
+        self.queues: dict[str, QueueState] = {}
+        self.slot_queues: dict[int, set[str]] = {}  # slot -> names of its queues
+        self.seqs = [0] * SLOTS  # last seq handed out per slot
+        self.active: dict[int, Lease] = {}
+        self.owned: dict[int, set[int]] = {}  # lease owner -> ids it holds
+        self.finished: OrderedDict[int, Finished] = OrderedDict()
+        self.timers = Timers(self)  # the delayed, ttl and lease-deadline heaps
+        self.deps = Dependencies(self)  # the waiting-children index
+        self.crons = Crons(self)
+        self.journal: list[R.Record] = []
+        self.events: list[Event] = []
+        self.wakeups: set[str] = set()  # queues that may now serve a blocked PULL
+        self.watch: dict[str, int] = {}  # queue name ("*" = all) -> subscriber count
+        self.emitting = True  # False while replaying
+        #: called with seconds from ready to started / started to acked (metrics.py)
+        self.observe_wait: Callable[[float], None] | None = None
+        self.observe_run: Callable[[float], None] | None = None
+        self.payload_bytes = 0  # bytes of payloads held in memory
+        self.dropped_blobs: list[int] = []  # ids of finished jobs whose blob can go
+        self.total_pushed = 0
+        self.total_completed = 0
+        self.total_failed = 0
+        self.recent: list[tuple[int, int, int]] = []  # (second, completions, sum run ms)
+        self._apply: dict[int, Callable[[Any], Any]] = {
+            R.PUSH: self._a_push, R.START: self._a_start, R.ACK: self._a_ack,
+            R.FAIL: self._a_fail, R.RELEASE: self._a_release, R.TIMEOUT: self._a_timeout,
+            R.PROMOTE: self.timers.apply_promote, R.EXPIRE: self.timers.apply_expire,
+            R.CANCEL: self._a_cancel,
+            R.PROGRESS: self._a_progress, R.RETRYDLQ: self._a_retry_dlq,
+            R.QUEUE: self._a_queue, R.CRON: self.crons.apply_set,
+            R.CRONDEL: self.crons.apply_delete, R.CRONFIRE: self.crons.apply_fire,
+            R.SLOT: self._a_slot, R.JOB: self._a_job, R.DROP: self._a_drop,
+            R.PARENTEND: self.deps.apply_parent_end, R.WATCH: self.deps.apply_watch,
+            R.NOTIFIED: self.deps.apply_notified,
+            R.FINISHED: self._a_finished,
+        }
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def apply(self, rec: R.Record) -> Any:
+        """Apply one record (live or replayed)."""
+        return self._apply[rec[0]](rec)
+
+    def log_apply(self, rec: R.Record) -> Any:
+        result = self._apply[rec[0]](rec)
+        self.journal.append(rec)
+        return result
+
+    def emit(self, event: str, job: Job) -> None:
+        watch = self.watch
+        if watch and self.emitting and (job.queue.name in watch or "*" in watch):
+            self.events.append((event, job.queue.name, job.wire()))
+
+    def queue(self, name: str) -> QueueState:
+        q = self.queues.get(name)
+        if q is None:
+            q = self.queues[name] = QueueState(name, slot_of(name))
+            self.slot_queues.setdefault(q.slot, set()).add(name)
+        return q
+
+    def _job(self, job_id: int) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def _active(self, job_id: int, lease: int | None, not_found: type[JobNotFound]) -> Job:
+        job = self.jobs.get(job_id)
+        if lease is not None and job is not None:
+            if job.state is not ACTIVE or job.started_at != lease:
+                raise LeaseExpired(job_id)
+            return job
+        if job is None or job.state is not ACTIVE:
+            raise not_found(job_id)
+        return job
+
+    # -- push -------------------------------------------------------------------------------
+
+    def push(
+        self, queue: str, specs: list[JobSpec], payloads: list[bytes | BlobRef]
+    ) -> list[Job]:
+        """Create jobs (all or none). ``payloads[i]`` is the raw JSON of ``specs[i].data``,
+        or a BlobRef when the runtime keeps that payload in the blob store."""
+        if not specs:
+            return []
+        now = self.clock()
+        q = self.queues.get(queue) or self.queue(queue)
+        if len(specs) > 1 or specs[0].unique_key is not None or specs[0].depends_on:
+            self._check_push(q, specs)
+        rec = (R.PUSH, now, queue, self.job_rows(q, specs, payloads, now))
+        jobs = self._a_push(rec)
+        self.journal.append(rec)
+        return jobs
+
+    def _check_push(self, q: QueueState, specs: list[JobSpec]) -> None:
+        """Refuse the whole push on a duplicate key (also within it) or an unknown parent."""
+        seen: set[str] = set()
+        for spec in specs:
+            key = spec.unique_key
+            if key is not None:
+                if key in q.unique or key in seen:
+                    raise DuplicateJob(key)
+                seen.add(key)
+            if spec.depends_on:
+                for parent in spec.depends_on:
+                    self.deps.check_parent(parent, q.slot)
+
+    def job_rows(
+        self, q: QueueState, specs: list[JobSpec], payloads: list[bytes | BlobRef], now: int
+    ) -> list[tuple[Any, ...]]:
+        """The JOBSPEC rows of a PUSH record (records.py), with fresh ids of the queue's slot."""
+        slot = q.slot
+        seq = self.seqs[slot]
+        rows = []
+        for spec, data in zip(specs, payloads, strict=True):
+            seq += 1
+            blob = data.size if type(data) is BlobRef else 0
+            rows.append((
+                seq * SLOTS + slot, None if blob else data, spec.priority,
+                now + spec.delay if spec.delay else now,  # the same int: 32 bytes less a job
+                spec.max_attempts, spec.backoff, spec.ttl, spec.timeout, spec.unique_key,
+                spec.depends_on, blob,
+            ))
+        return rows
+
+    def _a_push(self, rec: R.Record) -> list[Job]:
+        _, now, queue, rows = rec
+        q = self.queues.get(queue) or self.queue(queue)
+        seqs = self.seqs
+        jobs = self.jobs
+        ready = q.ready
+        out = []
+        for row in rows:
+            jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps, blob = row
+            if blob:
+                data = BlobRef(blob)
+            else:
+                self.payload_bytes += len(data)
+            if max_att or backoff or ttl or timeout or key is not None or deps:
+                opts = JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps or ()))
+            else:
+                opts = PLAIN
+            job = Job(jid, q, data, prio, now, run_at, opts)
+            jobs[jid] = job
+            seq = jid >> SLOT_BITS
+            if seq > seqs[q.slot]:
+                seqs[q.slot] = seq
+            if opts is not PLAIN or run_at > now:
+                self._push_options(q, job, now)
+            if job.state is WAITING:
+                q.n_waiting += 1
+                heappush(ready, ready_key(prio, run_at, jid))
+            out.append(job)
+        if q.n_waiting:
+            self.wakeups.add(queue)
+        q.pushed += len(rows)
+        self.total_pushed += len(rows)
+        return out
+
+    def _push_options(self, q: QueueState, job: Job, now: int) -> None:
+        """A new job's unique key, ttl, parents and delay (the plain case skips all this)."""
+        o = job.opts
+        if o.unique_key is not None:
+            q.unique[o.unique_key] = job.id
+        if o.ttl:
+            self.timers.expire_at(now + o.ttl, job.id)
+        if o.depends_on and self.deps.wait_for_parents(job, o.depends_on, now):
+            return
+        if job.run_at > now:
+            job.state = DELAYED
+            q.n_delayed += 1
+            self.timers.delay(job.run_at, job.id)
+
+    def make_ready(self, job: Job, now: int) -> None:
+        q = job.queue
+        if job.run_at > now:
+            job.state = DELAYED
+            q.n_delayed += 1
+            self.timers.delay(job.run_at, job.id)
+        else:
+            job.state = WAITING
+            q.n_waiting += 1
+            heappush(q.ready, job.ready_key())
+            self.wakeups.add(q.name)
+
+    # -- pull -------------------------------------------------------------------------------
+
+    def pull(self, queue: str, owner: int, count: int = 1) -> list[Job]:
+        """Lease up to ``count`` ready jobs to ``owner``; [] if none may start now."""
+        q = self.queues.get(queue)
+        if q is None or not q.n_waiting or q.paused:
+            return []
+        n = count
+        if q.concurrency:
+            n = min(n, q.concurrency - q.n_active)
+            if n <= 0:
+                return []
+        now = self.clock()
+        if q.rate is not None:
+            n = min(n, q.rate.available(now))
+            if n <= 0:
+                return []
+        heap = q.ready
+        jobs = self.jobs
+        picked: list[Job] = []
+        while heap and len(picked) < n:
+            key = heappop(heap)
+            job = jobs.get(key & ID_MASK)
+            if job is not None and job.state is WAITING and job.ready_key() == key:
+                job.state = ACTIVE  # taken: a duplicate entry of the same key must not match
+                picked.append(job)
+        if not picked:
+            return []
+        if q.rate is not None:
+            q.rate.take(len(picked))
+        self.log_apply((R.START, now, [j.id for j in picked]))
+        if owner:
+            held = self.owned.get(owner)
+            if held is None:
+                held = self.owned[owner] = set()
+            for job in picked:
+                self.active[job.id].owner = owner
+                held.add(job.id)
+        return picked
+
+    def _a_start(self, rec: R.Record) -> None:
+        _, now, ids = rec
+        default_lease = self.config.default_lease_ms
+        observe = self.observe_wait if self.emitting else None
+        for jid in ids:
+            job = self.jobs[jid]
+            if observe is not None:
+                observe(max(0, now - job.run_at) / 1000)
+            q = job.queue
+            q.n_waiting -= 1
+            q.n_active += 1
+            job.state = ACTIVE
+            job.started_at = now if now > job.started_at else job.started_at + 1
+            deadline = job.started_at + (job.opts.timeout or default_lease)
+            self.active[jid] = Lease(0, deadline)
+            self.timers.deadline(deadline, jid)
+
+    def blocked_until(self, queue: str) -> int | None:
+        """When a rate-limited queue with ready jobs gets its next token (else None)."""
+        q = self.queues.get(queue)
+        if q is None or q.rate is None or not q.n_waiting or q.paused:
+            return None
+        now = self.clock()
+        at = q.rate.next_token_at(now)
+        return at if at > now else None
+
+    # -- finishing an attempt ---------------------------------------------------------------
+
+    def _end_attempt(self, job: Job) -> None:
+        lease = self.active.pop(job.id)
+        if lease.owner:
+            held = self.owned.get(lease.owner)
+            if held is not None:
+                held.discard(job.id)
+                if not held:
+                    del self.owned[lease.owner]
+        q = job.queue
+        q.n_active -= 1
+        if q.concurrency:
+            self.wakeups.add(q.name)
+
+    def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound)
+        self.log_apply((R.ACK, self.clock(), [job_id], None if result is None else [result]))
+
+    def ack_batch(
+        self,
+        ids: list[int],
+        results: list[bytes | None] | None = None,
+        leases: list[int] | None = None,
+    ) -> int:
+        """Ack every id that is active (in the attempt ``leases[i]`` names, when given);
+        returns how many were."""
+        picked: list[int] = []
+        seen: set[int] = set()
+        picked_results = []
+        for i, jid in enumerate(ids):
+            job = self.jobs.get(jid)
+            if job is not None and job.state is ACTIVE and jid not in seen and (
+                    leases is None or job.started_at == leases[i]):
+                seen.add(jid)
+                picked.append(jid)
+                picked_results.append(results[i] if results else None)
+        if picked:
+            self.log_apply((R.ACK, self.clock(), picked, picked_results if results else None))
+        return len(picked)
+
+    def _a_ack(self, rec: R.Record) -> None:
+        _, now, ids, results = rec
+        for i, jid in enumerate(ids):
+            job = self.jobs[jid]
+            self._end_attempt(job)
+            q = job.queue
+            q.completed += 1
+            self.total_completed += 1
+            self._note_run(now, now - job.started_at)
+            if self.observe_run is not None and self.emitting:
+                self.observe_run(max(0, now - job.started_at) / 1000)
+            self.finish(job, COMPLETED, now, results[i] if results else None)
+            self.emit("completed", job)
+            self.deps.parent_ended(jid, now, COMPLETED)
+
+    def _note_run(self, now: int, run_ms: int) -> None:
+        sec = now // 1000
+        recent = self.recent
+        if recent and recent[-1][0] == sec:
+            s, n, total = recent[-1]
+            recent[-1] = (s, n + 1, total + run_ms)
+        else:
+            recent.append((sec, 1, run_ms))
+            if len(recent) > 10:
+                del recent[0]
+
+    def finish(self, job: Job, state: Any, now: int, result: bytes | None) -> None:
+        """Remove a job from the live index, release its key, remember its outcome."""
+        del self.jobs[job.id]
+        if type(job.data) is BlobRef:
+            self.dropped_blobs.append(job.id)
+        else:
+            self.payload_bytes -= len(job.data)
+        job.state = state
+        key = job.opts.unique_key
+        if key is not None and job.queue.unique.get(key) == job.id:
+            del job.queue.unique[key]
+        finished = self.finished
+        if not finished:
+            self.timers.dirty = True  # results now expire: a deadline to keep
+        finished[job.id] = Finished(state, now, result)
+        if len(finished) > self.config.results_max:
+            finished.popitem(last=False)
+
+    def fail(self, job_id: int, error: str | None = None, lease: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound)
+        self.log_apply((R.FAIL, self.clock(), job_id, error))
+
+    def _a_fail(self, rec: R.Record) -> None:
+        _, now, jid, error = rec
+        job = self.jobs[jid]
+        self._end_attempt(job)
+        self._failed_attempt(job, now, error, backoff=True)
+
+    def _failed_attempt(self, job: Job, now: int, error: str | None, backoff: bool) -> None:
+        job.attempts += 1
+        q = job.queue
+        q.failed += 1
+        self.total_failed += 1
+        if error is not None or job.opts.error is not None:
+            job.own_opts().error = error
+        self.emit("failed", job)
+        o = job.opts
+        if o.max_attempts and job.attempts >= o.max_attempts:
+            self.to_dlq(job, now)
+            self.deps.parent_ended(job.id, now, DEAD)
+            return
+        q.retried += 1
+        delay = self.backoff_delay(o.backoff, job.attempts) if backoff else 0
+        if delay:
+            job.run_at = now + delay
+            job.state = DELAYED
+            q.n_delayed += 1
+            self.timers.delay(job.run_at, job.id)
+        else:
+            job.state = WAITING
+            q.n_waiting += 1
+            heappush(q.ready, job.ready_key())
+            self.wakeups.add(q.name)
+        self.emit("retrying", job)
+
+    def backoff_delay(self, backoff: int, attempt: int) -> int:
+        """Wait after the ``attempt``-th failure: ``backoff * 2**(attempt-1)``, capped."""
+        if not backoff:
+            return 0
+        cap = max(self.config.max_backoff_ms, backoff)
+        return min(backoff << min(attempt - 1, 62), cap)
+
+    def to_dlq(self, job: Job, now: int) -> None:
+        job.state = DEAD
+        q = job.queue
+        q.dlq[job.id] = job
+        q.dead_total += 1
+        self.emit("dead", job)
+
+    def touch(self, job_id: int, lease: int | None = None, extend: int | None = None) -> int:
+        """Extend an active job's lease; returns the new deadline (not logged)."""
+        job = self._active(job_id, lease, JobNotActive)
+        return self._extend(job, extend)
+
+    def _extend(self, job: Job, extend: int | None) -> int:
+        now = self.clock()
+        deadline = now + (extend or job.opts.timeout or self.config.default_lease_ms)
+        held = self.active[job.id]
+        if deadline > held.deadline:
+            held.deadline = deadline
+            self.timers.deadline(deadline, job.id)
+        return held.deadline
+
+    def release_owner(self, owner: int, reason: str = "worker disconnected") -> int:
+        """Return every job ``owner`` holds to its queue (a counted attempt)."""
+        held = self.owned.get(owner)
+        if not held:
+            return 0
+        return self.release(sorted(held), reason)
+
+    def release(self, ids: list[int], reason: str) -> int:
+        ids = [j for j in ids if j in self.active]
+        if ids:
+            self.log_apply((R.RELEASE, self.clock(), ids, reason))
+        return len(ids)
+
+    def _a_release(self, rec: R.Record) -> None:
+        _, now, ids, reason = rec
+        for jid in ids:
+            job = self.jobs[jid]
+            self._end_attempt(job)
+            self._failed_attempt(job, now, f"lease lost: {reason}", backoff=False)
+
+    def _a_timeout(self, rec: R.Record) -> None:
+        _, now, jid = rec
+        job = self.jobs[jid]
+        ran = now - job.started_at
+        self._end_attempt(job)
+        self.emit("timeout", job)
+        self._failed_attempt(job, now, f"Job timed out after {ran} ms", backoff=True)
+
+    # -- cancel, progress, results ------------------------------------------------------------
+
+    def cancel(self, job_id: int) -> None:
+        self._job(job_id)
+        self.log_apply((R.CANCEL, self.clock(), job_id))
+
+    def _a_cancel(self, rec: R.Record) -> None:
+        _, now, jid = rec
+        job = self.jobs[jid]
+        self.leave_state(job)
+        self.finish(job, CANCELLED, now, None)
+        self.deps.parent_ended(jid, now, CANCELLED)
+
+    def leave_state(self, job: Job) -> None:
+        """Take a live job out of its state's index (heaps are cleaned lazily)."""
+        q = job.queue
+        state = job.state
+        if state is WAITING:
+            q.n_waiting -= 1
+        elif state is DELAYED:
+            q.n_delayed -= 1
+        elif state is WAITING_CHILDREN:
+            q.n_children -= 1
+            self.deps.forget(job.id)
+        elif state is ACTIVE:
+            self._end_attempt(job)
+        elif state is DEAD:
+            del q.dlq[job.id]
+
+    def progress(
+        self, job_id: int, progress: int, message: str | None, lease: int | None = None
+    ) -> None:
+        job = self._active(job_id, lease, JobNotActive)
+        self.log_apply((R.PROGRESS, self.clock(), job_id, progress, message))
+        self._extend(job, None)
+
+    def _a_progress(self, rec: R.Record) -> None:
+        _, _now, jid, progress, message = rec
+        job = self.jobs[jid]
+        opts = job.own_opts()
+        opts.progress = progress
+        opts.progress_msg = message
+        self.emit("progress", job)
+
+    def get_progress(self, job_id: int) -> tuple[int, str | None]:
+        job = self._job(job_id)
+        return job.opts.progress, job.opts.progress_msg
+
+    def get_result(self, job_id: int) -> bytes | None:
+        done = self.finished.get(job_id)
+        return done.result if done is not None else None
+
+    def get_job(self, job_id: int) -> Job | Finished | None:
+        return self.jobs.get(job_id) or self.finished.get(job_id)
+
+    # -- DLQ ----------------------------------------------------------------------------------
+
+    def dlq(self, queue: str, count: int = 100) -> list[Job]:
+        q = self.queues.get(queue)
+        if q is None:
+            return []
+        out: list[Job] = []
+        for job in q.dlq.values():
+            if len(out) >= count:
+                break
+            out.append(job)
+        return out
+
+    def retry_dlq(self, queue: str, job_id: int | None = None) -> int:
+        q = self.queues.get(queue)
+        if q is None or not q.dlq:
+            return 0
+        if job_id is None:
+            ids = list(q.dlq)
+        elif job_id in q.dlq:
+            ids = [job_id]
+        else:
+            return 0
+        self.log_apply((R.RETRYDLQ, self.clock(), queue, ids))
+        return len(ids)
+
+    def _a_retry_dlq(self, rec: R.Record) -> None:
+        _, now, queue, ids = rec
+        q = self.queues[queue]
+        for jid in ids:
+            job = q.dlq.pop(jid)
+            job.attempts = 0
+            job.run_at = now
+            job.own_opts().error = None
+            deps = job.opts.depends_on
+            if not (deps and self.deps.wait_for_parents(job, deps, now)):
+                self.make_ready(job, now)
+
+    # -- queue settings -----------------------------------------------------------------------
+
+    def set_queue(self, queue: str, **changes: Any) -> None:
+        """Pause/resume and limits: ``paused``, ``rate_limit``, ``concurrency_limit``."""
+        settings = self.queue(queue).settings()
+        settings.update(changes)
+        self.log_apply((R.QUEUE, self.clock(), queue, settings))
+
+    def _a_queue(self, rec: R.Record) -> None:
+        _, now, queue, settings = rec
+        q = self.queue(queue)
+        q.paused = bool(settings.get("paused"))
+        rate = settings.get("rate_limit")
+        if not rate:
+            q.rate = None
+        elif q.rate is None or q.rate.limit != rate:
+            q.rate = TokenBucket(rate, now)
+        q.concurrency = settings.get("concurrency_limit") or 0
+        self.wakeups.add(queue)
+
+    # -- dependencies across slots (dependencies.py) -------------------------------------------
+
+    def watch_parent(self, parent: int, child: int) -> str:
+        """A WATCH for a parent here: its state; a watch is kept while it is pending."""
+        state = self.deps.state_of(parent)
+        if state == "pending" and child not in self.deps.watchers.get(parent, ()):
+            self.log_apply((R.WATCH, self.clock(), parent, child))
+        return state
+
+    def parent_end(self, parent: int, child: int, state: str) -> None:
+        """The parent of a child here ended elsewhere (PARENTEND)."""
+        pending = self.deps.children.get(child)
+        if pending is not None and parent in pending:
+            self.log_apply((R.PARENTEND, self.clock(), parent, child, state))
+        else:
+            self.deps.to_watch.discard((parent, child))
+
+    def notified(self, parent: int, child: int) -> None:
+        if (parent, child) in self.deps.outbox or child in self.deps.watchers.get(parent, ()):
+            self.log_apply((R.NOTIFIED, self.clock(), parent, child))
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Do what is due by now (see timers.py)."""
+        self.timers.tick()
+
+    # -- snapshot records ---------------------------------------------------------------------
+
+    def _a_slot(self, rec: R.Record) -> None:
+        _, _now, slot, seq = rec
+        if seq > self.seqs[slot]:
+            self.seqs[slot] = seq
+
+    def _a_job(self, rec: R.Record) -> None:
+        snapshot.load_job(self, rec)
+
+    def drop_slots(self, slots: list[int]) -> None:
+        """Forget everything of ``slots`` (the source after a move; see slotmove.py)."""
+        self.log_apply((R.DROP, self.clock(), sorted(slots)))
+
+    def _a_drop(self, rec: R.Record) -> None:
+        slotmove.apply_drop(self, rec)
+
+    def _a_finished(self, rec: R.Record) -> None:
+        snapshot.load_finished(self, rec)

@@ -1,0 +1,254 @@
+"""The engine's records: jobs, their rarely used options, queues, token buckets.
+
+Plain data with ``__slots__`` and no behaviour beyond small helpers, so a
+waiting job costs a few hundred bytes. A job's payload is kept as the raw
+JSON bytes it arrived as (never re-parsed by the node) and sent back with
+``orjson.Fragment``. No I/O here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from orjson import Fragment, dumps
+
+from shardq.wire.job import State
+from shardq.wire.protocol import MAX_PRIORITY
+
+WAITING = State.WAITING
+DELAYED = State.DELAYED
+WAITING_CHILDREN = State.WAITING_CHILDREN
+ACTIVE = State.ACTIVE
+COMPLETED = State.COMPLETED
+DEAD = State.DEAD
+CANCELLED = State.CANCELLED
+EXPIRED = State.EXPIRED
+
+#: Low 53 bits of every heap key hold the job id (ids stay below 2**53).
+ID_BITS = 53
+ID_MASK = (1 << ID_BITS) - 1
+#: run_at (ms) sits above the id in ready keys; priority above both.
+PRIORITY_SHIFT = 96
+
+
+def ready_key(priority: int, run_at: int, job_id: int) -> int:
+    """One int that orders like (-priority, run_at, id): higher priority first."""
+    return ((MAX_PRIORITY - priority) << PRIORITY_SHIFT) | (run_at << ID_BITS) | job_id
+
+
+def timer_key(at: int, job_id: int) -> int:
+    return (at << ID_BITS) | job_id
+
+
+def kept_json(value: Any) -> bytes:
+    """The raw JSON the node keeps for a payload or result.
+
+    orjson returns short output inside a 4 KiB allocation; a value the node keeps
+    is copied into an exact-size bytes object (else a 200-byte job costs 4 KiB).
+    """
+    out = dumps(value)
+    return bytes(memoryview(out)) if len(out) < 4000 else out
+
+
+class BlobRef:
+    """A payload kept in the blob store on disk instead of memory (see shardq_node.blobs)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class JobOpts:
+    """The options most jobs never set. Plain jobs share ``PLAIN`` (never mutated)."""
+
+    __slots__ = (
+        "backoff", "depends_on", "error", "max_attempts", "progress", "progress_msg", "timeout",
+        "ttl", "unique_key",
+    )
+
+    def __init__(
+        self,
+        max_attempts: int = 0,
+        backoff: int = 0,
+        ttl: int = 0,
+        timeout: int = 0,
+        unique_key: str | None = None,
+        depends_on: tuple[int, ...] = (),
+    ) -> None:
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.ttl = ttl
+        self.timeout = timeout
+        self.unique_key = unique_key
+        self.depends_on = depends_on
+        self.progress = 0
+        self.progress_msg: str | None = None
+        self.error: str | None = None
+
+    def copy(self) -> JobOpts:
+        new = JobOpts(
+            self.max_attempts, self.backoff, self.ttl, self.timeout, self.unique_key,
+            self.depends_on,
+        )
+        new.progress = self.progress
+        new.progress_msg = self.progress_msg
+        new.error = self.error
+        return new
+
+
+PLAIN = JobOpts()
+
+
+class Job:
+    """One job on a node. ``state`` tells which index holds it."""
+
+    __slots__ = (
+        "attempts", "created_at", "data", "id", "opts", "priority", "queue", "run_at",
+        "started_at", "state",
+    )
+
+    def __init__(
+        self,
+        job_id: int,
+        queue: QueueState,
+        data: Any,
+        priority: int,
+        created_at: int,
+        run_at: int,
+        opts: JobOpts,
+    ) -> None:
+        self.id = job_id
+        self.queue = queue
+        self.data = data  # raw JSON bytes, or a blob reference (see shardq_node.blobs)
+        self.priority = priority
+        self.created_at = created_at
+        self.run_at = run_at
+        self.started_at = 0
+        self.attempts = 0
+        self.state = WAITING
+        self.opts = opts
+
+    def own_opts(self) -> JobOpts:
+        """The job's options, copied first if they are the shared PLAIN instance."""
+        if self.opts is PLAIN:
+            self.opts = JobOpts()
+        return self.opts
+
+    def ready_key(self) -> int:
+        return ready_key(self.priority, self.run_at, self.id)
+
+    def wire(self, data: Any = None) -> dict[str, Any]:
+        """The JOB object of the protocol (DESIGN §2), plus ``state`` (and ``error``)."""
+        o = self.opts
+        raw = self.data if data is None else data
+        out = {
+            "id": self.id,
+            "queue": self.queue.name,
+            "data": Fragment(raw) if type(raw) is bytes else raw,
+            "priority": self.priority,
+            "created_at": self.created_at,
+            "run_at": self.run_at,
+            "started_at": self.started_at,
+            "attempts": self.attempts,
+            "max_attempts": o.max_attempts,
+            "backoff": o.backoff,
+            "ttl": o.ttl,
+            "timeout": o.timeout,
+            "unique_key": o.unique_key,
+            "depends_on": list(o.depends_on),
+            "progress": o.progress,
+            "progress_msg": o.progress_msg,
+            "state": self.state.value,
+        }
+        if o.error is not None:
+            out["error"] = o.error
+        return out
+
+
+class TokenBucket:
+    """Rate limit: capacity ``limit`` tokens, refilled at ``limit`` per second."""
+
+    __slots__ = ("last", "limit", "tokens")
+
+    def __init__(self, limit: int, now: int) -> None:
+        self.limit = limit
+        self.tokens = float(limit)
+        self.last = now
+
+    def available(self, now: int) -> int:
+        if now > self.last:
+            refill = (now - self.last) * self.limit / 1000
+            self.tokens = min(float(self.limit), self.tokens + refill)
+            self.last = now
+        return int(self.tokens)
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+
+    def next_token_at(self, now: int) -> int:
+        """When the next whole token will be there (ms)."""
+        if self.tokens >= 1:
+            return now
+        missing = 1.0 - self.tokens
+        return now + max(1, math.ceil(missing * 1000 / self.limit))
+
+
+class QueueState:
+    """One named queue: its ready heap, counters, DLQ, unique keys and settings."""
+
+    __slots__ = (
+        "completed", "concurrency", "dead_total", "dlq", "expired", "failed", "n_active",
+        "n_children", "n_delayed", "n_waiting", "name", "paused", "pushed", "rate", "ready",
+        "retried", "slot", "unique",
+    )
+
+    def __init__(self, name: str, slot: int) -> None:
+        self.name = name
+        self.slot = slot
+        self.ready: list[int] = []  # heap of ready_key ints; stale entries are skipped
+        self.n_waiting = 0
+        self.n_delayed = 0
+        self.n_children = 0
+        self.n_active = 0
+        self.dlq: dict[int, Job] = {}  # insertion order = oldest death first
+        self.unique: dict[str, int] = {}  # unique_key -> id of the live job holding it
+        self.paused = False
+        self.rate: TokenBucket | None = None
+        self.concurrency = 0  # 0 = no limit
+        # lifetime counters (Prometheus and METRICS)
+        self.pushed = 0
+        self.completed = 0
+        self.failed = 0
+        self.retried = 0
+        self.dead_total = 0
+        self.expired = 0
+
+    @property
+    def pending(self) -> int:
+        return self.n_waiting + self.n_delayed + self.n_children
+
+    def is_empty(self) -> bool:
+        """No jobs, no settings: the queue object can be dropped."""
+        return not (
+            self.pending or self.n_active or self.dlq or self.unique or self.paused
+            or self.rate or self.concurrency
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "paused": self.paused,
+            "rate_limit": self.rate.limit if self.rate else None,
+            "concurrency_limit": self.concurrency or None,
+        }
+
+
+class Lease:
+    """The lease of an active job: who holds it and until when."""
+
+    __slots__ = ("deadline", "owner")
+
+    def __init__(self, owner: int, deadline: int) -> None:
+        self.owner = owner
+        self.deadline = deadline

@@ -1,0 +1,1 @@
+"""shardq_operator: the kopf operator, the rebalancer that moves slots, and ``shardq up``."""
