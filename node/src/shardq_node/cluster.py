@@ -5,12 +5,20 @@ The node keeps the newest topology it was given (persisted as
 slot it does not own and ``TRYAGAIN`` for a slot it is moving away. A node
 that was never given a topology owns every slot (standalone).
 
+In a topology with shards (DESIGN §9) the node serves the slots of its shard only
+while it is the shard's primary; a follower answers ``MOVED <epoch> NOTPRIMARY
+<primary>``. The role itself (primary, follower, learner) is ``replication.py``'s.
+
 Internal commands (they need the cluster token when tokens are configured):
 
   SETTOPOLOGY {topology}   adopt a newer topology (older epochs are ignored)
   EXPORT {slots}           the slots' whole state as records (blob payloads inline)
   IMPORT {slots, records}  replace the slots' state with these records, durably
   DROPSLOTS {slots}        forget the slots (after the new owner has them)
+  STATUS                   role, term, log position, followers' lag (the controller's probe)
+  FENCE {term}             promise never to follow a primary of an older term; answers the
+                           last (term, LSN) of this log (the controller's election)
+  FOLLOW {shard, term, primary}   a primary starts streaming its log on this connection
 
 Must not: decide anything about moves; the coordinator (shardq_operator.rebalance) does.
 """
@@ -25,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shardq.errors import InvalidRequest, Moved, TryAgain
+from shardq.errors import InvalidRequest, Moved, TryAgain, Unavailable
 from shardq.wire import protocol as P
 from shardq.wire.slots import SLOTS, slot_of
 from shardq.wire.topology import Topology
 
 from . import records as R
+from . import replication as RP
 from . import slotmove
 from .jobs import BlobRef
 from .wal import decode, frame
@@ -43,6 +52,7 @@ log = logging.getLogger("shardq_node.cluster")
 
 OWNED = 1
 FROZEN = 2
+FOLLOWING = 3  # a slot of this node's shard while another member is its primary
 
 #: How each command names its slot: by "queue", by "id", by "ids", or not at all.
 QUEUE_COMMANDS = frozenset({
@@ -53,7 +63,13 @@ ID_COMMANDS = frozenset({
     "ACK", "FAIL", "GETRESULT", "CANCEL", "PROGRESS", "GETPROGRESS", "GETJOB", "TOUCH",
 })
 IDS_COMMANDS = frozenset({"ACKB", "RELEASE"})
-INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS", "WATCH", "PARENTEND"})
+INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS", "WATCH", "PARENTEND",
+                      "STATUS", "FENCE", "FOLLOW"})
+#: What a node that is not its shard's primary still answers itself.
+NOT_PRIMARY_OK = frozenset({
+    "AUTH", "TOPOLOGY", "SETTOPOLOGY", "STATUS", "FENCE", "FOLLOW", "STATS", "METRICS",
+    "LISTQUEUES",
+})
 
 
 def check_slots(req: P.Request) -> list[int]:
@@ -77,24 +93,71 @@ class Cluster:
         self.path = os.path.join(data_dir, "topology.json") if data_dir else None
         token = node.settings.cluster_token
         self.tokens = (token,) if token else node.settings.tokens
+        #: the token this node uses with its peers (a primary with its followers)
+        self.token = token or (node.settings.tokens[0] if node.settings.tokens else None)
         self._slot_cache: dict[str, int] = {}
+
 
     def load(self) -> None:
         if self.path and os.path.exists(self.path):
             with open(self.path, "rb") as f:
                 self._adopt(Topology.from_wire(orjson.loads(f.read())))
 
+    # -- roles (DESIGN §9) ------------------------------------------------------------------------
+
+    def my_shard(self) -> tuple[str, Any] | None:
+        topo = self.topology
+        return topo.shard_of_node(self.name) if topo is not None and topo.shards else None
+
+    def replicated_member(self) -> bool:
+        found = self.my_shard()
+        return found is not None and len(found[1].members) + len(found[1].learners) > 1
+
+    def take_role(self) -> None:
+        """Tell replication what the topology makes this node. A member of a replicated shard
+        leads a term once only: restarted, it never leads the term it led before (it may have
+        lost records its followers hold at the same positions); the controller sees it and
+        gives the shard a new term."""
+        repl = self.node.replication
+        topo = self.topology
+        if topo is None or not topo.shards:
+            repl.set_role(RP.STANDALONE, "", None)
+            return
+        found = self.my_shard()
+        if found is None:
+            repl.set_role(RP.NONE, "", None)
+            return
+        name, shard = found
+        if shard.primary == self.name:
+            single = len(shard.members) == 1 and not shard.learners
+            leading = repl.role == RP.PRIMARY and repl.term == shard.term
+            if single or leading or shard.term > self.node.membership.led_term:
+                repl.set_role(RP.PRIMARY, name, shard)
+            else:
+                repl.set_role(RP.NONE, name, shard)
+        elif self.name in shard.learners:
+            repl.set_role(RP.LEARNER, name, shard)
+        else:
+            repl.set_role(RP.FOLLOWER, name, shard)
+        self._adopt(topo)
+
     # -- ownership ----------------------------------------------------------------------------
 
     def _adopt(self, topo: Topology) -> None:
         self.topology = topo
         self.standalone = False
+        me = self.name
+        serving = True
+        if topo.shards:
+            found = topo.shard_of_node(me)
+            me = found[0] if found is not None else ""
+            serving = self.node.replication.role == RP.PRIMARY
         state = bytearray(SLOTS)
         for s, owner in enumerate(topo.owners):
-            if owner == self.name:
-                state[s] = OWNED
+            if owner == me and me:
+                state[s] = OWNED if serving else FOLLOWING
         for s, move in topo.moving.items():
-            if move.get("from") == self.name and state[s] == OWNED:
+            if move.get("from") == me and state[s] == OWNED:
                 state[s] = FROZEN
         self.state = state
 
@@ -111,6 +174,9 @@ class Cluster:
         """Raise Moved/TryAgain if this node may not serve ``cmd`` now."""
         if self.standalone:
             return
+        repl = self.node.replication
+        if repl.role is not RP.STANDALONE:
+            self._check_role(repl, cmd)
         if cmd in QUEUE_COMMANDS:
             queue = req.get("queue")
             if type(queue) is str:
@@ -126,12 +192,29 @@ class Cluster:
                     if type(job_id) is int:
                         self._check_slot(job_id % SLOTS)
 
+    def _check_role(self, repl: RP.Replication, cmd: str) -> None:
+        if repl.role is RP.PRIMARY:
+            if (repl.no_quorum_since is not None and cmd not in NOT_PRIMARY_OK
+                    and repl.quorum_lost_for() > self.node.settings.failure_timeout):
+                raise Unavailable(f"shard {repl.shard_name} has no quorum")
+            return
+        if cmd not in NOT_PRIMARY_OK:
+            raise self._moved()
+
+    def _moved(self) -> Moved:
+        epoch = self.topology.epoch if self.topology else 0
+        if self.topology is not None and self.topology.shards:
+            return Moved(epoch, self.node.replication.primary)
+        return Moved(epoch)
+
     def _check_slot(self, slot: int) -> None:
         st = self.state[slot]
         if st == OWNED:
             return
         if st == FROZEN:
             raise TryAgain()
+        if st == FOLLOWING:
+            raise self._moved()
         raise Moved(self.topology.epoch if self.topology else 0)
 
     def serves(self, slot: int) -> bool:
@@ -155,6 +238,7 @@ class Cluster:
         return {
             "SETTOPOLOGY": self.settopology, "EXPORT": self.export, "IMPORT": self.import_,
             "DROPSLOTS": self.dropslots, "WATCH": self.watch, "PARENTEND": self.parentend,
+            "STATUS": self.status, "FENCE": self.fence, "FOLLOW": self.follow,
         }
 
     def settopology(self, req: P.Request, caller: Caller) -> Answer:
@@ -168,9 +252,66 @@ class Cluster:
         current = self.topology.epoch if self.topology else 0
         if topo.epoch > current:
             self._persist(topo)
+            self.topology = topo
+            self.take_role()
             self._adopt(topo)
             self.node.topology_changed()
         return {"ok": True, "epoch": max(topo.epoch, current)}
+
+    # -- replication (replication.py) -----------------------------------------------------------
+
+    def status(self, req: P.Request, caller: Caller) -> Answer:
+        return {"ok": True, **self.node.replication.status()}
+
+    def fence(self, req: P.Request, caller: Caller) -> Answer:
+        """FENCE {term}: refuse older terms from now on; answer this log's last (term, LSN)."""
+        term = P.check_id(req, "term")
+        node = self.node
+        repl = node.replication
+        node.membership.fence(term)
+        if repl.role == RP.PRIMARY and repl.term < term:
+            repl.set_role(RP.NONE, repl.shard_name, repl.shard)  # deposed: stop confirming
+            self._adopt(self.topology) if self.topology is not None else None
+            node.topology_changed()
+        if repl.upstream is not None and repl.upstream.term < term:
+            repl.upstream.close()
+            repl.upstream = None
+        node.log.flush_now() if node.storage is not None else None
+        return {"ok": True, "term": node.membership.fenced_term,
+                "last_term": node.engine.last_term, "lsn": node.log.seq,
+                "storage_id": node.membership.storage_id, "voter": repl.voter}
+
+    def follow(self, req: P.Request, caller: Caller) -> Answer:
+        """FOLLOW {shard, term, primary}: the primary of ``term`` streams its log here."""
+        term = P.check_id(req, "term")
+        primary = P.check_str(req, "primary", 256)
+        node = self.node
+        repl = node.replication
+        if node.storage is None:
+            raise InvalidRequest("a node without a data directory cannot follow a primary")
+        if term < node.membership.fenced_term:
+            repl.fence_refusals += 1
+            raise InvalidRequest(f"term {term} is older than the term "
+                                 f"{node.membership.fenced_term} this node promised")
+        node.membership.fence(term)
+        if repl.role == RP.PRIMARY:
+            if repl.term >= term:
+                raise InvalidRequest(f"this node is the primary of term {repl.term}")
+            repl.set_role(RP.FOLLOWER, repl.shard_name, repl.shard)
+            if self.topology is not None:
+                self._adopt(self.topology)
+            node.topology_changed()
+        if repl.upstream is not None:
+            repl.upstream.close()
+        repl.primary = primary
+        node.log.flush_now()
+        start = getattr(caller, "start_stream", None)
+        if start is None:
+            raise InvalidRequest("FOLLOW needs a TCP connection")
+        repl.upstream = start(term, primary)
+        return {"ok": True, "lsn": node.log.seq, "base": node.storage.retained_from() - 1,
+                "terms": [list(t) for t in node.engine.terms],
+                "storage_id": node.membership.storage_id}
 
     def _persist(self, topo: Topology) -> None:
         if self.path is None:
@@ -187,7 +328,12 @@ class Cluster:
         finally:
             os.close(fd)
 
+    def _writable(self) -> None:
+        if not self.node.replication.writable:
+            raise self._moved()
+
     def export(self, req: P.Request, caller: Caller) -> Answer:
+        self._writable()
         slots = check_slots(req)
         engine = self.node.engine
         out = []
@@ -201,6 +347,7 @@ class Cluster:
         return {"ok": True, "records": orjson.Fragment(orjson.dumps(out, default=_raw_json))}
 
     def import_(self, req: P.Request, caller: Caller) -> Answer:
+        self._writable()
         slots = check_slots(req)
         recs = req.get("records")
         if type(recs) is not list:
@@ -233,6 +380,7 @@ class Cluster:
         return {"ok": True}
 
     def dropslots(self, req: P.Request, caller: Caller) -> Answer:
+        self._writable()
         slots = check_slots(req)
         if not self.standalone and any(self.state[s] == OWNED for s in slots):
             raise InvalidRequest("cannot drop slots this node still owns")

@@ -116,6 +116,8 @@ class Engine:
         self.total_completed = 0
         self.total_failed = 0
         self.recent: list[tuple[int, int, int]] = []  # (second, completions, sum run ms)
+        #: The term history of this log (DESIGN §9): (term, LSN of its TERM record), in order.
+        self.terms: list[tuple[int, int]] = []
         self._apply: dict[int, Callable[[Any], Any]] = {
             R.PUSH: self._a_push, R.START: self._a_start, R.ACK: self._a_ack,
             R.FAIL: self._a_fail, R.RELEASE: self._a_release, R.TIMEOUT: self._a_timeout,
@@ -128,6 +130,7 @@ class Engine:
             R.PARENTEND: self.deps.apply_parent_end, R.WATCH: self.deps.apply_watch,
             R.NOTIFIED: self.deps.apply_notified,
             R.FINISHED: self._a_finished,
+            R.TERM: self._a_term, R.TERMS: self._a_terms,
         }
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -681,3 +684,23 @@ class Engine:
 
     def _a_finished(self, rec: R.Record) -> None:
         snapshot.load_finished(self, rec)
+
+    # -- terms (replicated shards) --------------------------------------------------------------
+
+    @property
+    def last_term(self) -> int:
+        return self.terms[-1][0] if self.terms else 0
+
+    def begin_term(self, term: int, primary: str, lsn: int) -> None:
+        """A primary's first record in ``term``, at log position ``lsn``."""
+        self.log_apply((R.TERM, self.clock(), term, primary, lsn))
+
+    def _a_term(self, rec: R.Record) -> None:
+        _, _now, term, _primary, lsn = rec
+        terms = self.terms
+        while terms and terms[-1][1] >= lsn:  # a log cut back and written again
+            terms.pop()
+        terms.append((term, lsn))
+
+    def _a_terms(self, rec: R.Record) -> None:
+        self.terms = [(int(t), int(lsn)) for t, lsn in rec[2]]

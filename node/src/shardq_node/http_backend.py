@@ -43,7 +43,7 @@ class Inline:
         self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     def send(self, lines: list[bytes], tag: int) -> None:
-        if tag <= self.node.log.durable:
+        if tag <= self.node.gate.durable:
             self._deliver(lines)
         else:
             self.held.append((tag, lines))
@@ -116,7 +116,7 @@ class EventStream:
         return True
 
     def send(self, lines: list[bytes], tag: int) -> None:
-        if tag <= self.node.log.durable:
+        if tag <= self.node.gate.durable:
             for line in lines:
                 self.queue.put_nowait(line)
         else:

@@ -39,12 +39,17 @@ WAL records (one per state change, appended before the reply is sent):
   WATCH     [18, t, parent, child]          this node's parent is watched for a child elsewhere
                                             (also a snapshot record: one per open watch)
   NOTIFIED  [19, t, parent, child]          the child's owner has the parent's end: watch done
+  TERM      [20, t, term, primary, lsn]     a shard's primary starts ``term`` (DESIGN §9): the
+                                            first record it writes in that term, at log position
+                                            ``lsn``; followers compare term histories to find
+                                            where their logs diverge
   TOUCH is not logged: leases do not survive a restart (recovered active jobs are released).
 
 Snapshot (a file of the same framing; SNAP_BEGIN first, SNAP_END last, anything else
 between is state, in this order per slot):
 
-  SNAP_BEGIN [100, t, format_version, wal_position]
+  SNAP_BEGIN [100, t, format_version, wal_position, lsn]
+                                            lsn: the log position the state is at (format 2)
   SLOT       [101, t, slot, next_seq]       the id counter of a slot (ids never reused)
   QUEUE      [12, t, queue, SETTINGS]       (same record as in the WAL)
   JOB        [103, t, queue, JOBSTATE]      one live job
@@ -54,7 +59,12 @@ between is state, in this order per slot):
   FINISHED   [104, t, id, state, result]    a completed/cancelled/expired job kept for results
   CRON       [13, t, name, CRONSPEC]
   WATCH      [18, t, parent, child]         an open watch (see dependencies.py)
+  TERMS      [105, t, [[term, lsn], ...]]   the term history: where each term began
   SNAP_END   [199, t, record_count]
+
+Log positions (LSNs): the n-th record ever appended to a node's log has LSN n; a snapshot
+records the LSN its state is at, and the records replayed after it continue from there. A
+follower holds the primary's records at the same LSNs (replication.py).
 
 A slot export for a move (DESIGN §5) is the snapshot format restricted to that slot.
 """
@@ -82,14 +92,16 @@ DROP = 16
 PARENTEND = 17
 WATCH = 18
 NOTIFIED = 19
+TERM = 20
 
 SNAP_BEGIN = 100
 SLOT = 101
 JOB = 103
 FINISHED = 104
+TERMS = 105
 SNAP_END = 199
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 
 NAMES = {code: name for name, code in list(globals().items())
          if name.isupper() and type(code) is int and name != "SNAPSHOT_FORMAT"}

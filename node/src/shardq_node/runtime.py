@@ -31,11 +31,13 @@ from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands, Encoded
 from .engine import Engine
 from .jobs import DELAYED, BlobRef, Job
+from .membership import Membership
 from .metrics import Measures
 from .peers import Peers
+from .replication import Replication
 from .settings import NodeSettings
 from .storage import Storage
-from .wal import Files
+from .wal import Files, decode, read_frames
 
 if TYPE_CHECKING:
     from .server_tcp import Session
@@ -106,11 +108,14 @@ class Node:
         self.settings = settings
         self.clock = clock
         self.engine = engine or Engine(clock, settings.engine)
+        self.membership = Membership(settings.storage.data_dir)
         self.storage: Storage | None = None
         self.log: Any = MemoryLog()
         if settings.storage.data_dir:
             self.storage = Storage(settings.storage, files)
             self.log = self.storage.wal
+        #: what answers wait for: the log's durable LSN, or a primary's commit LSN
+        self.gate: Any = self.log
         self.recovery: Any = None
         self._http: Any = None
         self.http_port = 0
@@ -127,6 +132,7 @@ class Node:
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
         self._probe: asyncio.TimerHandle | None = None
         self.cluster = Cluster(self)
+        self.replication = Replication(self)
         self.peers = Peers(self)
         self.commands = Commands(self)
         self.handlers = self.commands.table
@@ -149,9 +155,10 @@ class Node:
         from .server_tcp import start_tcp
 
         s = self.settings
+        self.cluster.load()
         if self.storage is not None:
             self._recover()
-        self.cluster.load()
+        self.cluster.take_role()
         self.servers.append(await start_tcp(self, s.host, s.port))
         if s.http_port:
             from . import server_http
@@ -164,10 +171,13 @@ class Node:
         assert self.storage is not None
         wal = self.storage.wal
         report = self.recovery = self.storage.recover(self.engine)
-        wal.on_durable = self.released
+        wal.on_durable = self.log_durable
         wal.on_failure = self._storage_failed
         wal.on_flushed = self._maybe_snapshot
-        report.released = self.engine.release(sorted(self.engine.active), "node restarted")
+        if not self.cluster.replicated_member():
+            # a single copy: its workers' connections died with it. A member of a replicated
+            # shard keeps its leases: its workers may still hold them through a gateway.
+            report.released = self.engine.release(sorted(self.engine.active), "node restarted")
         log.info(
             "recovered %d jobs in %.2fs (snapshot %s with %d records, %d WAL records replayed%s)",
             len(self.engine.jobs), report.seconds, report.snapshot, report.snapshot_records,
@@ -182,6 +192,7 @@ class Node:
 
     async def stop(self) -> None:
         self.ready = False
+        self.replication.close()
         await self.peers.close()
         if self._http is not None:
             await self._http.cleanup()
@@ -291,6 +302,7 @@ class Node:
             try:
                 for i, data in spill:
                     fd = storage.blobs.write(jobs[i].id, data)
+                    self.replication.note_blob(jobs[i].id, data)
                     if storage.wal.policy == "always":
                         storage.wal.extra_fsync.append(fd)
                     else:
@@ -335,7 +347,7 @@ class Node:
             for queue in woken:
                 if queue in self.waiters:
                     self._serve(queue)
-        if engine.deps.to_watch or engine.deps.outbox:
+        if (engine.deps.to_watch or engine.deps.outbox) and self.replication.writable:
             self.peers.pump()
         if engine.events:
             self._deliver_events()
@@ -346,9 +358,18 @@ class Node:
                 session.send(lines, tag)
         self.schedule_timer()
 
+    def log_durable(self) -> None:
+        """The WAL made more records durable (its ``on_durable``)."""
+        repl = self.replication
+        if repl.replicated:
+            repl.local_durable()
+        if self.gate is self.log:
+            self.released()
+
     def released(self) -> None:
-        """The log made more records durable: let held answers out."""
-        durable = self.log.durable
+        """More answers may go: the log made more records durable (a single copy), or a
+        majority of the shard holds more (a replicated primary)."""
+        durable = self.gate.durable
         for session in list(self.sessions):
             if session.held:
                 session.release(durable)
@@ -379,14 +400,90 @@ class Node:
         self.waiters.clear()
         self._outbox_flush()
         self._blob_deletes.clear()
-        fresh = Engine(self.clock, self.settings.engine)
-        fresh.watch = self.engine.watch
-        fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
+        fresh = self._fresh_engine()
         self.storage.recover(fresh, open_wal=False, stop_at=wal.durable_pos)
         self.engine = self.commands.engine = fresh
         loop = asyncio.get_running_loop()
         retry = self.settings.storage.retry_seconds
         self._probe = loop.call_later(retry, self._probe_storage)
+
+    def _fresh_engine(self) -> Engine:
+        fresh = Engine(self.clock, self.settings.engine)
+        fresh.watch = self.engine.watch
+        fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
+        fresh.emitting = self.engine.emitting
+        return fresh
+
+    def fail_unconfirmed(self, durable: int, text: str) -> None:
+        """This node stopped being primary: answers past ``durable`` (the last commit) were
+        never confirmed by a majority; they get ``text`` instead."""
+        for session in [*self.sessions, *self.inline_held]:
+            session.fail_held(durable, text)
+        self._outbox_flush()
+
+    # -- following a primary (replication.py) -------------------------------------------------
+
+    def follow_records(self, first: int, count: int, blobs: list[tuple[int, bytes]],
+                       frames: bytes) -> None:
+        """Append the primary's records at the same LSNs and apply them."""
+        wal = self.log
+        if first > wal.seq + 1:
+            raise ValueError(f"records from {first} but this log ends at {wal.seq}")
+        skip = wal.seq + 1 - first
+        if skip >= count:
+            return
+        if skip:
+            frames = _skip_frames(frames, skip)
+            count -= skip
+        storage = self.storage
+        assert storage is not None
+        for job_id, data in blobs:
+            fd = storage.blobs.write(job_id, data)
+            if wal.policy == "always":
+                wal.extra_fsync.append(fd)
+            else:
+                storage.files.close(fd)
+        wal.append_raw(frames, count)
+        engine = self.engine
+        for _, payload in read_frames(frames):
+            engine.apply(decode(payload))
+        engine.events.clear()
+        engine.wakeups.clear()
+        engine.deps.to_watch.clear()
+        engine.deps.outbox.clear()
+        if engine.dropped_blobs:
+            self._blob_deletes.append((wal.seq, engine.dropped_blobs))
+            engine.dropped_blobs = []
+        timers = engine.timers
+        if len(timers.deadlines) + len(timers.delayed) > 2 * len(engine.jobs) + 10_000:
+            timers.compact()  # a follower never ticks: drop what its timers will never pop
+
+    def follow_truncate(self, lsn: int) -> None:
+        """Cut this log back to ``lsn`` (a tail no majority held) and rebuild from disk."""
+        storage = self.storage
+        assert storage is not None
+        log.warning("cutting the log back from %d to %d (a tail the new primary lacks)",
+                    self.log.seq, lsn)
+        storage.cut_after(lsn)
+        self._rebuild()
+
+    def follow_snapshot(self, lsn: int, blobs: list[tuple[int, bytes]], data: bytes) -> None:
+        """Replace this node's whole state with the primary's snapshot at ``lsn``."""
+        storage = self.storage
+        assert storage is not None
+        log.warning("rebuilding from the primary's snapshot at %d (%d bytes)", lsn, len(data))
+        for job_id, payload in blobs:
+            storage.files.close(storage.blobs.write(job_id, payload))
+        storage.install_snapshot(data)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        storage = self.storage
+        assert storage is not None
+        self._blob_deletes.clear()
+        fresh = self._fresh_engine()
+        self.recovery = storage.recover(fresh)
+        self.engine = self.commands.engine = fresh
 
     def _outbox_flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -525,7 +622,7 @@ class Node:
     # -- timers ---------------------------------------------------------------------------------
 
     def schedule_timer(self) -> None:
-        if not self.engine.timers.dirty:
+        if not self.engine.timers.dirty or not self.replication.writable:
             return
         at = self.engine.timers.next_deadline()
         if at is None or (self._timer_at is not None and self._timer_at <= at):
@@ -540,8 +637,8 @@ class Node:
         self._timer = None
         self._timer_at = None
         self.engine.timers.dirty = True  # after this tick, look for the next deadline
-        if self.log.failed is not None:
-            return  # nothing may change while storage refuses writes
+        if self.log.failed is not None or not self.replication.writable:
+            return  # nothing may change while storage refuses writes, nor on a follower
         try:
             self.engine.timers.tick()
         except ShardqError as exc:  # storage refused: try again shortly
@@ -640,6 +737,12 @@ class Node:
     def read_blob(self, job_id: int) -> bytes:
         assert self.storage is not None
         return self.storage.blobs.read(job_id)
+
+
+def _skip_frames(frames: bytes, n: int) -> bytes:
+    from .replication import skip_frames
+
+    return skip_frames(frames, n)
 
 
 def _encode(answer: Answer, rid: str | int | None) -> bytes:

@@ -24,7 +24,10 @@ from shardq.errors import InvalidRequest
 from shardq.wire.framing import LineSplitter
 from shardq.wire.protocol import error_answer
 
+from .replication import STANDALONE
+
 if TYPE_CHECKING:
+    from .replication import FollowerStream
     from .runtime import Node, Waiter
 
 log = logging.getLogger("shardq_node.tcp")
@@ -64,6 +67,8 @@ class Session(asyncio.Protocol):
         self.max_line = node.settings.max_line
         self.refusing = False  # a too-long line came: answer what came before it, then close
         self.close_when_sent = False
+        #: after FOLLOW: this connection carries the primary's log (replication.py)
+        self.stream: FollowerStream | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -75,6 +80,11 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self.stream is not None:
+            self.stream.closed = True
+            repl = self.node.replication
+            if repl.upstream is self.stream:
+                repl.upstream = None
         self.node.closed(self)
 
     def pause_writing(self) -> None:
@@ -87,6 +97,9 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.refusing:
+            return
+        if self.stream is not None:
+            self.stream.feed(data)
             return
         lines, too_long = self.splitter.feed(data)
         if lines or too_long:
@@ -112,6 +125,7 @@ class Session(asyncio.Protocol):
     def _run(self, lines: list[bytes] | deque[bytes]) -> None:
         node = self.node
         execute = node.execute
+        before = node.log.seq
         out = []
         for n, line in enumerate(lines, 1):
             if type(line) is _TooLong:
@@ -126,12 +140,25 @@ class Session(asyncio.Protocol):
                 break
             out.append(answer)
         tag = node.flush()
+        if tag == before and node.replication.role is not STANDALONE:
+            tag = 0  # nothing written: on a replicated node a read never waits for a majority
         if out:
             self.send(out, tag)
         node.after_batch()
         if self.close_when_sent and not self.held:
             self.close()
         self._update_reading()
+
+    def start_stream(self, term: int, primary: str) -> FollowerStream:
+        """FOLLOW: from the next byte on, this connection carries ``primary``'s log."""
+        from .replication import FollowerStream
+
+        def write(data: bytes) -> None:
+            if self.transport is not None and not self.closing:
+                self.transport.write(data)
+
+        self.stream = FollowerStream(self.node, term, primary, write, self.close)
+        return self.stream
 
     def resume(self) -> None:
         """The blocked PULL was answered: run what queued up behind it."""
@@ -145,7 +172,7 @@ class Session(asyncio.Protocol):
     def send(self, lines: list[bytes], tag: int) -> None:
         if self.closing or self.transport is None:
             return
-        if not self.held and tag <= self.node.log.durable:
+        if not self.held and tag <= self.node.gate.durable:
             self.transport.write(lines[0] if len(lines) == 1 else b"".join(lines))
         else:
             self.held.append((tag, lines))

@@ -65,5 +65,8 @@ class NodeSettings:
     #: False: no per-request counting or latency histograms on the hot path (the gauges and
     #: counters the engine keeps anyway are still exported); for measuring their cost.
     metrics: bool = True
+    #: A replicated primary that has had fewer live members than a majority for this many
+    #: seconds refuses writes (``Unavailable: shard S has no quorum``) instead of holding them.
+    failure_timeout: float = 2.0
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -38,8 +38,11 @@ def _in(slots: Container[int] | None, slot: int) -> bool:
 
 
 def dump(engine: Engine, slots: Container[int] | None = None) -> Iterator[R.Record]:
-    """Yield SLOT, QUEUE, JOB, FINISHED, CRON and WATCH records for ``slots`` (None: all)."""
+    """Yield SLOT, QUEUE, JOB, FINISHED, CRON and WATCH records for ``slots`` (None: all),
+    and for the whole engine its term history (TERMS)."""
     now = engine.clock()
+    if slots is None and engine.terms:
+        yield (R.TERMS, now, [list(t) for t in engine.terms])
     for slot, seq in enumerate(engine.seqs):
         if seq and _in(slots, slot):
             yield (R.SLOT, now, slot, seq)

@@ -45,6 +45,9 @@ class Recovery:
 
     snapshot: str | None = None
     snapshot_records: int = 0
+    #: the log position (LSN) the snapshot's state is at, and the last record's after replay
+    snapshot_lsn: int = 0
+    lsn: int = 0
     replayed: int = 0
     segments: list[int] = field(default_factory=list)
     torn: str | None = None
@@ -70,12 +73,14 @@ def list_snapshots(directory: str) -> list[int]:
     return sorted(out)
 
 
-def write_snapshot(engine: Engine, path: str, wal_segment: int) -> int:
-    """Write the engine's state to ``path`` and fsync it; returns the record count."""
+def write_snapshot(engine: Engine, path: str, wal_segment: int, lsn: int = 0) -> int:
+    """Write the engine's state (at log position ``lsn``) to ``path`` and fsync it; returns the
+    record count."""
     count = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        buf: list[bytes] = [frame((R.SNAP_BEGIN, engine.clock(), R.SNAPSHOT_FORMAT, wal_segment))]
+        begin = (R.SNAP_BEGIN, engine.clock(), R.SNAPSHOT_FORMAT, wal_segment, lsn)
+        buf: list[bytes] = [frame(begin)]
         size = 0
         for rec in dump(engine):
             data = frame(rec)
@@ -91,6 +96,14 @@ def write_snapshot(engine: Engine, path: str, wal_segment: int) -> int:
     finally:
         os.close(fd)
     return count
+
+
+def snapshot_lsn(data: bytes) -> int:
+    """The log position a snapshot's state is at (0 for a format 1 snapshot)."""
+    for _, payload in read_frames(data[: 1 << 16]):
+        rec = decode(payload)
+        return int(rec[4]) if rec[0] == R.SNAP_BEGIN and len(rec) > 4 else 0
+    return 0
 
 
 def load_snapshot(engine: Engine, data: bytes) -> int:
@@ -169,6 +182,8 @@ class Storage:
             if name.endswith((".spare", ".part")):  # a segment prepared ahead, unused
                 os.unlink(os.path.join(self.wal_dir, name))
         first_segment = self._load_newest_snapshot(engine, report)
+        report.lsn = report.snapshot_lsn
+        self.wal.bases = {}
         segments = [n for n in list_segments(self.wal_dir) if n >= first_segment]
         if stop_at is not None:
             for number in [n for n in segments if n > stop_at[0]]:
@@ -195,7 +210,9 @@ class Storage:
             log.info("removed %d blob files of finished jobs", removed)
         if open_wal:
             last = max(segments[-1] if segments else 0, first_segment)
-            self.wal.open_segment(last + 1)
+            wal = self.wal
+            wal.seq = wal.written = wal.durable = report.lsn
+            wal.open_segment(last + 1)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -203,7 +220,9 @@ class Storage:
         for number in reversed(list_snapshots(self.dir)):
             path = os.path.join(self.dir, snapshot_name(number))
             try:
-                report.snapshot_records = load_snapshot(engine, self.files.read(path))
+                data = self.files.read(path)
+                report.snapshot_records = load_snapshot(engine, data)
+                report.snapshot_lsn = snapshot_lsn(data)
             except CorruptSnapshot as exc:
                 log.error("snapshot %s unusable (%s); trying an older one", path, exc)
                 engine.__init__(engine.clock, engine.config)  # type: ignore[misc]
@@ -219,6 +238,7 @@ class Storage:
         path = os.path.join(self.wal_dir, segment_name(number))
         data = self.files.read(path)
         report.segments.append(number)
+        self.wal.bases[number] = report.lsn + 1
         good = 0
         try:
             for end, payload in read_frames(data, limit):
@@ -229,6 +249,7 @@ class Storage:
                     raise Torn(good, f"record does not apply ({exc!r})") from None
                 good = end
                 report.replayed += 1
+                report.lsn += 1
         except Torn as exc:
             report.torn = f"{path}: {exc.reason} at byte {exc.offset}"
             log.warning("WAL %s: %s at byte %d; recovery stops there (%d bytes cut)",
@@ -241,6 +262,92 @@ class Storage:
             except OSError as exc:
                 log.error("could not cut %s back to %d bytes: %s", path, good, exc)
         return True
+
+    # -- the log for followers (replication.py) -------------------------------------------------
+
+    def retained_from(self) -> int:
+        """The first LSN still in a WAL segment on disk (before it: only in a snapshot)."""
+        bases = self.wal.bases
+        return min(bases.values()) if bases else self.wal.written + 1
+
+    def read_log(self, first: int, last: int, limit: int = 8 << 20) -> tuple[bytes, int]:
+        """The framed records ``first``..``last`` (at most ``limit`` bytes, at least one
+        record), as written; and how many they are."""
+        bases = self.wal.bases
+        segments = sorted(n for n, base in bases.items() if base <= first)
+        if not segments:
+            raise LookupError(f"LSN {first} is no longer in the log (snapshot needed)")
+        out: list[bytes] = []
+        size = count = 0
+        lsn = bases[segments[-1]]
+        for number in sorted(n for n in bases if n >= segments[-1]):
+            lsn = bases[number]
+            data = self.files.read(os.path.join(self.wal_dir, segment_name(number)))
+            start = 0
+            for end, _payload in read_frames(data):
+                if lsn >= first:
+                    out.append(data[start:end])
+                    size += end - start
+                    count += 1
+                    if lsn >= last or size >= limit:
+                        return b"".join(out), count
+                lsn += 1
+                start = end
+        return b"".join(out), count
+
+    def newest_snapshot(self) -> tuple[str, int] | None:
+        """The newest snapshot file and the LSN its state is at."""
+        numbers = list_snapshots(self.dir)
+        if not numbers:
+            return None
+        path = os.path.join(self.dir, snapshot_name(numbers[-1]))
+        return path, snapshot_lsn(self.files.read(path)[: 1 << 16])
+
+    def cut_after(self, lsn: int) -> None:
+        """Drop every record after ``lsn`` from the log (a follower's divergent tail, which
+        never reached a majority). The caller rebuilds its engine with ``recover``."""
+        self.wal.flush_now()
+        bases = self.wal.bases
+        for number in sorted(bases):
+            base = bases[number]
+            path = os.path.join(self.wal_dir, segment_name(number))
+            if base > lsn:
+                os.replace(path, path + ".cut")
+                os.unlink(path + ".cut")
+                continue
+            data = self.files.read(path)
+            n = base
+            for end, _payload in read_frames(data):
+                if n == lsn:
+                    os.truncate(path, end)
+                    break
+                n += 1
+            else:
+                if base == lsn + 1:
+                    os.truncate(path, 0)
+        self.files.fsync_dir(self.wal_dir)
+
+    def install_snapshot(self, data: bytes) -> None:
+        """Replace everything in this directory with a snapshot from the primary (a learner,
+        or a follower too far behind). The caller rebuilds its engine with ``recover``."""
+        self.wal.flush_now()
+        numbers = list_segments(self.wal_dir) + list_snapshots(self.dir) + [self.wal.segment]
+        number = max(numbers) + 1
+        tmp = os.path.join(self.dir, f"{snapshot_name(number)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.files.write(fd, data)
+            self.files.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(self.dir, snapshot_name(number)))
+        for old in list_segments(self.wal_dir):
+            os.unlink(os.path.join(self.wal_dir, segment_name(old)))
+        for old in list_snapshots(self.dir):
+            if old < number:
+                os.unlink(os.path.join(self.dir, snapshot_name(old)))
+        self.files.fsync_dir(self.dir)
+        self.files.fsync_dir(self.wal_dir)
 
     # -- snapshots --------------------------------------------------------------------------------
 
@@ -272,7 +379,7 @@ class Storage:
                 _die_with_parent()
                 os.closerange(3, 1 << 16)  # sockets, the loop's fds: not the child's business
                 gc.disable()
-                write_snapshot(engine, tmp, number)
+                write_snapshot(engine, tmp, number, target)
                 os.sync()  # blob files the snapshot refers to
                 code = 0
             finally:
@@ -316,8 +423,9 @@ class Storage:
         os.replace(tmp, final)
         self.files.fsync_dir(self.dir)
         for old in list_segments(self.wal_dir):
-            if old < number:
+            if old < number and old not in self.wal.pinned():
                 os.unlink(os.path.join(self.wal_dir, segment_name(old)))
+                self.wal.bases.pop(old, None)
         for old in list_snapshots(self.dir):
             if old < number:
                 os.unlink(os.path.join(self.dir, snapshot_name(old)))

@@ -236,9 +236,15 @@ class Wal:
         self.policy = fsync
         self.segment_bytes = segment_bytes
         self.files = files or Files()
-        self.seq = 0  # records appended
-        self.written = 0  # records handed to write()
-        self.durable = 0  # records known to be on stable storage (answerable)
+        #: Log positions (LSNs): the last record appended, handed to write(), and known to
+        #: be on stable storage (answerable). Recovery sets all three to the log's end.
+        self.seq = 0
+        self.written = 0
+        self.durable = 0
+        #: segment number -> LSN of its first record (what recovery and rotation saw)
+        self.bases: dict[int, int] = {}
+        #: LSNs a follower's catch-up is reading from: their segments outlive snapshots
+        self.pins: list[int] = []
         self.failed: str | None = None
         self.closing = False
         self.segment = 0
@@ -255,6 +261,9 @@ class Wal:
         self.on_durable: Callable[[], None] = lambda: None
         self.on_failure: Callable[[str], None] = lambda reason: None
         self.on_flushed: Callable[[], None] = lambda: None
+        #: Called with (first LSN, last LSN, frames) right after frames are written, before
+        #: they are synced: replication ships them to followers meanwhile (replication.py).
+        self.on_written: Callable[[int, int, bytes], None] | None = None
         self.extra_fsync: list[int] = []  # blob files to fsync with the next group
         self.observe_fsync: Callable[[float], None] = lambda seconds: None
         # metrics
@@ -277,6 +286,7 @@ class Wal:
         self.fd = self.files.open_write(path)
         self.segment = number
         self.segment_size = 0
+        self.bases[number] = self.written + 1
         if self.durable == self.written:
             self.durable_pos = (number, 0)
         self.files.fsync_dir(self.dir)
@@ -352,13 +362,27 @@ class Wal:
         if self.failed is not None:
             raise StorageFailed(self.failed)
 
+    def pinned(self) -> set[int]:
+        """Segments a follower's catch-up still reads (a snapshot must not delete them)."""
+        if not self.pins:
+            return set()
+        low = min(self.pins)
+        keep = {n for n, base in self.bases.items() if base > low}
+        older = [n for n, base in self.bases.items() if base <= low]
+        if older:
+            keep.add(max(older))
+        return keep
+
     def append(self, recs: list[R.Record]) -> None:
+        self.append_raw(frames(recs), len(recs))
+
+    def append_raw(self, data: bytes, count: int) -> None:
+        """Append ``count`` records already framed (a follower's copy of its primary's)."""
         if self.failed is not None:
             raise StorageFailed(self.failed)
-        data = frames(recs)
         self._buffer.append(data)
-        self.seq += len(recs)
-        self.appends += len(recs)
+        self.seq += count
+        self.appends += count
         if not self.group_commit:
             self.sync_now()
             if self.failed is None:
@@ -379,12 +403,15 @@ class Wal:
         data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         self._buffer = []
         target = self.seq
+        first = self.written + 1
         try:
             self.files.pwrite(self.fd, data, self.segment_size)
         except OSError as exc:
             self._fail(f"write to WAL failed: {exc.strerror or exc}")
             return
         self.written = target
+        if self.on_written is not None:
+            self.on_written(first, target, data)
         self.segment_size += len(data)
         self.bytes_written += len(data)
         self.bytes_since_snapshot += len(data)
@@ -528,12 +555,12 @@ class Wal:
             if self.fd >= 0:
                 self.files.close(self.fd)
                 self.fd = -1
+            self.seq = self.written = self.durable
             self.open_segment(self.segment + 1)
             self.files.fsync(self.fd)
         except OSError as exc:
             log.warning("storage still failing: %s", exc)
             return False
-        self.seq = self.written = self.durable
         log.info("storage works again; accepting writes")
         self.failed = None
         return True

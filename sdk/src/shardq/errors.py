@@ -101,11 +101,15 @@ class StorageFailed(ShardqError):
 
 
 class Moved(ShardqError):
-    """The slot is owned by another node; the topology has this epoch or newer."""
+    """The slot is owned by another node; the topology has this epoch or newer. From a
+    follower of a replicated shard: ``MOVED <epoch> NOTPRIMARY <primary>`` (the primary's
+    node name, empty while a failover chooses one)."""
 
-    def __init__(self, epoch: int) -> None:
-        super().__init__(f"MOVED {epoch}")
+    def __init__(self, epoch: int, primary: str | None = None) -> None:
+        text = f"MOVED {epoch}" if primary is None else f"MOVED {epoch} NOTPRIMARY {primary}"
+        super().__init__(text.rstrip())
         self.epoch = epoch
+        self.primary = primary
 
 
 class TryAgain(ShardqError):
@@ -144,6 +148,7 @@ _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], ShardqError]]] 
     (re.compile(r"^Rate limited$"), lambda m: RateLimited()),
     (re.compile(r"^Storage failed: (.*)$", re.S), lambda m: StorageFailed(m[1])),
     (re.compile(r"^MOVED (\d+)$"), lambda m: Moved(int(m[1]))),
+    (re.compile(r"^MOVED (\d+) NOTPRIMARY ?(\S*)$"), lambda m: Moved(int(m[1]), m[2])),
     (re.compile(r"^TRYAGAIN$"), lambda m: TryAgain()),
     (re.compile(r"^Unavailable: (.*)$", re.S), lambda m: Unavailable(m[1])),
 ]
