@@ -70,11 +70,16 @@ def answer_line(answer: dict[str, Any], rid: str | int | None) -> bytes:
 
 
 def refusal(answer: bytes) -> tuple[int, int] | None:
-    """``(MOVED, epoch)`` or ``(TRYAGAIN, 0)`` when a node refused for a slot move."""
+    """``(MOVED, epoch)`` or ``(TRYAGAIN, 0)`` when a node refused for a slot move. A
+    follower's ``MOVED <epoch> NOTPRIMARY <name>`` (a failover is under way or just done)
+    counts as TRYAGAIN: look at the topology again and retry after a pause."""
     if answer.startswith(b"MOVED ", _AT):
         end = answer.find(b'"', _AT + 6)
+        word = answer[_AT + 6 : end]
+        if b" NOTPRIMARY" in word:
+            return TRYAGAIN, 0
         try:
-            return MOVED, int(answer[_AT + 6 : end])
+            return MOVED, int(word)
         except ValueError:
             return None
     if answer.startswith(b'TRYAGAIN"', _AT):
@@ -161,6 +166,9 @@ class Forward(Pending):
         if self.retry is not None:
             self.retry.sent = time.monotonic()
         if link is None:
+            if session.router.topology.shards:  # a failover is choosing its primary
+                self._again(TRYAGAIN, 0)
+                return
             self.unavailable(Unavailable(f"slot {self.slot} has no owner").text)
         elif self.flags & BLOCKING:
             conn = session.dedicated(link)
@@ -200,6 +208,11 @@ class Forward(Pending):
         to a new address, published meanwhile) and send there; else the clear error."""
         router = self.session.router
         link = router.by_slot[self.slot]
+        if router.replicated(self.slot):  # the controller replaces a lost primary: wait for it
+            retry = self.retry
+            if retry is None or time.monotonic() - retry.since <= router.settings.retry_budget:
+                self._again(TRYAGAIN, 0)
+                return
         if not self.looked and link is not None:
             self.looked = True
             if router.reread(link, lambda: self._after_reread(link, text)):

@@ -54,6 +54,10 @@ class Router:
         self._refresh: asyncio.Task[None] | None = None
         self._waiters: list[Callable[[], None]] = []
         self._down_refresh_at = 0.0
+        #: per slot: its shard has more than one member (a lost primary gets replaced)
+        self._replicated = [False] * SLOTS
+        #: every node of the topology, primaries and followers (a refresh asks them all)
+        self.everyone: list[NodeLink] = []
         self._poller: asyncio.Task[None] | None = None
         self.closing = False
         self.metrics = GatewayMetrics()
@@ -70,6 +74,9 @@ class Router:
                 cache.clear()
             slot = cache[queue] = slot_of(queue)
         return slot
+
+    def replicated(self, slot: int) -> bool:
+        return self._replicated[slot]
 
     def owner_of_slot(self, slot: int) -> str:
         link = self.by_slot[slot]
@@ -93,10 +100,18 @@ class Router:
         if self.topology.epoch >= 0:
             self.metrics.refreshes += 1
         names = {n.name: self._link(n.tcp, n.name) for n in topo.nodes}
-        self.by_slot = [names.get(owner) for owner in topo.owners]
-        self.members = list(names.values())
+        primaries = {owner: names.get(topo.primary_of(owner)) for owner in set(topo.owners)}
+        self.by_slot = [primaries[owner] for owner in topo.owners]
+        if topo.shards:  # cluster-wide reads go to each shard's primary
+            self.members = [link for link in primaries.values() if link is not None]
+            self._replicated = [len(topo.shards[o].members) > 1 if o in topo.shards else False
+                                for o in topo.owners]
+        else:
+            self.members = list(names.values())
+            self._replicated = [False] * SLOTS
+        self.everyone = list(names.values())
         self.topology = topo
-        keep = {id(link) for link in [*self.members, *self.seeds]}
+        keep = {id(link) for link in [*self.everyone, *self.seeds]}
         for address, link in list(self.links.items()):
             if id(link) not in keep:
                 del self.links[address]
@@ -207,7 +222,8 @@ class Router:
                 then()
 
     async def _ask_all(self, want: int, skip: NodeLink | None = None) -> None:
-        links = [link for link in {id(link): link for link in [*self.members, *self.seeds]}.values()
+        everyone = [*self.everyone, *self.seeds]
+        links = [link for link in {id(link): link for link in everyone}.values()
                  if link is not skip]
         loop = asyncio.get_running_loop()
         pending = {loop.create_task(self._topology_of(link)) for link in links}

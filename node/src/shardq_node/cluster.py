@@ -19,6 +19,8 @@ Internal commands (they need the cluster token when tokens are configured):
   FENCE {term}             promise never to follow a primary of an older term; answers the
                            last (term, LSN) of this log (the controller's election)
   FOLLOW {shard, term, primary}   a primary starts streaming its log on this connection
+  HANDOFF {to}             a planned switchover: refuse writes with TRYAGAIN until the
+                           controller moves the primary to ``to`` ("" = resume)
 
 Must not: decide anything about moves; the coordinator (shardq_operator.rebalance) does.
 """
@@ -64,11 +66,16 @@ ID_COMMANDS = frozenset({
 })
 IDS_COMMANDS = frozenset({"ACKB", "RELEASE"})
 INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS", "WATCH", "PARENTEND",
-                      "STATUS", "FENCE", "FOLLOW"})
+                      "STATUS", "FENCE", "FOLLOW", "HANDOFF"})
 #: What a node that is not its shard's primary still answers itself.
 NOT_PRIMARY_OK = frozenset({
-    "AUTH", "TOPOLOGY", "SETTOPOLOGY", "STATUS", "FENCE", "FOLLOW", "STATS", "METRICS",
-    "LISTQUEUES",
+    "AUTH", "TOPOLOGY", "SETTOPOLOGY", "STATUS", "FENCE", "FOLLOW", "HANDOFF", "STATS",
+    "METRICS", "LISTQUEUES",
+})
+#: What a primary handing its role over still answers (reads: nothing it must confirm).
+HANDOFF_OK = NOT_PRIMARY_OK | frozenset({
+    "GETRESULT", "GETJOB", "GETPROGRESS", "DLQ", "CRONLIST", "SUBSCRIBE", "UNSUBSCRIBE",
+    "TOUCH",
 })
 
 
@@ -194,6 +201,8 @@ class Cluster:
 
     def _check_role(self, repl: RP.Replication, cmd: str) -> None:
         if repl.role is RP.PRIMARY:
+            if repl.handing_off and cmd not in HANDOFF_OK:
+                raise TryAgain()
             if (repl.no_quorum_since is not None and cmd not in NOT_PRIMARY_OK
                     and repl.quorum_lost_for() > self.node.settings.failure_timeout):
                 raise Unavailable(f"shard {repl.shard_name} has no quorum")
@@ -239,6 +248,7 @@ class Cluster:
             "SETTOPOLOGY": self.settopology, "EXPORT": self.export, "IMPORT": self.import_,
             "DROPSLOTS": self.dropslots, "WATCH": self.watch, "PARENTEND": self.parentend,
             "STATUS": self.status, "FENCE": self.fence, "FOLLOW": self.follow,
+            "HANDOFF": self.handoff,
         }
 
     def settopology(self, req: P.Request, caller: Caller) -> Answer:
@@ -262,6 +272,19 @@ class Cluster:
 
     def status(self, req: P.Request, caller: Caller) -> Answer:
         return {"ok": True, **self.node.replication.status()}
+
+    def handoff(self, req: P.Request, caller: Caller) -> Answer:
+        """HANDOFF {to}: stop taking writes for a planned switchover ("" resumes them)."""
+        target = req.get("to")
+        if type(target) is not str:
+            raise InvalidRequest("field 'to' must be a member's name (\"\" to resume)")
+        repl = self.node.replication
+        if repl.role != RP.PRIMARY:
+            raise self._moved()
+        repl.handing_off = bool(target)
+        if not target:
+            self.node.after_batch()
+        return {"ok": True, "seq": self.node.log.seq}
 
     def fence(self, req: P.Request, caller: Caller) -> Answer:
         """FENCE {term}: refuse older terms from now on; answer this log's last (term, LSN)."""

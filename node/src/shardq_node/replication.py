@@ -354,6 +354,7 @@ class Replication:
         self.upstream: Any = None  # follower: the session the primary streams on
         self.no_quorum_since: float | None = None
         self._beat: asyncio.TimerHandle | None = None
+        self.handing_off = False  # a planned switchover: writes get TRYAGAIN meanwhile
         self.failovers = 0  # promotions of this node
         self.fence_refusals = 0  # FOLLOW sessions or records refused for an old term
 
@@ -363,7 +364,8 @@ class Replication:
 
     @property
     def writable(self) -> bool:
-        return self.role in (STANDALONE, PRIMARY)
+        """May this node change its state of its own accord (timers, peers)?"""
+        return self.role in (STANDALONE, PRIMARY) and not self.handing_off
 
     @property
     def voter(self) -> bool:
@@ -429,6 +431,7 @@ class Replication:
 
     def _step_down(self) -> None:
         node = self.node
+        self.handing_off = False
         log.info("no longer primary of %s (term %d)", self.shard_name, self.term)
         for link in self.links.values():
             link.close()

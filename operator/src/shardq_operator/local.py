@@ -28,9 +28,13 @@ from typing import Any
 
 import orjson
 
-from shardq.wire.topology import NodeInfo, Topology
+from shardq.connection import Connection
+from shardq.wire.topology import NodeInfo, Shard, Topology
 
+from .controller import Controller, ControllerSettings
 from .rebalance import Rebalancer
+from .ring import ring_owners
+from .store import FileStore, update
 
 log = logging.getLogger("shardq.up")
 
@@ -63,6 +67,7 @@ class LocalNode:
     port: int
     http_port: int
     proc: subprocess.Popen[bytes] | None = None
+    shard: str = ""  # its shard (replicated clusters)
 
     def info(self, host: str) -> NodeInfo:
         http = f"{host}:{self.http_port}" if self.http_port else ""
@@ -77,16 +82,25 @@ class LocalCluster:
     data_dir: str
     fsync: str = "always"
     tokens: tuple[str, ...] = ()
+    replicas: int = 1
+    cluster_token: str | None = None
+    failure_timeout: float = 2.0
     nodes: list[LocalNode] = field(default_factory=list)
     gateway: subprocess.Popen[bytes] | None = None
     topology: Topology | None = None
+    controller: Controller | None = None
     _server: asyncio.AbstractServer | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _watch: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, count: int) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
+        if self.replicas > 1:
+            await self._start_shards(count)
+            await self._start_gateway()
+            return
         self.nodes = self._load_members()
         await self._grow(count)
         self.topology = await self._converge(self.nodes[:count], None)
@@ -94,6 +108,9 @@ class LocalCluster:
             await self._stop_node(gone)
         self.nodes = self.nodes[:count]
         self._save_members()
+        await self._start_gateway()
+
+    async def _start_gateway(self) -> None:
         self.gateway = self._spawn_gateway()
         await _wait_port(self.host, self.port, self.gateway)
         if self.http_port:
@@ -104,6 +121,10 @@ class LocalCluster:
         self._server = await asyncio.start_unix_server(self._control, path)
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.controller is not None:
+            await self.controller.close()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -129,11 +150,13 @@ class LocalCluster:
                 raw = orjson.loads(f.read())
         except FileNotFoundError:
             return []
-        return [LocalNode(m["name"], m["port"], m["http_port"]) for m in raw["nodes"]]
+        return [LocalNode(m["name"], m["port"], m["http_port"], shard=m.get("shard", ""))
+                for m in raw["nodes"]]
 
     def _save_members(self) -> None:
-        raw = {"nodes": [{"name": n.name, "port": n.port, "http_port": n.http_port}
-                         for n in self.nodes]}
+        raw = {"replicas": self.replicas,
+               "nodes": [{"name": n.name, "port": n.port, "http_port": n.http_port,
+                          **({"shard": n.shard} if n.shard else {})} for n in self.nodes]}
         tmp = self._members_path() + ".tmp"
         with open(tmp, "wb") as f:
             f.write(orjson.dumps(raw, option=orjson.OPT_INDENT_2))
@@ -163,6 +186,10 @@ class LocalCluster:
         ]
         if self.tokens:
             argv += ["--token", ",".join(self.tokens)]
+        if self.cluster_token:
+            argv += ["--cluster-token", self.cluster_token]
+        if self.replicas > 1:
+            argv += ["--failure-timeout-ms", str(int(self.failure_timeout * 1000))]
         return self._spawn(argv, node.name)
 
     def _spawn_gateway(self) -> subprocess.Popen[bytes]:
@@ -173,6 +200,8 @@ class LocalCluster:
         ]
         if self.tokens:
             argv += ["--token", ",".join(self.tokens)]
+        if self.cluster_token:
+            argv += ["--cluster-token", self.cluster_token]
         return self._spawn(argv, "gateway")
 
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
@@ -204,6 +233,9 @@ class LocalCluster:
     async def scale(self, count: int, progress: Callable[[int, int], None]) -> Topology:
         if count < 1:
             raise ValueError("a cluster needs at least one node")
+        if self.replicas > 1:
+            async with self._lock:
+                return await self.scale_shards(count, progress)
         async with self._lock:
             await self._grow(count)
             self._save_members()
@@ -213,6 +245,123 @@ class LocalCluster:
             self.nodes = self.nodes[:count]
             self._save_members()
             return self.topology
+
+    # -- replicated shards (DESIGN §9) --------------------------------------------------------
+
+    @property
+    def store(self) -> FileStore:
+        return FileStore(os.path.join(self.data_dir, "topology.store.json"))
+
+    def _shard_names(self) -> list[str]:
+        return list(dict.fromkeys(n.shard for n in self.nodes if n.shard))
+
+    async def _spawn_shards(self, count: int) -> list[str]:
+        """Node processes for shards ``shard-0`` .. ``shard-{count-1}`` (R members each);
+        the names of the shards that are new."""
+        have = set(self._shard_names())
+        new = []
+        for i in range(count):
+            name = f"shard-{i}"
+            if name in have:
+                continue
+            new.append(name)
+            for j in range(self.replicas):
+                http = free_port(self.host) if self.http_port else 0
+                self.nodes.append(LocalNode(f"{name}-{j}", free_port(self.host), http,
+                                            shard=name))
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                node.proc = self._spawn_node(node)
+        for node in self.nodes:
+            await _wait_port(self.host, node.port, node.proc)
+        return new
+
+    async def _storage_ids(self, nodes: list[LocalNode]) -> dict[str, str]:
+        ids = {}
+        for node in nodes:
+            conn = await Connection(f"{self.host}:{node.port}", self.cluster_token).open(5)
+            try:
+                ids[node.name] = str((await conn.call({"cmd": "STATUS"}))["storage_id"])
+            finally:
+                await conn.close()
+        return ids
+
+    async def _add_shards(self, names: list[str]) -> None:
+        """Write new shards into the store (the first ever: the initial topology)."""
+        members = {name: [n for n in self.nodes if n.shard == name] for name in names}
+        ids = await self._storage_ids([n for ns in members.values() for n in ns])
+        shards = {name: Shard(members=[n.name for n in ns], primary=ns[0].name, term=1,
+                              ids={n.name: ids[n.name] for n in ns})
+                  for name, ns in members.items()}
+        infos = [n.info(self.host) for ns in members.values() for n in ns]
+        store = self.store
+        _, topo = await store.read()
+        if topo is None:
+            topo = Topology(epoch=1, nodes=infos, shards=shards,
+                            owners=ring_owners(sorted(shards)))
+            await store.cas(0, topo)
+            return
+
+        def add(t: Topology) -> bool:
+            for name, shard in shards.items():
+                t.shards.setdefault(name, shard)
+            known = {n.name for n in t.nodes}
+            t.nodes.extend(i for i in infos if i.name not in known)
+            return True
+
+        await update(store, add)
+
+    async def _start_shards(self, count: int) -> None:
+        self.nodes = self._load_members()
+        new = await self._spawn_shards(count)
+        if new:
+            await self._add_shards(new)
+        self._save_members()
+        self.controller = Controller(self.store, ControllerSettings(
+            failure_timeout=self.failure_timeout, token=self.cluster_token))
+        _, topo = await self.store.read()
+        assert topo is not None
+        await self.controller.publish(topo)
+        self._watch = asyncio.get_running_loop().create_task(self.controller.run())
+        self.topology = await self._converge_shards(count, None)
+        await self._stop_gone()
+
+    async def _converge_shards(self, count: int, progress: Callable[[int, int], None] | None
+                               ) -> Topology:
+        token = self.cluster_token or (self.tokens[0] if self.tokens else None)
+        reb = Rebalancer(token=token, on_progress=progress, store=self.store)
+        try:
+            return await reb.converge_shards([f"shard-{i}" for i in range(count)])
+        finally:
+            await reb.close()
+
+    async def _stop_gone(self) -> None:
+        _, topo = await self.store.read()
+        names = {n.name for n in topo.nodes} if topo is not None else set()
+        for node in [n for n in self.nodes if n.name not in names]:
+            await self._stop_node(node)
+        self.nodes = [n for n in self.nodes if n.name in names]
+        self._save_members()
+
+    async def scale_shards(self, count: int, progress: Callable[[int, int], None]) -> Topology:
+        new = await self._spawn_shards(count)
+        self._save_members()
+        if new:
+            await self._add_shards(new)
+        self.topology = await self._converge_shards(count, progress)
+        await self._stop_gone()
+        return self.topology
+
+    async def failover(self, shard: str, to: str | None) -> Topology:
+        if self.controller is None:
+            raise ValueError("failover needs a replicated cluster (shardq up --replicas 3)")
+        self.topology = await self.controller.switchover(shard, to)
+        return self.topology
+
+    async def current(self) -> Topology | None:
+        if self.replicas > 1:
+            return (await self.store.read())[1]
+        return self.topology
 
     # -- control socket -------------------------------------------------------------------------
 
@@ -231,8 +380,15 @@ class LocalCluster:
     async def _answer(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         cmd = req.get("cmd")
         if cmd == "TOPOLOGY":
-            topo = self.topology
+            topo = await self.current()
             yield {"ok": True, "topology": topo.wire() if topo else None}
+        elif cmd == "FAILOVER" and type(req.get("shard")) is str:
+            try:
+                topo = await self.failover(req["shard"], req.get("to") or None)
+            except Exception as exc:
+                yield {"ok": False, "error": f"failover failed: {exc}"}
+                return
+            yield {"ok": True, "topology": topo.wire()}
         elif cmd == "SCALE" and type(req.get("nodes")) is int:
             queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
             task = asyncio.create_task(self.scale(req["nodes"], _reporter(queue)))
@@ -252,7 +408,8 @@ class LocalCluster:
             yield {"ok": True, "topology": topo.wire()}
         else:
             yield {"ok": False,
-                   "error": "Invalid: expected {cmd: TOPOLOGY} or {cmd: SCALE, nodes: N}"}
+                   "error": "Invalid: expected {cmd: TOPOLOGY}, {cmd: SCALE, nodes: N} or "
+                            "{cmd: FAILOVER, shard: S, to?: MEMBER}"}
 
 
 def _reporter(queue: asyncio.Queue[tuple[int, int]]) -> Callable[[int, int], None]:

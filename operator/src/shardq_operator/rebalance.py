@@ -13,7 +13,15 @@ that dies anywhere resumes from the topology the nodes hold:
               (with the next batch's freeze, to save a round of publishing)
 
 Every step is idempotent: redoing 2 replaces what B has, redoing 4 drops nothing.
-Must not: hold state of its own beyond one call; the nodes' topology is the record.
+
+With replicated shards (DESIGN §9) the owners are shards and each step talks to the
+shard's primary of the moment; the topology's truth is the store (``store.py``), which
+the failover controller writes too: every publish is a compare-and-swap that keeps the
+controller's part (terms, primaries, members) and writes the rebalancer's (owners,
+moves, shards' states), and a step whose primary changed under it is tried again on the
+new one.
+Must not: hold state of its own beyond one call; the nodes' topology (or the store) is the
+record.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from shardq.errors import ShardqConnectionError, ShardqError
 from shardq.wire.topology import ACTIVE, LEAVING, NodeInfo, Topology
 
 from .ring import initial, pending_moves
+from .store import TopologyStore, update
 
 log = logging.getLogger("shardq.rebalance")
 
@@ -45,8 +54,10 @@ class Rebalancer:
         batch: int = 4,
         on_progress: Progress | None = None,
         retry_for: float = 60.0,
+        store: TopologyStore | None = None,
     ) -> None:
         self.token = token
+        self.store = store
         self.batch = batch
         self.on_progress = on_progress or (lambda done, total: None)
         self.retry_for = retry_for
@@ -102,15 +113,77 @@ class Rebalancer:
         return best, silent
 
     async def publish(self, topo: Topology, first: str | None = None) -> None:
-        """SETTOPOLOGY on every node (``first`` before the others)."""
+        """SETTOPOLOGY on every node (``first``'s nodes before the others); with a store, the
+        store first (compare-and-swap, keeping what the controller wrote meanwhile)."""
+        if self.store is not None:
+            await self._store(topo)
         req = {"cmd": "SETTOPOLOGY", "topology": topo.wire()}
         nodes = list(topo.nodes)
-        if first is not None:
+        if first is not None and topo.shards and first in topo.shards:
+            sh = topo.shards[first]
+            head = [n for n in nodes if n.name in sh.members or n.name in sh.learners]
+            nodes = [n for n in nodes if n not in head]
+            for n in head:
+                await self.call(n.tcp, req)
+        elif first is not None:
             head = [n for n in nodes if n.name == first]
             nodes = [n for n in nodes if n.name != first]
             for n in head:
                 await self.call(n.tcp, req)
         await asyncio.gather(*(self.call(n.tcp, req) for n in nodes))
+
+    async def _store(self, topo: Topology) -> None:
+        """Write the rebalancer's fields of ``topo`` into the store; take the controller's."""
+        assert self.store is not None
+        mine = topo.copy()
+
+        def merge(fresh: Topology) -> bool:
+            fresh.owners = list(mine.owners)
+            fresh.moving = {s: dict(m) for s, m in mine.moving.items()}
+            fresh.nodes = list(mine.nodes)
+            shards = {}
+            for name, sh in mine.shards.items():
+                have = fresh.shards.get(name)
+                if have is not None:
+                    have.state = sh.state
+                    shards[name] = have
+                else:
+                    shards[name] = sh
+            fresh.shards = shards
+            fresh.epoch = max(fresh.epoch, mine.epoch - 1)
+            return True
+
+        written = await update(self.store, merge)
+        assert written is not None
+        topo.epoch, topo.shards = written.epoch, written.shards
+
+    async def call_owner(self, owner: str, req: dict[str, Any], topo: Topology
+                         ) -> dict[str, Any]:
+        """``req`` to the node serving ``owner`` now: a shard's primary changes under a
+        failover, so a refusal (MOVED, TRYAGAIN) or a silent node is tried again on the
+        primary the store names, until ``retry_for``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for
+        while True:
+            if self.store is not None:
+                _, fresh = await self.store.read()
+                if fresh is not None:
+                    topo.shards = fresh.shards
+                    topo.nodes = fresh.nodes if not topo.nodes else topo.nodes
+            node = topo.primary_node(owner)
+            answer: dict[str, Any] = {"ok": False, "error": f"{owner} has no primary"}
+            if node is not None:
+                try:
+                    answer = await self.call(node.tcp, req)
+                except RebalanceError as exc:
+                    answer = {"ok": False, "error": str(exc)}
+            error = str(answer.get("error", ""))
+            if answer.get("ok") or not (error.startswith(("MOVED", "TRYAGAIN"))
+                                        or "has no primary" in error or "unreachable" in error):
+                return answer
+            if loop.time() > deadline:
+                return answer
+            await asyncio.sleep(0.1)
 
     # -- converging -------------------------------------------------------------------------------
 
@@ -134,16 +207,51 @@ class Rebalancer:
         topo = await self._readdress(topo, known)
         topo = await self.resume(topo)
         topo = await self._set_members(topo, wanted)
+        return await self._finish(topo, await self._move_all(topo))
+
+    async def _move_all(self, topo: Topology) -> list[int]:
+        """Every pending move, batch by batch; the slots whose ``moving`` entries can go."""
         moves = pending_moves(topo)
-        batches = _batches(moves, self.batch)
         done = 0
         self.on_progress(0, len(moves))
         clear: list[int] = []
-        for src, dst, slots in batches:
+        for src, dst, slots in _batches(moves, self.batch):
             clear = await self.move(topo, slots, src, dst, clear)
             done += len(slots)
             self.on_progress(done, len(moves))
-        return await self._finish(topo, clear)
+        return clear
+
+    async def converge_shards(self, wanted: list[str]) -> Topology:
+        """Replicated shards (the store's topology): make ``wanted`` the shards that keep
+        slots, move every slot to its ring owner, then drop the shards that left (their
+        nodes with them). The shards themselves are the caller's to create."""
+        assert self.store is not None
+        _, topo = await self.store.read()
+        if topo is None:
+            raise RebalanceError("the store holds no topology")
+        topo = await self.resume(topo)
+        changed = False
+        for name, shard in topo.shards.items():
+            state = ACTIVE if name in wanted else LEAVING
+            if shard.state != state:
+                shard.state = state
+                changed = True
+        if changed:
+            topo.epoch += 1
+            await self.publish(topo)
+        clear = await self._move_all(topo)
+        for slot in clear:
+            topo.moving.pop(slot, None)
+        gone = [name for name, sh in topo.shards.items() if sh.state == LEAVING]
+        if clear or gone:
+            members = {m for name in gone for m in [*topo.shards[name].members,
+                                                    *topo.shards[name].learners]}
+            for name in gone:
+                del topo.shards[name]
+            topo.nodes = [n for n in topo.nodes if n.name not in members]
+            topo.epoch += 1
+            await self.publish(topo)
+        return topo
 
     async def _readdress(self, topo: Topology, known: Iterable[NodeInfo]) -> Topology:
         """New addresses of nodes that are not wanted any more but still hold slots (a leaving
@@ -204,15 +312,14 @@ class Rebalancer:
         return slots
 
     async def _copy(self, topo: Topology, slots: list[int], src: str, dst: str) -> None:
-        src_node, dst_node = topo.node(src), topo.node(dst)
-        if src_node is None or dst_node is None:
-            raise RebalanceError(f"move of {slots} names a node not in the topology")
-        exported = await self.call(src_node.tcp, {"cmd": "EXPORT", "slots": slots})
+        if src not in topo.owner_names() or dst not in topo.owner_names():
+            raise RebalanceError(f"move of {slots} names an owner not in the topology")
+        exported = await self.call_owner(src, {"cmd": "EXPORT", "slots": slots}, topo)
         if not exported.get("ok"):
             raise RebalanceError(f"EXPORT {slots} from {src}: {exported.get('error')}")
-        imported = await self.call(dst_node.tcp, {
+        imported = await self.call_owner(dst, {
             "cmd": "IMPORT", "slots": slots, "records": exported["records"],
-        })
+        }, topo)
         if not imported.get("ok"):
             raise RebalanceError(f"IMPORT {slots} into {dst}: {imported.get('error')}")
 
@@ -223,9 +330,8 @@ class Rebalancer:
             topo.owners[slot] = dst
         topo.epoch += 1
         await self.publish(topo, first=dst)
-        src_node = topo.node(src)
-        if src_node is not None:
-            dropped = await self.call(src_node.tcp, {"cmd": "DROPSLOTS", "slots": slots})
+        if src in topo.owner_names():
+            dropped = await self.call_owner(src, {"cmd": "DROPSLOTS", "slots": slots}, topo)
             if not dropped.get("ok"):
                 raise RebalanceError(f"DROPSLOTS {slots} on {src}: {dropped.get('error')}")
 

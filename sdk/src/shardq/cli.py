@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(node, "--max-payload", 8 * 1024 * 1024, int, "largest payload accepted (bytes)")
     _flag(node, "--max-line", 16 * 1024 * 1024, int, "longest request line accepted (bytes)")
     _flag(node, "--max-queue-labels", 1000, int, "queues with their own /metrics label")
+    _flag(node, "--failure-timeout-ms", 2000, int,
+          "a replicated primary without quorum this long refuses writes")
     node.add_argument("--no-metrics", dest="metrics", action="store_false",
                       help="no per-request metrics on the hot path (to measure their cost)")
     _storage_flags(node)
@@ -76,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run a local cluster on loopback in the foreground")
     _server_flags(up)
-    _flag(up, "--nodes", 3, int, help="number of nodes")
+    _flag(up, "--nodes", 3, int, help="number of nodes (with --replicas > 1: of shards)")
+    _flag(up, "--replicas", 1, int, help="copies of every shard: 1, 3 or 5", choices=[1, 3, 5])
+    _flag(up, "--failure-timeout-ms", 2000, int, help="a primary silent this long is replaced")
     _flag(up, "--data-dir", ".shardq", help="data directory (one sub-directory per node)")
     _flag(up, "--fsync", "always", help="always | everysec | never",
           choices=["always", "everysec", "never"])
@@ -88,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(topo, "--port", 6789, int, help="gateway port of the local cluster")
     _flag(topo, "--json", False, lambda v: v.lower() in ("1", "true", "yes"), "print raw JSON",
           nargs="?", const=True)
+
+    fo = sub.add_parser("failover", help="move a shard's primary (planned, no failed request)")
+    fo.add_argument("shard")
+    _flag(fo, "--to", "", help="the member to make primary (default: any caught-up follower)")
+    _flag(fo, "--port", 6789, int, help="gateway port of the local cluster")
+
+    ctl = sub.add_parser("controller", help="run the failover controller over a topology store")
+    _flag(ctl, "--store", "", help="the topology store file (shardq up: DATA/topology.store.json)")
+    _flag(ctl, "--cluster-token", None, help="token for the nodes' internal commands")
+    _flag(ctl, "--failure-timeout-ms", 2000, int, help="a primary silent this long is replaced")
+    _flag(ctl, "--log-level", "INFO", help="logging level")
 
     reb = sub.add_parser("rebalance", help="move slots so the given nodes own the ring")
     _flag(reb, "--nodes", "", help="the wanted nodes: name=host:port[,name=host:port…]")
@@ -176,6 +191,7 @@ def _node_settings(args: argparse.Namespace) -> Any:
         max_line=args.max_line,
         max_queue_labels=args.max_queue_labels,
         metrics=args.metrics,
+        failure_timeout=args.failure_timeout_ms / 1000,
         storage=StorageSettings(
             data_dir=args.data_dir, fsync=args.fsync, max_payload=args.max_payload,
             segment_bytes=args.segment_bytes, snapshot_bytes=args.snapshot_bytes,
@@ -232,14 +248,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         cluster = LocalCluster(args.host, args.port, args.http_port,
-                               os.path.abspath(args.data_dir), args.fsync, _tokens(args.token))
+                               os.path.abspath(args.data_dir), args.fsync, _tokens(args.token),
+                               replicas=args.replicas,
+                               failure_timeout=args.failure_timeout_ms / 1000)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
             await cluster.start(args.nodes)
-            print(f"shardq is up: {args.nodes} nodes and a gateway on TCP "
+            what = (f"{args.nodes} shards of {args.replicas} nodes" if args.replicas > 1
+                    else f"{args.nodes} nodes")
+            print(f"shardq is up: {what} and a gateway on TCP "
                   f"{args.host}:{args.port} (data in {cluster.data_dir})", flush=True)
             if args.http_port:
                 print(f"dashboard: http://{args.host}:{args.http_port}/", flush=True)
@@ -309,9 +329,19 @@ def _print_topology(topo: dict[str, Any] | None) -> None:
 
     counts = Counter(topo["owners"])
     print(f"epoch {topo['epoch']}, {len(topo['nodes'])} nodes, {len(topo['moving'])} slots moving")
-    for n in topo["nodes"]:
-        slots = counts.get(n["name"], 0)
-        print(f"  {n['name']:<10} {n['tcp']:<22} {n['state']:<8} {slots:>5} slots")
+    shards = topo.get("shards") or {}
+    if not shards:
+        for n in topo["nodes"]:
+            slots = counts.get(n["name"], 0)
+            print(f"  {n['name']:<10} {n['tcp']:<22} {n['state']:<8} {slots:>5} slots")
+        return
+    where = {n["name"]: n["tcp"] for n in topo["nodes"]}
+    for name, sh in sorted(shards.items()):
+        print(f"  {name:<10} term {sh['term']:<4} {sh['state']:<8} {counts.get(name, 0):>5} slots")
+        for member in [*sh["members"], *sh["learners"]]:
+            role = ("primary" if member == sh["primary"] else
+                    "learner" if member in sh["learners"] else "follower")
+            print(f"    {member:<14} {where.get(member, '?'):<22} {role}")
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
@@ -331,6 +361,53 @@ def cmd_topology(args: argparse.Namespace) -> int:
         print(orjson.dumps(answer["topology"]).decode())
     else:
         _print_topology(answer["topology"])
+    return 0
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        reader, writer = await _control(args.port, {"cmd": "FAILOVER", "shard": args.shard,
+                                                    "to": args.to})
+        try:
+            msg = orjson.loads(await reader.readline() or b"{}")
+        finally:
+            writer.close()
+        if not msg.get("ok"):
+            print(f"error: {msg.get('error', 'the supervisor closed the connection')}",
+                  file=sys.stderr)
+            return 1
+        _print_topology(msg["topology"])
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except ShardqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from shardq_operator.controller import Controller, ControllerSettings
+    from shardq_operator.store import FileStore
+    from shardq_server.running import install_uvloop, until_signalled
+
+    _setup_logging(args.log_level)
+    if not args.store:
+        print("error: --store is required", file=sys.stderr)
+        return 2
+    install_uvloop()
+
+    async def main() -> None:
+        ctl = Controller(FileStore(args.store), ControllerSettings(
+            failure_timeout=args.failure_timeout_ms / 1000, token=args.cluster_token))
+        task = asyncio.get_running_loop().create_task(ctl.run())
+        try:
+            await until_signalled()
+        finally:
+            task.cancel()
+            await ctl.close()
+
+    asyncio.run(main())
     return 0
 
 
@@ -466,6 +543,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "queues": cmd_queues, "cron": cmd_cron, "queue": cmd_queue, "gateway": cmd_gateway,
     "operator": cmd_operator,
     "scale": cmd_scale, "topology": cmd_topology, "rebalance": cmd_rebalance,
+    "failover": cmd_failover, "controller": cmd_controller,
 }
 
 

@@ -123,7 +123,7 @@ class AsyncClient:
             owner = topo.owner_of_id(req["id"])
         else:
             return self.address
-        node = topo.node(owner)
+        node = topo.primary_node(owner)
         return node.tcp if node is not None else self.address
 
     async def call(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -143,8 +143,14 @@ class AsyncClient:
                 if blocking:
                     return await self._on_own_connection(address, req)
                 return await (await self._conn(address)).call(req)
-            except Moved:
+            except Moved as exc:
                 await self.refresh_topology()
+                if exc.primary is None:
+                    continue
+                if loop.time() > deadline:  # a follower: a failover is under way
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
             except TryAgain:
                 if loop.time() > deadline:
                     raise
