@@ -116,7 +116,7 @@ class SteadyLoad:
     def __init__(self, queues: list[str], producer_address: str,
                  worker_address: str | None = None, *, token: str | None = None,
                  pause: float = 0.002, work_pause: float = 0.005,
-                 error_pause: float = 0.0) -> None:
+                 error_pause: float = 0.0, job_timeout: int | None = None) -> None:
         self.queues = queues
         self.producer_address = producer_address
         self.worker_address = worker_address or producer_address
@@ -124,6 +124,8 @@ class SteadyLoad:
         self.pause = pause
         self.work_pause = work_pause
         self.error_pause = error_pause
+        #: the jobs' timeout (ms): a lease whose pull answer was lost comes back after it
+        self.job_timeout = job_timeout
         self.pushed: set[int] = set()
         self.completed: dict[int, int] = {}
         self.longest = 0.0
@@ -141,7 +143,8 @@ class SteadyLoad:
                 n += 1
                 started = time.monotonic()
                 try:
-                    await c.push(self.queues[number % len(self.queues)], {"n": number})
+                    await c.push(self.queues[number % len(self.queues)], {"n": number},
+                                 timeout=self.job_timeout)
                 except ShardqError as exc:
                     self.errors.append(f"push: {exc}")
                     await asyncio.sleep(self.error_pause)
@@ -152,7 +155,7 @@ class SteadyLoad:
 
     async def work(self, queues: list[str]) -> None:
         async with AsyncClient(self.worker_address, token=self.token) as c:
-            while not self.stop.is_set() or self.completed.keys() < self.pushed:
+            while not self.stop.is_set() or self.pushed - self.completed.keys():
                 for q in queues:
                     started = time.monotonic()
                     try:
@@ -167,7 +170,7 @@ class SteadyLoad:
                     except ShardqError as exc:
                         self.errors.append(f"work: {exc}")
                         await asyncio.sleep(self.error_pause)
-                if self.stop.is_set() and self.completed.keys() >= self.pushed:
+                if self.stop.is_set() and not self.pushed - self.completed.keys():
                     return
                 await asyncio.sleep(self.work_pause)
 
@@ -176,3 +179,23 @@ class SteadyLoad:
 
     def lost(self) -> int:
         return len(self.pushed - self.completed.keys())
+
+
+async def eventually(predicate: Any, timeout: float = 10.0, what: str = "",
+                     interval: float = 0.02) -> Any:
+    """Poll ``predicate`` (a function, sync or async) until it returns something truthy;
+    return that. Fails the test after ``timeout`` seconds, saying what was awaited and the
+    last value seen."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what or predicate!r} "
+                                 f"(last seen: {last!r})")
+        await asyncio.sleep(interval)

@@ -144,7 +144,7 @@ class Retry:
 class Forward(Pending):
     """A request for the owner of one slot; line and answer pass through unchanged."""
 
-    __slots__ = ("flags", "line", "looked", "retry", "rid", "session", "slot")
+    __slots__ = ("delivered", "flags", "line", "looked", "retry", "rid", "session", "slot")
 
     def __init__(
         self, session: ClientSession, line: bytes, slot: int, rid: str | int | None, flags: int
@@ -157,6 +157,9 @@ class Forward(Pending):
         self.flags = flags
         self.retry: Retry | None = None
         self.looked = False  # the topology was read again once after the owner did not answer
+        #: written to a node whose connection then dropped: it may have run, so it is
+        #: answered with the error, never sent again (a retried PUSH could make a duplicate)
+        self.delivered = False
 
     def dispatch(self) -> None:
         session = self.session
@@ -208,7 +211,8 @@ class Forward(Pending):
         to a new address, published meanwhile) and send there; else the clear error."""
         router = self.session.router
         link = router.by_slot[self.slot]
-        if router.replicated(self.slot):  # the controller replaces a lost primary: wait for it
+        if router.replicated(self.slot) and not self.delivered:
+            # the controller replaces a lost primary: wait for it (a request never sent)
             retry = self.retry
             if retry is None or time.monotonic() - retry.since <= router.settings.retry_budget:
                 self._again(TRYAGAIN, 0)

@@ -135,6 +135,9 @@ class Upstream(asyncio.Protocol):
         self.state = CONNECTING
         self.waiting: deque[Call] = deque()
         self.out: list[bytes] = []
+        #: how many of ``waiting`` (from the front) were written to the node: if the
+        #: connection drops, those may have been applied; the others surely were not
+        self.written = 0
         self.parts: list[bytes] = []
         self.dirty = False
         self.task: asyncio.Task[None] | None = None
@@ -159,6 +162,7 @@ class Upstream(asyncio.Protocol):
         self.dirty = False
         out = self.out
         if out and self.state == READY and self.transport is not None:
+            self.written += len(out)
             out.append(b"")
             self.transport.write(b"\n".join(out))
             self.out = []
@@ -226,6 +230,7 @@ class Upstream(asyncio.Protocol):
         on_event = self.on_event
         try:
             if on_event is None:
+                self.written -= len(lines)
                 for line in lines:
                     waiting.popleft().done(line)
             else:
@@ -233,6 +238,7 @@ class Upstream(asyncio.Protocol):
                     if line.startswith(EVENT_PREFIX):
                         on_event(line)
                     else:
+                        self.written -= 1
                         waiting.popleft().done(line)
         except IndexError:
             if waiting:
@@ -265,7 +271,10 @@ class Upstream(asyncio.Protocol):
         self.out = []
         text = self.link.unreachable()
         waiting, self.waiting = self.waiting, deque()
-        for call in waiting:
+        written, self.written = self.written, 0
+        for i, call in enumerate(waiting):
+            if i < written and hasattr(call, "delivered"):
+                call.delivered = True  # the node may have run it: never sent again
             call.unavailable(text)
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None

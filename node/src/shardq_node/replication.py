@@ -214,7 +214,8 @@ class FollowerLink:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an unreachable or refusing follower: try again
-                log.info("replication to %s (%s): %s", self.name, self.address, exc)
+                (log.info if pause <= 0.05 else log.debug)(
+                    "replication to %s (%s): %s", self.name, self.address, exc)
             finally:
                 self.live = False
                 if self.writer is not None:

@@ -171,9 +171,16 @@ class Controller:
         return time.monotonic() - max(last, self.started)
 
     def needs_failover(self, shard: Shard) -> str | None:
-        """Why ``shard``'s primary must be replaced now, or None."""
+        """Why ``shard``'s primary must be replaced now, or None. Never when the other
+        members that answer are too few to elect one: a primary that merely lost its
+        quorum then keeps refusing writes with a clear error, and nothing changes hands."""
         timeout = self.settings.failure_timeout
         if len(shard.members) < 2:
+            return None
+        others = [m for m in shard.members if m != shard.primary
+                  and self.silent_for(m) <= timeout
+                  and self.seen.get(m, Seen()).status.get("storage_id") == shard.ids.get(m)]
+        if len(others) < shard.majority():
             return None
         if not shard.primary:
             return "the shard has no primary"
