@@ -140,3 +140,26 @@ async def test_scaling_3_to_5_to_2_shards_of_3_under_load(tmp_path: Path) -> Non
     assert len(load.pushed) > 300
     assert load.lost() == 0 and load.duplicates() == 0
     assert load.errors == []
+
+
+@pytest.mark.slow
+async def test_a_blocked_pull_follows_the_primary_across_a_switchover(tmp_path: Path) -> None:
+    cluster, port = await _cluster(tmp_path, 1)
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as worker, \
+                AsyncClient(f"127.0.0.1:{port}") as producer:
+            waiting = asyncio.ensure_future(worker.pull("blocked", timeout=20_000))
+            done, _ = await asyncio.wait({waiting}, timeout=0.3)
+            assert not done, "nothing to pull yet: the PULL waits"
+            before = await cluster.current()
+            assert before is not None
+            old = before.shards["shard-0"].primary
+            topo = await cluster.failover("shard-0", None)
+            assert topo.shards["shard-0"].primary != old
+            job_id = await producer.push("blocked", {"after": "switchover"})
+            job = await asyncio.wait_for(waiting, 10)
+            assert job is not None and job.id == job_id
+            await worker.ack(job)
+            assert await producer.get_job(job_id) is not None
+    finally:
+        await cluster.stop()
