@@ -197,7 +197,9 @@ async def test_the_old_primary_cuts_its_unconfirmed_tail_when_it_returns(shard: 
     await shard.start_node("a")
     old = shard.nodes["a"]
     await eventually(lambda: old.replication.role == "follower"
-                     and old.log.seq == shard.nodes[new].log.seq, 10, what="a follows again")
+                     and old.engine.terms == shard.nodes[new].engine.terms
+                     and old.log.seq == shard.nodes[new].log.seq, 10,
+                     what="a follows the new primary's log (its term 2 included)")
     assert kept in old.engine.jobs
     assert tail_id not in old.engine.jobs, "the unconfirmed push must be cut, not kept"
     assert old.engine.terms == shard.nodes[new].engine.terms

@@ -332,7 +332,8 @@ class Cluster:
         if start is None:
             raise InvalidRequest("FOLLOW needs a TCP connection")
         repl.upstream = start(term, primary)
-        return {"ok": True, "lsn": node.log.seq, "base": node.storage.retained_from() - 1,
+        return {"ok": True, "lsn": node.log.seq, "durable": node.log.durable,
+                "base": node.storage.retained_from() - 1,
                 "terms": [list(t) for t in node.engine.terms],
                 "storage_id": node.membership.storage_id}
 

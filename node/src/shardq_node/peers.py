@@ -74,6 +74,8 @@ class Peers:
                     return
         finally:
             self.inflight.discard((kind, parent, child))
+        if not self.node.replication.writable:
+            return  # no longer the primary: the new one says it again (deps.rebuild)
         engine = self.node.engine
         if kind == "WATCH":
             engine.deps.to_watch.discard((parent, child))

@@ -167,6 +167,7 @@ class FollowerLink:
         self.sent = 0  # last LSN sent
         self.acked = 0  # last LSN the follower holds durably
         self.acked_at = 0.0  # monotonic time of its last ack
+        self.live_since = 0.0  # when it caught up (a fresh link counts as answering)
         self.unacked_since = 0.0  # when the oldest record it has not acked was sent
         self.storage_id = ""
         self.task: asyncio.Task[None] | None = None
@@ -197,7 +198,14 @@ class FollowerLink:
         return True
 
     def ship(self, first: int, last: int, frames: bytes, blobs: bytes, nblobs: int) -> None:
-        if not self.live or self.sent + 1 != first:
+        if not self.live:
+            return
+        if self.sent + 1 != first:  # cannot happen; if it did, a new handshake mends it
+            log.error("follower %s: records from %d after %d; reconnecting", self.name, first,
+                      self.sent)
+            self.live = False
+            if self.writer is not None:
+                self.writer.close()
             return
         body = RECORDS_HEAD.pack(first, last - first + 1, nblobs) + blobs + frames
         if self.send(message(K_RECORDS, body)):
@@ -281,13 +289,15 @@ class FollowerLink:
         their_base = int(hello.get("base", 0))
         theirs = [(int(t), int(lsn)) for t, lsn in hello.get("terms", [])]
         common = common_point(node.engine.terms, wal.written, theirs, their_last)
+        durable = min(common, int(hello.get("durable", 0)))
         if common + 1 < storage.retained_from() or common < their_base:
             common = await self._send_snapshot()
+            durable = 0  # it acks once the snapshot is on its disk
         elif common < their_last:
             log.info("follower %s: cutting its log from %d back to %d", self.name,
                      their_last, common)
             self.send(message(K_TRUNCATE, U64.pack(common)))
-        self.sent = self.acked = common
+        self.sent, self.acked = common, durable
         wal.pins.append(common + 1)
         try:
             while self.sent < wal.written:
@@ -303,7 +313,7 @@ class FollowerLink:
         finally:
             wal.pins.remove(common + 1)
         self.live = True  # no await since the last check: nothing was written in between
-        self.unacked_since = time.monotonic()
+        self.live_since = self.unacked_since = time.monotonic()
         log.info("follower %s caught up to %d (term %d)", self.name, self.sent, repl.term)
 
     async def _send_snapshot(self) -> int:
@@ -326,11 +336,11 @@ class FollowerLink:
         return lsn
 
     def _acked(self, lsn: int) -> None:
+        now = time.monotonic()
+        self.acked_at = now  # it answers: alive, even with nothing new to confirm
         if lsn <= self.acked:
             return
         self.acked = lsn
-        now = time.monotonic()
-        self.acked_at = now
         self.unacked_since = now if lsn < self.sent else 0.0
         self.repl.advance()
 
@@ -362,6 +372,11 @@ class Replication:
     @property
     def replicated(self) -> bool:
         return self.role != STANDALONE
+
+    @property
+    def follows(self) -> bool:
+        """A follower, learner or retired member: it writes only what a primary sends."""
+        return self.role in (FOLLOWER, LEARNER, NONE)
 
     @property
     def writable(self) -> bool:
@@ -515,8 +530,11 @@ class Replication:
                 acked.append(link.acked if link is not None else 0)
         acked.sort(reverse=True)
         commit = acked[shard.majority() - 1]
+        now = time.monotonic()
+        timeout = self.node.settings.failure_timeout
         live = 1 + sum(1 for n in shard.members
-                       if n != me and (lk := self.links.get(n)) is not None and lk.live)
+                       if n != me and (lk := self.links.get(n)) is not None and lk.live
+                       and now - max(lk.acked_at, lk.live_since) < timeout)
         if live >= shard.majority():
             self.no_quorum_since = None
         elif self.no_quorum_since is None:

@@ -332,6 +332,11 @@ class Node:
         journal = engine.journal
         if journal:
             engine.journal = []
+            if self.replication.follows:  # a bug: a follower changed its own state
+                log.error("a follower made %d records of its own (%s); rebuilding from disk",
+                          len(journal), journal[0][0])
+                self._rebuild()
+                return int(self.log.seq)
             self.log.append(journal)
         if engine.dropped_blobs:
             self._blob_deletes.append((int(self.log.seq), engine.dropped_blobs))
@@ -496,7 +501,8 @@ class Node:
         self._probe = None
         assert self.storage is not None
         if self.storage.wal.try_recover():
-            self.engine.release(sorted(self.engine.active), "storage recovered")
+            if not self.replication.follows:
+                self.engine.release(sorted(self.engine.active), "storage recovered")
             self.after_batch()
         else:
             retry = self.settings.storage.retry_seconds
@@ -652,8 +658,8 @@ class Node:
         self.drop_waiter(session)
         for queue in list(session.subscriptions):
             self.unsubscribe(session, queue)
-        if self.log.failed is not None:
-            return
+        if self.log.failed is not None or self.replication.follows:
+            return  # a follower writes only what its primary sends
         if self.engine.release_owner(session.owner, "worker disconnected"):
             self.after_batch()
 
