@@ -375,9 +375,14 @@ class Storage:
         pid = os.fork()
         if pid == 0:  # the child: write and leave, touching nothing of the parent's loop
             code = 1
+            parent = os.getppid()
             try:
+                # first the sockets and the loop's fds: a child outliving a killed node must not
+                # hold its listening port (a restart could not bind, clients would be reset)
+                os.closerange(3, 1 << 16)
                 _die_with_parent()
-                os.closerange(3, 1 << 16)  # sockets, the loop's fds: not the child's business
+                if os.getppid() != parent:  # the node died before the death signal was set
+                    os._exit(1)
                 gc.disable()
                 write_snapshot(engine, tmp, number, target)
                 os.sync()  # blob files the snapshot refers to

@@ -159,6 +159,8 @@ def read_frames(data: bytes, limit: int | None = None) -> Iterator[tuple[int, by
     unpack = HEADER.unpack_from
     while pos < end:
         if end - pos < HEADER.size:
+            if not any(data[pos:end]):  # the zeros of a preallocated segment's last bytes
+                return
             raise Torn(pos, "torn record header")
         length, crc = unpack(data, pos)
         if length == 0 and crc == 0:  # the zeros of a preallocated segment: the end
