@@ -1,21 +1,140 @@
-"""Test helpers: a fake clock, a raw line client, real nodes on loopback."""
+"""Test helpers: waiting for a state, skip-or-fail, a fake clock, a raw line client, real
+nodes on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import orjson
+import pytest
 
 from shardq import AsyncClient
 from shardq.errors import ShardqError
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+T = TypeVar("T")
+
+
+# -- waiting for a state ----------------------------------------------------------------------
+
+
+def _described(predicate: Callable[..., Any], what: str | None) -> str:
+    """``what``, or the predicate's own source line (a lambda), or its name."""
+    if what:
+        return what
+    name = getattr(predicate, "__qualname__", repr(predicate))
+    if name.endswith("<lambda>"):
+        try:
+            return inspect.getsource(predicate).strip()
+        except (OSError, TypeError):
+            pass
+    return name
+
+
+def _timed_out(what: str, timeout: float, last: Any, hint: Callable[[], str] | None) -> str:
+    text = f"timed out after {timeout:g}s waiting for {what}; last value seen: {last!r}"
+    if hint is not None:
+        text += f"\n{hint()}"
+    return text
+
+
+async def eventually(
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    *,
+    what: str | None = None,
+    ignore: tuple[type[BaseException], ...] = (),
+    hint: Callable[[], str] | None = None,
+) -> T:
+    """Call ``predicate`` (plain or async) until it returns something truthy, and return that.
+
+    Bounded by ``timeout`` seconds: then the test fails with what was awaited (``what``, or the
+    predicate's source) and the last value seen (an exception of ``ignore`` counts as a value:
+    the thing is not ready yet), plus ``hint()`` if given. Checks once more after the deadline,
+    so a slow machine that stalls past it still sees a state that has arrived.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        past = time.monotonic() >= deadline
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+        except ignore as exc:
+            last = exc
+        else:
+            if value:
+                return value  # type: ignore[return-value]
+            last = value
+        if past:
+            raise AssertionError(_timed_out(_described(predicate, what), timeout, last, hint))
+        await asyncio.sleep(interval)  # pacing between two looks, not a wait for a state
+
+
+def eventually_sync(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    *,
+    what: str | None = None,
+    ignore: tuple[type[BaseException], ...] = (),
+    hint: Callable[[], str] | None = None,
+) -> T:
+    """``eventually`` for blocking tests (and for worker threads: ``asyncio.to_thread``)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        past = time.monotonic() >= deadline
+        try:
+            value = predicate()
+        except ignore as exc:
+            last = exc
+        else:
+            if value:
+                return value
+            last = value
+        if past:
+            raise AssertionError(_timed_out(_described(predicate, what), timeout, last, hint))
+        time.sleep(interval)  # pacing between two looks, not a wait for a state
+
+
+# -- what a test needs from the machine -------------------------------------------------------
+
+
+def missing(what: str) -> NoReturn:
+    """Something the test needs is not here: a skip on a laptop, a failure in CI (``CI=true``),
+    with the same message."""
+    if CI:
+        pytest.fail(f"CI must run this test: {what}")
+    pytest.skip(what)
+
+
+def require(condition: object, what: str) -> None:
+    """``missing(what)`` unless ``condition`` holds."""
+    if not condition:
+        missing(what)
+
+
+def needs_binary(*names: str, install: str = "scripts/ci_packages.sh test installs it") -> str:
+    """The path of the first of ``names`` on PATH; ``missing`` when none is there."""
+    import shutil
+
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    missing(f"{' or '.join(names)} is not installed ({install})")
 
 
 class FakeClock:
@@ -82,19 +201,24 @@ def free_port() -> int:
         return port
 
 
+def listens(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP connection to ``host:port`` is accepted now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_port(
     port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def up() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+        return listens(port)
+
+    eventually_sync(up, timeout, what=f"something to listen on port {port}")
 
 
 def start_node_process(port: int, *args: str, env: dict[str, str] | None = None,
