@@ -11,13 +11,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import orjson
 import pytest
 
 from shardq import AsyncClient
 from shardq.errors import ShardqError
+
+if TYPE_CHECKING:
+    from shardq_node.runtime import Node
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -149,6 +152,13 @@ class FakeClock:
     def advance(self, ms: int) -> int:
         self.now += ms
         return self.now
+
+
+def run_timers(node: Node) -> None:
+    """Do what a node's timer does when it comes due (promotions, expiries, lease timeouts,
+    crons): on a ``FakeClock`` the test says when, rather than waiting for real time."""
+    node.engine.tick()
+    node.after_batch()
 
 
 class RawClient:
