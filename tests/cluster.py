@@ -199,6 +199,11 @@ def blocked_pulls(node: Node, queue: str) -> int:
     return len(node.waiters.get(queue, ()))
 
 
+def subscribers(node: Node, queue: str) -> int:
+    """How many connections are subscribed to ``queue``'s events at ``node`` now."""
+    return len(node.subscribers.get(queue, ()))
+
+
 def answered(node: Node, cmd: str) -> int:
     """How many ``cmd`` requests ``node`` has answered (its ``shardq_requests_total``)."""
     return node.requests.get(cmd, 0)

@@ -278,11 +278,11 @@ class SteadyLoad:
                     await c.push(self.queues[number % len(self.queues)], {"n": number})
                 except ShardqError as exc:
                     self.errors.append(f"push: {exc}")
-                    await asyncio.sleep(self.error_pause)
+                    await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
                     continue
                 self.timed(started)
                 self.pushed.add(number)
-                await asyncio.sleep(self.pause)
+                await asyncio.sleep(self.pause)  # the producer's pace, not a wait for a state
 
     async def work(self, queues: list[str]) -> None:
         async with AsyncClient(self.worker_address, token=self.token) as c:
@@ -300,10 +300,18 @@ class SteadyLoad:
                             self.completed[number] = self.completed.get(number, 0) + 1
                     except ShardqError as exc:
                         self.errors.append(f"work: {exc}")
-                        await asyncio.sleep(self.error_pause)
+                        await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
                 if self.stop.is_set() and self.completed.keys() >= self.pushed:
                     return
-                await asyncio.sleep(self.work_pause)
+                await asyncio.sleep(self.work_pause)  # the workers' pace, not a wait for a state
+
+    async def progressed(self, where: str, jobs: int = 20, timeout: float = 60.0) -> None:
+        """Wait until ``jobs`` more jobs were completed: the load works on the cluster as it
+        is now (before the next change to it)."""
+        done = len(self.completed)
+        await eventually(lambda: len(self.completed) >= done + jobs, timeout, 0.05,
+                         what=f"{jobs} more jobs completed by the load {where}",
+                         hint=lambda: f"errors: {self.errors[-5:]}")
 
     def duplicates(self) -> int:
         return sum(1 for count in self.completed.values() if count > 1)

@@ -217,7 +217,7 @@ class Load:
                 job = await self.client.pull(queue, timeout=0)
                 if job is None:
                     break
-                await asyncio.sleep(run_seconds)  # the job's run time (a duration to measure)
+                await asyncio.sleep(run_seconds)  # the job's run time: load, not a wait for a state
                 if i % fail_every == fail_every - 1:
                     await self.client.fail(job, "boom")
                 else:

@@ -667,14 +667,6 @@ def _running_with(api: Api, nodes: int) -> dict[str, Any] | None:
     return s if ready else None
 
 
-async def load_runs(load: SteadyLoad, where: str, jobs: int = 20) -> None:
-    """Wait until ``jobs`` more jobs were completed: the load works on the cluster as it is."""
-    done = len(load.completed)
-    await eventually(lambda: len(load.completed) >= done + jobs, 60, 0.05,
-                     what=f"{jobs} more jobs completed by the load {where}",
-                     hint=lambda: f"errors: {load.errors[-5:]}")
-
-
 async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
         deployment: Deployment) -> None:
     dep, api = deployment, deployment.api
@@ -691,7 +683,7 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
     killed_at: tuple[str, int | None, str] | None = None
     with Recorder(dep.plane.kubeconfig) as rec:
         try:
-            await load_runs(load, "on 3 nodes")
+            await load.progressed("on 3 nodes")
             started = time.monotonic()
             await asyncio.to_thread(api.patch_nodes, 5)
             up = await async_wait_until("5 nodes Running", lambda: _running_with(api, 5), 180,
@@ -699,7 +691,7 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
             scale_up = _timed("scale 3 -> 5 (spec patched to status Running)", started)
             assert up["epoch"] > epoch0 and up["slotsMoving"] == 0
             assert len(dep.node_runs()) == 5
-            await load_runs(load, "on 5 nodes")
+            await load.progressed("on 5 nodes")
 
             started = time.monotonic()
             await asyncio.to_thread(api.patch_nodes, 2)
@@ -730,7 +722,7 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
             ready = {c["type"]: c for c in down["conditions"]}["Ready"]
             assert (ready["status"], down["readyNodes"]) == ("True", 2), ready
             await async_wait_until("2 node pods left", lambda: len(dep.node_runs()) == 2, 60)
-            await load_runs(load, "on 2 nodes")
+            await load.progressed("on 2 nodes")
         finally:
             load.stop.set()
             await asyncio.wait_for(asyncio.gather(*producers, return_exceptions=True), 30)

@@ -81,7 +81,7 @@ async def produce(client: RawClient, ledger: Ledger, stop: asyncio.Event) -> Non
             assert answer["ok"] is True, answer
             ledger.pushed[answer["id"]] = n
             ledger.ids_seen.append(answer["id"])
-        await asyncio.sleep(0.002)  # leave the worker room to keep up
+        await asyncio.sleep(0.002)  # pacing: leave the worker room to keep up (not a wait)
 
 
 async def work(client: RawClient, ledger: Ledger, stop: asyncio.Event) -> None:
@@ -119,7 +119,7 @@ async def load_then_kill(port: int, proc: subprocess.Popen[bytes], ledger: Ledge
     stop = asyncio.Event()
     tasks = [asyncio.create_task(produce(producer, ledger, stop)),
              asyncio.create_task(work(worker, ledger, stop))]
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # the random instant of the kill is what is under test
     proc.send_signal(signal.SIGKILL)  # mid-flight: answers on the wire are lost with it
     proc.wait()
     stop.set()

@@ -478,9 +478,9 @@ class _Converges:
         self.running[name] = self.running.get(name, 0) + 1
         self.most_at_once = max(self.most_at_once, sum(self.running.values()))
         self.log.append(("start", name))
-        # the converge's own run time: the window in which a second converge of this cluster
-        # would overlap it and show in ``overlaps`` (not a wait for a state)
-        await asyncio.sleep(0.05)
+        # the window in which a second converge of this cluster would overlap this one and show
+        # in ``overlaps``
+        await asyncio.sleep(0.05)  # the converge's own run time, not a wait for a state
         self.log.append(("end", name))
         self.running[name] -= 1
         return {"phase": "Running", "readyNodes": 3}

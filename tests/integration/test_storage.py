@@ -54,8 +54,8 @@ class FaultyFiles(Files):
 
     def fsync(self, fd: int) -> None:
         self.fsync_threads.append(threading.get_ident())
-        if self.fsync_delay:  # the slow disk under test: elapsed time, not a wait for a state
-            time.sleep(self.fsync_delay)
+        if self.fsync_delay:
+            time.sleep(self.fsync_delay)  # the slow disk under test: elapsed time, not a wait
         if self.fsync_error is not None:
             raise OSError(self.fsync_error, os.strerror(self.fsync_error))
         super().fsync(fd)
