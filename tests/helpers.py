@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
 import orjson
 import pytest
@@ -50,15 +50,31 @@ def _timed_out(what: str, timeout: float, last: Any, hint: Callable[[], str] | N
     return text
 
 
+@overload
 async def eventually(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]], timeout: float = ..., interval: float = ..., *,
+    what: str | None = ..., ignore: tuple[type[BaseException], ...] = ...,
+    hint: Callable[[], str] | None = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    predicate: Callable[[], T], timeout: float = ..., interval: float = ..., *,
+    what: str | None = ..., ignore: tuple[type[BaseException], ...] = ...,
+    hint: Callable[[], str] | None = ...,
+) -> T: ...
+
+
+async def eventually(
+    predicate: Callable[[], Any],
     timeout: float = 10.0,
     interval: float = 0.02,
     *,
     what: str | None = None,
     ignore: tuple[type[BaseException], ...] = (),
     hint: Callable[[], str] | None = None,
-) -> T:
+) -> Any:
     """Call ``predicate`` (plain or async) until it returns something truthy, and return that.
 
     Bounded by ``timeout`` seconds: then the test fails with what was awaited (``what``, or the
@@ -78,7 +94,7 @@ async def eventually(
             last = exc
         else:
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last = value
         if past:
             raise AssertionError(_timed_out(_described(predicate, what), timeout, last, hint))
