@@ -236,15 +236,62 @@ def listens(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def listening_inodes(port: int) -> set[int] | None:
+    """The socket inodes listening on TCP ``port`` (Linux's /proc/net), or None without it."""
+    found: set[int] = set()
+    seen = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                found.add(int(fields[9]))
+    return found if seen else None
+
+
+def port_free(port: int) -> bool:
+    """Whether no socket listens on ``port`` (asked of /proc/net without connecting to it)."""
+    inodes = listening_inodes(port)
+    return not (listens(port) if inodes is None else inodes)
+
+
+def listens_in(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``port`` (another process on that port, such
+    as a dead node's forked child, does not count); ``listens`` where /proc cannot tell."""
+    inodes = listening_inodes(port)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = None
+    if inodes is None or fds is None:
+        return listens(port)
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and int(link[8:-1]) in inodes:
+            return True
+    return False
+
+
 def wait_port(
     port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
+    """Wait until ``port`` listens; with ``proc``, until that process listens on it."""
     def up() -> bool:
-        if proc is not None and proc.poll() is not None:
+        if proc is None:
+            return listens(port)
+        if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        return listens(port)
+        return listens_in(proc.pid, port)
 
-    eventually_sync(up, timeout, what=f"something to listen on port {port}")
+    eventually_sync(up, timeout, what=f"{'a' if proc is None else 'its'} listener on port {port}")
 
 
 def start_node_process(port: int, *args: str, env: dict[str, str] | None = None,
