@@ -44,7 +44,7 @@ while True:
     except OSError:
         if time.monotonic() > deadline:
             raise
-        time.sleep(0.1)  # between two connection attempts (see above): bounded by deadline
+        time.sleep(0.1)  # a wait for the port, in the container: eventually() is not there
 s.sendall(b'{"cmd": "STATS"}\\n')
 print("STATS", s.makefile().readline().strip(), flush=True)
 """
@@ -144,6 +144,7 @@ def test_node_in_the_image_answers_stats_and_the_healthcheck(image: dict[str, An
         echo "ROOTFS $(awk '$2 == "/" {split($4, o, ","); print o[1]}' /proc/mounts)"
         shardq node --port 6789 --http-port 6790 >/tmp/node.log 2>&1 &
         python3 -c "$STATS_CLIENT"
+        # the HEALTHCHECK until it passes (bounded: ten tries; no eventually() in the image)
         for _ in 1 2 3 4 5 6 7 8 9 10; do "$@" && { echo HEALTHY; break; }; sleep 0.3; done
         echo "DATA $(stat -c %u /data) $(find /data -type f | wc -l)"
         kill $!
