@@ -194,6 +194,21 @@ async def start_gateway(cluster: Cluster, **settings: Any) -> Gateway:
     return gateway
 
 
+def blocked_pulls(node: Node, queue: str) -> int:
+    """How many PULLs wait on ``queue`` at ``node`` now (its blocked-pull waiters)."""
+    return len(node.waiters.get(queue, ()))
+
+
+def subscribers(node: Node, queue: str) -> int:
+    """How many connections are subscribed to ``queue``'s events at ``node`` now."""
+    return len(node.subscribers.get(queue, ()))
+
+
+def answered(node: Node, cmd: str) -> int:
+    """How many ``cmd`` requests ``node`` has answered (its ``shardq_requests_total``)."""
+    return node.requests.get(cmd, 0)
+
+
 def slot_on(cluster: Cluster, prefix: str, name: str) -> tuple[str, int]:
     """A queue whose slot the topology puts on node ``name``, and that slot."""
     queue = cluster.queues_on(name, prefix)[0]

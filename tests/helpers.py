@@ -1,21 +1,159 @@
-"""Test helpers: a fake clock, a raw line client, real nodes on loopback."""
+"""Test helpers: waiting for a state, skip-or-fail, a fake clock, a raw line client, real
+nodes on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
 import orjson
+import pytest
 
 from shardq import AsyncClient
 from shardq.errors import ShardqError
 
+if TYPE_CHECKING:
+    from shardq_node.runtime import Node
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+T = TypeVar("T")
+
+
+# -- waiting for a state ----------------------------------------------------------------------
+
+
+def _described(predicate: Callable[..., Any], what: str | None) -> str:
+    """``what``, or the predicate's own source line (a lambda), or its name."""
+    if what:
+        return what
+    name = getattr(predicate, "__qualname__", repr(predicate))
+    if name.endswith("<lambda>"):
+        try:
+            return inspect.getsource(predicate).strip()
+        except (OSError, TypeError):
+            pass
+    return name
+
+
+def _timed_out(what: str, timeout: float, last: Any, hint: Callable[[], str] | None) -> str:
+    text = f"timed out after {timeout:g}s waiting for {what}; last value seen: {last!r}"
+    if hint is not None:
+        text += f"\n{hint()}"
+    return text
+
+
+@overload
+async def eventually(
+    predicate: Callable[[], Awaitable[T]], timeout: float = ..., interval: float = ..., *,
+    what: str | None = ..., ignore: tuple[type[BaseException], ...] = ...,
+    hint: Callable[[], str] | None = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    predicate: Callable[[], T], timeout: float = ..., interval: float = ..., *,
+    what: str | None = ..., ignore: tuple[type[BaseException], ...] = ...,
+    hint: Callable[[], str] | None = ...,
+) -> T: ...
+
+
+async def eventually(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    *,
+    what: str | None = None,
+    ignore: tuple[type[BaseException], ...] = (),
+    hint: Callable[[], str] | None = None,
+) -> Any:
+    """Call ``predicate`` (plain or async) until it returns something truthy, and return that.
+
+    Bounded by ``timeout`` seconds: then the test fails with what was awaited (``what``, or the
+    predicate's source) and the last value seen (an exception of ``ignore`` counts as a value:
+    the thing is not ready yet), plus ``hint()`` if given. Checks once more after the deadline,
+    so a slow machine that stalls past it still sees a state that has arrived.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        past = time.monotonic() >= deadline
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+        except ignore as exc:
+            last = exc
+        else:
+            if value:
+                return value
+            last = value
+        if past:
+            raise AssertionError(_timed_out(_described(predicate, what), timeout, last, hint))
+        await asyncio.sleep(interval)  # pacing between two looks, not a wait for a state
+
+
+def eventually_sync(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    *,
+    what: str | None = None,
+    ignore: tuple[type[BaseException], ...] = (),
+    hint: Callable[[], str] | None = None,
+) -> T:
+    """``eventually`` for blocking tests (and for worker threads: ``asyncio.to_thread``)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        past = time.monotonic() >= deadline
+        try:
+            value = predicate()
+        except ignore as exc:
+            last = exc
+        else:
+            if value:
+                return value
+            last = value
+        if past:
+            raise AssertionError(_timed_out(_described(predicate, what), timeout, last, hint))
+        time.sleep(interval)  # pacing between two looks, not a wait for a state
+
+
+# -- what a test needs from the machine -------------------------------------------------------
+
+
+def missing(what: str) -> NoReturn:
+    """Something the test needs is not here: a skip on a laptop, a failure in CI (``CI=true``),
+    with the same message."""
+    if CI:
+        pytest.fail(f"CI must run this test: {what}")
+    pytest.skip(what)
+
+
+def require(condition: object, what: str) -> None:
+    """``missing(what)`` unless ``condition`` holds."""
+    if not condition:
+        missing(what)
+
+
+def needs_binary(*names: str, install: str = "scripts/ci_packages.sh test installs it") -> str:
+    """The path of the first of ``names`` on PATH; ``missing`` when none is there."""
+    import shutil
+
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    missing(f"{' or '.join(names)} is not installed ({install})")
 
 
 class FakeClock:
@@ -30,6 +168,13 @@ class FakeClock:
     def advance(self, ms: int) -> int:
         self.now += ms
         return self.now
+
+
+def run_timers(node: Node) -> None:
+    """Do what a node's timer does when it comes due (promotions, expiries, lease timeouts,
+    crons): on a ``FakeClock`` the test says when, rather than waiting for real time."""
+    node.engine.tick()
+    node.after_batch()
 
 
 class RawClient:
@@ -82,19 +227,71 @@ def free_port() -> int:
         return port
 
 
+def listens(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP connection to ``host:port`` is accepted now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def listening_inodes(port: int) -> set[int] | None:
+    """The socket inodes listening on TCP ``port`` (Linux's /proc/net), or None without it."""
+    found: set[int] = set()
+    seen = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                found.add(int(fields[9]))
+    return found if seen else None
+
+
+def port_free(port: int) -> bool:
+    """Whether no socket listens on ``port`` (asked of /proc/net without connecting to it)."""
+    inodes = listening_inodes(port)
+    return not (listens(port) if inodes is None else inodes)
+
+
+def listens_in(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``port`` (another process on that port, such
+    as a dead node's forked child, does not count); ``listens`` where /proc cannot tell."""
+    inodes = listening_inodes(port)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = None
+    if inodes is None or fds is None:
+        return listens(port)
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and int(link[8:-1]) in inodes:
+            return True
+    return False
+
+
 def wait_port(
     port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
+    """Wait until ``port`` listens; with ``proc``, until that process listens on it."""
+    def up() -> bool:
+        if proc is None:
+            return listens(port)
+        if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+        return listens_in(proc.pid, port)
+
+    eventually_sync(up, timeout, what=f"{'a' if proc is None else 'its'} listener on port {port}")
 
 
 def start_node_process(port: int, *args: str, env: dict[str, str] | None = None,
@@ -147,11 +344,11 @@ class SteadyLoad:
                                  timeout=self.job_timeout)
                 except ShardqError as exc:
                     self.errors.append(f"push: {exc}")
-                    await asyncio.sleep(self.error_pause)
+                    await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
                     continue
                 self.timed(started)
                 self.pushed.add(number)
-                await asyncio.sleep(self.pause)
+                await asyncio.sleep(self.pause)  # the producer's pace, not a wait for a state
 
     async def work(self, queues: list[str]) -> None:
         async with AsyncClient(self.worker_address, token=self.token) as c:
@@ -169,10 +366,18 @@ class SteadyLoad:
                             self.completed[number] = self.completed.get(number, 0) + 1
                     except ShardqError as exc:
                         self.errors.append(f"work: {exc}")
-                        await asyncio.sleep(self.error_pause)
+                        await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
                 if self.stop.is_set() and not self.pushed - self.completed.keys():
                     return
-                await asyncio.sleep(self.work_pause)
+                await asyncio.sleep(self.work_pause)  # the workers' pace, not a wait for a state
+
+    async def progressed(self, where: str, jobs: int = 20, timeout: float = 60.0) -> None:
+        """Wait until ``jobs`` more jobs were completed: the load works on the cluster as it
+        is now (before the next change to it)."""
+        done = len(self.completed)
+        await eventually(lambda: len(self.completed) >= done + jobs, timeout, 0.05,
+                         what=f"{jobs} more jobs completed by the load {where}",
+                         hint=lambda: f"errors: {self.errors[-5:]}")
 
     def duplicates(self) -> int:
         return sum(1 for count in self.completed.values() if count > 1)
@@ -180,22 +385,3 @@ class SteadyLoad:
     def lost(self) -> int:
         return len(self.pushed - self.completed.keys())
 
-
-async def eventually(predicate: Any, timeout: float = 10.0, what: str = "",
-                     interval: float = 0.02) -> Any:
-    """Poll ``predicate`` (a function, sync or async) until it returns something truthy;
-    return that. Fails the test after ``timeout`` seconds, saying what was awaited and the
-    last value seen."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what or predicate!r} "
-                                 f"(last seen: {last!r})")
-        await asyncio.sleep(interval)

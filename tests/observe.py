@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,7 +29,7 @@ from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings, StorageSettings
 
 from .cluster import Cluster
-from .helpers import CI, free_port
+from .helpers import eventually, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHARTS = ROOT / "charts" / "shardq"
@@ -62,19 +60,6 @@ def load_generator() -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def require_tool(name: str) -> str:
-    """The path of ``name``; skipped on a laptop without it, a failure in CI."""
-    path = shutil.which(name)
-    if path is None:
-        import pytest
-
-        msg = f"{name} is not installed (scripts/ci_packages.sh test installs it)"
-        if CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
 
 
 class Prometheus:
@@ -116,19 +101,16 @@ class Prometheus:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                async with self.session.get(f"{self.url}/-/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prometheus not ready after {timeout}s:\n{self.log()}")
-            await asyncio.sleep(0.1)
+        await eventually(self.ready, timeout, 0.1, what="prometheus to be ready",
+                         ignore=(aiohttp.ClientError,), hint=self.log)
+
+    async def ready(self) -> bool:
+        """Whether /-/ready answers 200; RuntimeError if the process has exited."""
+        assert self.proc is not None and self.session is not None, "not started"
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
+        async with self.session.get(f"{self.url}/-/ready") as resp:
+            return resp.status == 200
 
     def log(self, tail: int = 40) -> str:
         try:
@@ -235,7 +217,7 @@ class Load:
                 job = await self.client.pull(queue, timeout=0)
                 if job is None:
                     break
-                await asyncio.sleep(run_seconds)
+                await asyncio.sleep(run_seconds)  # the job's run time: load, not a wait for a state
                 if i % fail_every == fail_every - 1:
                     await self.client.fail(job, "boom")
                 else:

@@ -57,7 +57,7 @@ from shardq import AsyncClient
 from shardq.errors import ShardqError, Unavailable
 from shardq_operator import reconcile as rc
 
-from ..helpers import CI, SteadyLoad
+from ..helpers import CI, SteadyLoad, eventually, eventually_sync, missing
 from ..kubelet import Kubelet, PodRun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # a cold build: ~5 min
@@ -95,12 +95,6 @@ MINIMAL_CRD: dict[str, Any] = {
 }
 
 
-def _missing(reason: str) -> None:
-    if CI:
-        pytest.fail(f"CI must run the Kubernetes end-to-end tests: {reason}")
-    pytest.skip(reason)
-
-
 def _timed(name: str, started: float) -> float:
     TIMINGS[name] = round(time.monotonic() - started, 2)
     print(f"\n[e2e-k8s] {name}: {TIMINGS[name]:.2f}s", flush=True)
@@ -109,23 +103,14 @@ def _timed(name: str, started: float) -> float:
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float,
                every: float = 0.2, hint: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-        except ApiException as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} "
-                                 f"(last: {last!r})" + (f"\n{hint()}" if hint else ""))
-        time.sleep(every)
+    """tests.helpers.eventually_sync, an API error counting as "not yet"."""
+    return eventually_sync(check, timeout, every, what=what, ignore=(ApiException,), hint=hint)
 
 
 async def async_wait_until(what: str, check: Callable[[], Any], timeout: float,
                            every: float = 0.2, hint: Callable[[], str] | None = None) -> Any:
+    """``wait_until`` in a thread: ``check`` calls the (blocking) Kubernetes client, and the
+    event loop keeps running the load meanwhile."""
     return await asyncio.to_thread(wait_until, what, check, timeout, every, hint)
 
 
@@ -142,18 +127,18 @@ class Plane:
 def plane() -> Iterator[Plane]:
     for tool in ("build_kube.sh", "control_plane.sh"):
         if not os.access(SCRIPTS / tool, os.X_OK):
-            _missing(f"scripts/k8s/{tool} is missing")
+            missing(f"scripts/k8s/{tool} is missing")
     cache = Path(os.environ.get("SHARDQ_K8S_CACHE",
                                 Path.home() / ".cache" / "shardq" / "k8s-bin"))
     cached = all((cache / b).exists() for b in ("kube-apiserver", "kube-controller-manager"))
     cached = cached and os.environ.get("SHARDQ_K8S_REBUILD") != "1"
     if not cached and (os.geteuid() != 0 or shutil.which("apt-get") is None):
-        _missing("no cached kube-apiserver, and building it needs root and apt-get")
+        missing("no cached kube-apiserver, and building it needs root and apt-get")
     started = time.monotonic()
     built = subprocess.run([str(SCRIPTS / "build_kube.sh")], capture_output=True, text=True,
                            timeout=3600, check=False)
     if built.returncode != 0:
-        _missing(f"build_kube.sh failed: {built.stderr[-2000:]}")
+        missing(f"build_kube.sh failed: {built.stderr[-2000:]}")
     _timed("build_kube.sh (cached)" if cached else "build_kube.sh (cold build)", started)
     workdir = Path(tempfile.mkdtemp(prefix="shardq-e2e-k8s."))
     env = {**os.environ, "SHARDQ_K8S_BIN": built.stdout.strip().splitlines()[-1]}
@@ -162,7 +147,7 @@ def plane() -> Iterator[Plane]:
         up = subprocess.run([str(SCRIPTS / "control_plane.sh"), "start", str(workdir)],
                             capture_output=True, text=True, timeout=900, env=env, check=False)
         if up.returncode != 0:
-            _missing(f"control_plane.sh start failed: {up.stderr[-3000:]}")
+            missing(f"control_plane.sh start failed: {up.stderr[-3000:]}")
         _timed("control plane start", started)
         yield Plane(workdir, str(workdir / "kubeconfig"))
     finally:
@@ -255,8 +240,8 @@ def _chart_usable() -> bool:
     try:
         import helm_python  # noqa: F401
     except ImportError:
-        if CI:
-            pytest.fail("charts/shardq exists but helm-python-sdk is not installed")
+        if CI:  # a laptop installs with the client instead; CI must install the chart
+            missing("charts/shardq exists but helm-python-sdk is not installed")
         return False
     return True
 
@@ -621,7 +606,7 @@ class Recorder:
                 if exc.status == 410:
                     version = ""
             except Exception:  # a dropped stream: watch again
-                time.sleep(0.1)
+                time.sleep(0.1)  # back-off before watching again, not a wait for a state
 
     def _record(self, what: str, obj: dict[str, Any]) -> None:
         if obj["metadata"]["name"] not in (CLUSTER, rc.node_name(CLUSTER)):
@@ -698,7 +683,7 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
     killed_at: tuple[str, int | None, str] | None = None
     with Recorder(dep.plane.kubeconfig) as rec:
         try:
-            await asyncio.sleep(1.0)
+            await load.progressed("on 3 nodes")
             started = time.monotonic()
             await asyncio.to_thread(api.patch_nodes, 5)
             up = await async_wait_until("5 nodes Running", lambda: _running_with(api, 5), 180,
@@ -706,7 +691,7 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
             scale_up = _timed("scale 3 -> 5 (spec patched to status Running)", started)
             assert up["epoch"] > epoch0 and up["slotsMoving"] == 0
             assert len(dep.node_runs()) == 5
-            await asyncio.sleep(1.0)
+            await load.progressed("on 5 nodes")
 
             started = time.monotonic()
             await asyncio.to_thread(api.patch_nodes, 2)
@@ -737,7 +722,7 @@ async def test_scaling_3_5_2_under_load_with_the_operator_killed_mid_scale(
             ready = {c["type"]: c for c in down["conditions"]}["Ready"]
             assert (ready["status"], down["readyNodes"]) == ("True", 2), ready
             await async_wait_until("2 node pods left", lambda: len(dep.node_runs()) == 2, 60)
-            await asyncio.sleep(1.0)
+            await load.progressed("on 2 nodes")
         finally:
             load.stop.set()
             await asyncio.wait_for(asyncio.gather(*producers, return_exceptions=True), 30)
@@ -817,14 +802,19 @@ async def test_a_restarted_node_pod_keeps_its_data_and_gets_its_new_address_publ
     _timed("node pod deleted until the topology names its new address", started)
     unavailable: list[str] = []
     async with AsyncClient(gateway, token=TOKEN) as c:
+
+        async def answered(job_id: int) -> dict[str, Any] | None:
+            """{"job": GETJOB's answer}, or None while the gateway answers Unavailable."""
+            try:
+                return {"job": await c.get_job(job_id)}
+            except Unavailable as exc:  # the gateway refreshes its topology after a failed call
+                unavailable.append(str(exc))
+                return None
+
         for q, job_id in ids.items():
-            for _ in range(50):  # the gateway refreshes its topology after a failed call
-                try:
-                    job = await c.get_job(job_id)
-                    break
-                except Unavailable as exc:
-                    unavailable.append(str(exc))
-                    await asyncio.sleep(0.1)
+            job = (await eventually(lambda job_id=job_id: answered(job_id), 10, 0.1,
+                                    what=f"the gateway to answer GETJOB {job_id}",
+                                    hint=lambda: repr(unavailable[-3:])))["job"]
             assert job is not None and job["state"] == "waiting", (q, job)
             [pulled] = await c.pull_batch(q, 1, timeout=0)
             assert pulled.id == job_id

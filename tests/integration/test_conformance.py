@@ -21,7 +21,8 @@ import pytest
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings, StorageSettings
 
-from ..helpers import RawClient
+from ..cluster import blocked_pulls
+from ..helpers import RawClient, eventually
 
 MakeNode = Callable[..., Awaitable[Node]]
 Connect = Callable[[Node], Awaitable[RawClient]]
@@ -145,15 +146,6 @@ def assert_ints(obj: dict[str, Any], *names: str) -> None:
 async def stats(client: RawClient) -> dict[str, Any]:
     answer: dict[str, Any] = await client.call({"cmd": "STATS"})
     return answer
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    """Poll ``check`` until it holds (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await check():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # -- success shapes: jobs in -------------------------------------------------------------------
@@ -1215,13 +1207,10 @@ async def test_a_closed_connection_with_a_blocked_pull_takes_no_job(
 ) -> None:
     waiting = await connect(node)
     await waiting.send({"cmd": "PULL", "queue": "orphan"})
-    assert await nothing_arrives(waiting, 0.05)
+    await eventually(lambda: blocked_pulls(node, "orphan") == 1, what="the PULL blocked")
     await waiting.close()
-
-    async def gone() -> bool:
-        return len(node.sessions) == 1
-
-    await until(gone)
+    await eventually(lambda: len(node.sessions) == 1 and blocked_pulls(node, "orphan") == 0,
+                     what="the connection and its blocked PULL gone")
     job_id = await push(raw, "orphan")
     job = await pull(raw, "orphan")
     assert job["id"] == job_id and job["attempts"] == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from shardq_operator.rebalance import Rebalancer
 from shardq_operator.ring import ring_owners
 
 from ..cluster import Direct, infos, start_nodes
+from ..helpers import eventually
 
 
 def split_queues(topo: Topology) -> tuple[str, str]:
@@ -31,11 +31,15 @@ async def state(direct: Direct, job_id: int) -> str | None:
     return None if job is None else str(job["state"])
 
 
-async def until(direct: Direct, job_id: int, wanted: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (got := await state(direct, job_id)) != wanted:
-        assert asyncio.get_running_loop().time() < deadline, f"job {job_id} is {got}, not {wanted}"
-        await asyncio.sleep(0.02)
+async def until(direct: Direct, job_id: int, wanted: str) -> None:
+    seen: str | None = None
+
+    async def there() -> bool:
+        nonlocal seen
+        seen = await state(direct, job_id)
+        return seen == wanted
+
+    await eventually(there, what=f"job {job_id} {wanted}", hint=lambda: f"it is {seen}")
 
 
 async def run_cluster(tmp_path: Path) -> tuple[list[Node], Rebalancer, Direct, Topology]:
@@ -73,21 +77,17 @@ async def test_a_child_runs_once_its_parent_on_another_node_completes(tmp_path: 
         await until_watched(nodes[1], parent)
         await finish(direct, there, ok=True)
         await until(direct, child, "waiting")
-        for _ in range(500):  # the parent's node forgets the watch once its message is in
-            if not nodes[1].engine.deps.watchers:
-                break
-            await asyncio.sleep(0.01)
-        assert not nodes[1].engine.deps.watchers and not nodes[1].engine.deps.outbox
+        # the parent's node forgets the watch once its message is in
+        await eventually(lambda: not nodes[1].engine.deps.watchers
+                         and not nodes[1].engine.deps.outbox,
+                         what="the parent's node done with the watch")
     finally:
         await close(nodes, reb, direct)
 
 
 async def until_watched(node: Node, parent: int) -> None:
-    for _ in range(500):
-        if parent in node.engine.deps.watchers:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"parent {parent} never got a watch")
+    await eventually(lambda: parent in node.engine.deps.watchers,
+                     what=f"a watch on parent {parent}")
 
 
 async def test_a_parent_dying_on_another_node_sends_the_child_to_the_dlq(tmp_path: Path) -> None:

@@ -10,11 +10,9 @@ and fail in CI.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import re
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import pytest
 from shardq.client import AsyncClient
 from shardq_operator.local import LocalCluster
 
-from ..helpers import CI, free_port
+from ..helpers import eventually, free_port, missing, needs_binary
 
 try:
     from playwright.async_api import BrowserContext, Page, async_playwright, expect
@@ -43,35 +41,16 @@ WAIT_MS = 15_000  # the longest any one thing may take to show on the page
 TOKEN = "dash-secret"
 
 
-def missing(why: str) -> None:
-    if CI:
-        pytest.fail(why)
-    pytest.skip(why)
-
-
-def chromium_path() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        missing("chromium is not installed (apt-get install chromium)")
-    assert path is not None
-    return path
-
-
 async def wait_http_ready(port: int) -> None:
     """The gateway starts its HTTP server just after its TCP one: wait for /ready."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
     async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/ready") as res:
-                    if res.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if loop.time() > deadline:
-                raise TimeoutError(f"the gateway's HTTP port {port} is not ready after 20 s")
-            await asyncio.sleep(0.1)
+
+        async def ready() -> bool:
+            async with http.get(f"http://127.0.0.1:{port}/ready") as res:
+                return res.status == 200
+
+        await eventually(ready, 20, 0.1, what=f"the gateway's HTTP /ready on port {port}",
+                         ignore=(aiohttp.ClientError,))
 
 
 async def start_cluster(tmp_path: Path, nodes: int, tokens: tuple[str, ...] = ()) -> LocalCluster:
@@ -91,7 +70,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[BrowserContext]:
     """Headless Chromium with a fresh profile; closed (its processes ended) afterwards."""
     if not HAVE_PLAYWRIGHT:
         missing("playwright is not installed (pip install -e '.[test]')")
-    executable = chromium_path()
+    executable = needs_binary("chromium", "chromium-browser", install="apt-get install chromium")
     async with async_playwright() as pw:
         context = await pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=executable, headless=True,

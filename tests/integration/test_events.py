@@ -12,7 +12,8 @@ from shardq_node.engine import EngineConfig
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings
 
-from ..helpers import RawClient
+from ..cluster import subscribers
+from ..helpers import RawClient, eventually
 
 
 async def next_event(sub: RawClient) -> dict[str, Any]:
@@ -31,9 +32,9 @@ async def test_a_subscriber_sees_every_event_of_a_jobs_life_in_order(make_node: 
     job = (await w.call({"cmd": "PULL", "queue": "life"}))["job"]
     await w.call({"cmd": "PROGRESS", "id": job_id, "progress": 40, "message": "m"})
     await w.call({"cmd": "FAIL", "id": job_id, "error": "first"})
-    await w.call({"cmd": "PULL", "queue": "life"})  # second attempt: let its lease pass
-    await asyncio.sleep(0.5)
-    job = (await w.call({"cmd": "PULL", "queue": "life", "timeout": 2000}))["job"]
+    await w.call({"cmd": "PULL", "queue": "life"})  # second attempt: its lease runs out
+    # a blocking PULL: answered once the node has timed out the second attempt
+    job = (await w.call({"cmd": "PULL", "queue": "life", "timeout": 3000}, timeout=5))["job"]
     assert job["attempts"] == 2
     await w.call({"cmd": "ACK", "id": job_id, "result": {"done": True}})
     dead = (await w.call({"cmd": "PUSH", "queue": "life", "data": 2, "max_attempts": 1}))["id"]
@@ -111,7 +112,7 @@ async def test_sdk_iterates_over_events(node: Node) -> None:
                     return
 
         listener = asyncio.create_task(listen())
-        await asyncio.sleep(0.1)
+        await eventually(lambda: subscribers(node, "sdk") == 1, what="the SDK subscribed")
         for i in range(3):
             job_id = await client.push("sdk", {"i": i})
             job = await client.pull("sdk", timeout=1000)

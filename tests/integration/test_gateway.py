@@ -23,8 +23,8 @@ from shardq_gateway.main import Gateway
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings
 
-from ..cluster import Cluster, node_call, slot_on, start_gateway
-from ..helpers import RawClient
+from ..cluster import Cluster, answered, blocked_pulls, node_call, slot_on, start_gateway
+from ..helpers import RawClient, eventually
 from . import test_magicqueue_client as mq
 from .test_fuzz import FUZZ, LineClient, NodeThread, byte_lines, requests, tame
 
@@ -196,18 +196,18 @@ async def test_topology_answers_the_gateways_current_topology(
 
 
 async def test_a_blocking_pull_does_not_delay_another_clients_requests(
-    gateway: Gateway, client: RawClient
+    cluster: Cluster, gateway: Gateway, client: RawClient
 ) -> None:
+    idle = cluster.owner_of_queue("idle")
     waiters = [await connect(gateway) for _ in range(3)]
     for waiter in waiters:  # more blocked pulls than shared connections per node
         await waiter.send({"cmd": "PULL", "queue": "idle"})
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
+    await eventually(lambda: blocked_pulls(idle, "idle") == 3, what="3 PULLs blocked at the node")
     await client.send(*({"cmd": "PUSH", "queue": f"busy-{i}", "data": i} for i in range(50)),
                       {"cmd": "STATS"}, {"cmd": "PULL", "queue": "busy-1", "timeout": 0})
     answers = await recv_many(client, 52)
     assert all(a["ok"] for a in answers)
-    assert time.monotonic() - started < 1.0
+    assert blocked_pulls(idle, "idle") == 3  # answered while all three still wait
     await push(client, "idle", "wake")
     got = await waiters[0].recv()
     assert got["job"]["data"] == "wake"
@@ -261,25 +261,30 @@ async def test_closing_a_client_hands_its_leased_jobs_back_at_once(gateway: Gate
     await worker.close()
 
     back: set[int] = set()
-    deadline = time.monotonic() + 2.0
-    while back != held and time.monotonic() < deadline:
+
+    async def all_back() -> bool:  # long before the 30 min lease would run out
         answer = await other.call({"cmd": "PULLB", "queue": "leased", "count": 4,
                                    "timeout": 500}, timeout=2.0)
-        back |= {j["id"] for j in answer["jobs"]}
-    assert back == held
+        back.update(j["id"] for j in answer["jobs"])
+        return back == held
+
+    await eventually(all_back, 5, 0, what=f"the jobs {sorted(held)} back in the queue",
+                     hint=lambda: f"back so far: {sorted(back)}")
     stats = await other.call({"cmd": "STATS"})
     assert stats["queued"] == 0 and stats["processing"] == 3
     await other.close()
 
 
 async def test_a_client_leaving_during_a_blocked_pull_takes_no_job_with_it(
-    gateway: Gateway,
+    cluster: Cluster, gateway: Gateway,
 ) -> None:
+    owner = cluster.owner_of_queue("left")
     leaver, other = await connect(gateway), await connect(gateway)
     await leaver.send({"cmd": "PULL", "queue": "left"})
-    await asyncio.sleep(0.1)
+    await eventually(lambda: blocked_pulls(owner, "left") == 1, what="the PULL blocked at the node")
     await leaver.close()
-    await asyncio.sleep(0.1)
+    await eventually(lambda: blocked_pulls(owner, "left") == 0,
+                     what="the node to drop the PULL of the client that left")
     job_id = await push(other, "left", 1)
     got = await other.call({"cmd": "PULL", "queue": "left", "timeout": 1000})
     assert got["job"]["id"] == job_id and got["job"]["attempts"] == 0
@@ -315,11 +320,16 @@ async def test_a_blocked_pull_follows_its_queue_to_the_new_owner(
     queue, slot = slot_on(cluster, "follow-", src)
     dst = cluster.other_than(src)
     await client.send({"cmd": "PULL", "queue": queue, "reqId": "w"})
-    await asyncio.sleep(0.1)
+    await eventually(lambda: blocked_pulls(cluster.node(src), queue) == 1,
+                     what="the PULL blocked at the source")
+    retries = gateway.router.metrics.retries.get("TRYAGAIN", 0)
     await cluster.freeze(slot, dst)  # the source answers the waiting pull TRYAGAIN
-    await asyncio.sleep(0.1)
+    await eventually(lambda: gateway.router.metrics.retries.get("TRYAGAIN", 0) > retries,
+                     what="the gateway to retry the PULL after TRYAGAIN")
+    assert blocked_pulls(cluster.node(src), queue) == 0
     await cluster.move_slot(slot, dst)
-    await asyncio.sleep(0.1)
+    await eventually(lambda: blocked_pulls(cluster.node(dst), queue) == 1,
+                     what="the PULL blocked at the new owner")
     other = await connect(gateway)
     job_id = await push(other, queue, 1)
     got = await client.recv(3.0)
@@ -396,10 +406,12 @@ async def test_a_stopped_node_gives_quick_unavailable_errors_and_other_slots_kee
     await back.start()
     try:
         await node_call(port, {"cmd": "SETTOPOLOGY", "topology": cluster.topology.wire()})
-        deadline = time.monotonic() + 3.0
-        while not (await client.call({"cmd": "PUSH", "queue": dead_queue, "data": 2}))["ok"]:
-            assert time.monotonic() < deadline, "the gateway did not reconnect"
-            await asyncio.sleep(0.05)
+
+        async def pushed() -> bool:
+            answer = await client.call({"cmd": "PUSH", "queue": dead_queue, "data": 2})
+            return bool(answer["ok"])
+
+        await eventually(pushed, 10, 0.05, what="the gateway to reconnect to the node")
     finally:
         await back.stop()
 
@@ -538,9 +550,13 @@ async def test_subscribers_follow_a_queue_to_a_node_that_joined_later(
     queue, slot = slot_on(cluster, "joined-", cluster.nodes[0].settings.name)
     assert (await listener.call({"cmd": "SUBSCRIBE", "queue": queue}))["ok"]
     new = await cluster.add_node()
+    retries = gateway.router.metrics.retries.get("TRYAGAIN", 0)
     await cluster.freeze(slot, new.settings.name)
     await worker.send({"cmd": "PUSH", "queue": queue, "data": 1})
-    await asyncio.sleep(0.2)  # TRYAGAIN: the gateway reads the move's topology meanwhile
+    # TRYAGAIN: the gateway reads the move's topology (which names the new node) meanwhile
+    await eventually(lambda: gateway.router.metrics.retries.get("TRYAGAIN", 0) > retries
+                     and gateway.router.epoch == cluster.topology.epoch,
+                     what="the gateway to retry the PUSH and adopt the frozen topology")
     await cluster.move_slot(slot, new.settings.name)
     job_id = (await worker.recv(3.0))["id"]
     assert (await worker.call({"cmd": "PULL", "queue": queue, "timeout": 0}))["job"]
@@ -632,8 +648,11 @@ async def test_a_client_leaving_after_its_lease_expired_leaves_the_next_attempt_
     lease = again["job"]["started_at"]
     touched = await second.call({"cmd": "TOUCH", "id": job_id, "lease": lease, "extend": 60_000})
     assert touched["ok"], touched
+    owner = cluster.owner_of_queue("expiring")
+    releases = answered(owner, "RELEASE")
     await first.close()  # the gateway RELEASEs job_id with the first, stale lease token
-    await asyncio.sleep(0.1)
+    await eventually(lambda: answered(owner, "RELEASE") > releases,
+                     what="the node to answer the gateway's RELEASE")
     ack = await second.call({"cmd": "ACK", "id": job_id, "lease": lease})
     assert ack == {"ok": True}
     await second.close()

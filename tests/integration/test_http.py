@@ -22,7 +22,8 @@ from shardq.wire.topology import NodeInfo, Topology
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings, StorageSettings
 
-from ..helpers import RawClient, free_port
+from ..cluster import blocked_pulls, subscribers
+from ..helpers import RawClient, eventually, free_port
 
 JOB_KEYS = {
     "id", "queue", "data", "priority", "created_at", "run_at", "started_at", "attempts",
@@ -44,13 +45,6 @@ def settings(**kw: Any) -> NodeSettings:
 def size(data: Any) -> int:
     """Bytes a payload takes in the node (its compact JSON)."""
     return len(orjson.dumps(data))
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 class Api:
@@ -215,7 +209,8 @@ async def test_pull_with_timeout_answers_an_empty_list_when_nothing_comes(api: A
 
 async def test_pull_waits_for_a_job_pushed_later(api: Api) -> None:
     waiting = asyncio.create_task(api.pull("later", count=2, timeout=5000))
-    await until(lambda: "later" in api.node.waiters)
+    await eventually(lambda: blocked_pulls(api.node, "later") == 1, 5, 0.005,
+                     what="the HTTP pull blocked at the node")
     pushed = await api.push("later", data="late")
     jobs = await asyncio.wait_for(waiting, 5)
     assert [(j["id"], j["data"], j["state"]) for j in jobs] == [(pushed["id"], "late", "active")]
@@ -767,7 +762,8 @@ async def test_an_event_stream_whose_client_left_is_unsubscribed(api: Api) -> No
     resp = await open_events(api, queue="gone")
     assert "gone" in api.node.subscribers
     resp.close()
-    await until(lambda: "gone" not in api.node.subscribers, timeout=1)
+    await eventually(lambda: subscribers(api.node, "gone") == 0, 5, 0.005,
+                     what="the stream's subscription dropped")
 
 
 # -- the document, and HTTP next to TCP -----------------------------------------------------------

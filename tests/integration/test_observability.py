@@ -30,7 +30,7 @@ from shardq_gateway.settings import GatewaySettings
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings, StorageSettings
 
-from ..helpers import free_port
+from ..helpers import eventually, free_port, needs_binary
 from ..observe import (
     RULE_TESTS,
     RULES,
@@ -39,7 +39,6 @@ from ..observe import (
     as_bool,
     load_generator,
     metrics_targets,
-    require_tool,
     start_nodes,
 )
 
@@ -50,7 +49,7 @@ QUEUES = ["emails", "reports", "thumbnails"]
 
 def promtool(*args: str, stdin: bytes | None = None, cwd: Path | None = None
              ) -> subprocess.CompletedProcess[str]:
-    tool = require_tool("promtool")
+    tool = needs_binary("promtool")
     return subprocess.run([tool, *args], input=stdin.decode() if stdin else None, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
@@ -95,7 +94,7 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 
 
 async def test_promtool_check_metrics_on_a_live_node(tmp_path: Path) -> None:
-    require_tool("promtool")
+    needs_binary("promtool")
     node = Node(NodeSettings(port=0, http_port=free_port(), storage=StorageSettings(
         data_dir=str(tmp_path / "data"), blob_threshold=1024)))
     await node.start()
@@ -159,16 +158,19 @@ async def query_all(prom: Prometheus, queries: dict[str, str]) -> dict[str, int 
     return dict(zip(queries, counts, strict=True))
 
 
-async def wait_for_data(prom: Prometheus, queries: dict[str, str],
-                        timeout: float) -> dict[str, int | str]:
-    """Query until every expression returns data (bounded); those that still do not."""
-    deadline = time.monotonic() + timeout
-    while True:
+async def wait_for_data(prom: Prometheus, queries: dict[str, str], timeout: float) -> None:
+    """Query until every expression returns data (bounded); else fail naming those that do not."""
+    missing: dict[str, int | str] = {}
+
+    async def every_one_has_data() -> bool:
+        nonlocal missing
         results = await query_all(prom, queries)
         missing = {k: v for k, v in results.items() if v == 0 or isinstance(v, str)}
-        if not missing or time.monotonic() > deadline:
-            return missing
-        await asyncio.sleep(0.5)
+        return not missing
+
+    await eventually(every_one_has_data, timeout, 0.5,
+                     what=f"all {len(queries)} expressions to return data",
+                     hint=lambda: report(missing, queries, prom))
 
 
 def report(missing: dict[str, int | str], queries: dict[str, str], prom: Prometheus) -> str:
@@ -194,7 +196,7 @@ async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Pa
     evaluates the alert rules: every dashboard query and every alert expression returns data.
     Then a node stops: ShardqNodeDown goes pending for it, and the gateway's upstream-error
     series (which exist only after an error) return data too."""
-    binary = require_tool("prometheus")
+    binary = needs_binary("prometheus")
     started = time.monotonic()
     cluster = await start_nodes(tmp_path / "nodes", 3)
     gateway = Gateway(GatewaySettings(port=0, http_port=free_port(), seeds=cluster.seeds()))
@@ -217,11 +219,10 @@ async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Pa
             try:
                 for queue in [*QUEUES, down_queue]:
                     await through_gateway(gateway, queue)
-                missing = await wait_for_data(prom, first, 40.0)
+                await wait_for_data(prom, first, 40.0)
             finally:
                 stop.set()
                 await task
-        assert not missing, report(missing, first, prom)
 
         # every rule loaded and evaluates without error
         groups = (await prom.api("rules"))["groups"]
@@ -235,18 +236,15 @@ async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Pa
         await cluster.stop_node(down.settings.name)
         with contextlib.suppress(ShardqError, ConnectionError):
             await through_gateway(gateway, down_queue)
-        missing = await wait_for_data(prom, after_errors, 20.0)
-        assert not missing, report(missing, after_errors, prom)
+        await wait_for_data(prom, after_errors, 20.0)
 
         async def node_down_alert() -> bool:
             alerts = (await prom.api("alerts"))["alerts"]
             return any(a["labels"]["alertname"] == "ShardqNodeDown"
                        and a["labels"]["instance"] == instance for a in alerts)
 
-        deadline = time.monotonic() + 15
-        while not await node_down_alert():
-            assert time.monotonic() < deadline, f"ShardqNodeDown not pending:\n{prom.log()}"
-            await asyncio.sleep(0.5)
+        await eventually(node_down_alert, 15, 0.5, what=f"ShardqNodeDown pending for {instance}",
+                         hint=prom.log)
         print(f"{len(first) + len(after_errors)} expressions returned data "
               f"({len(after_errors)} after a node stopped); {time.monotonic() - started:.1f}s")
     finally:

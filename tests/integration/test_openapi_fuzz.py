@@ -24,7 +24,7 @@ from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings
 from shardq_server.openapi import document
 
-from ..helpers import CI, free_port
+from ..helpers import free_port, require
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 #: Per operation; ~20 s for the whole run here (all phases, 28 operations).
@@ -37,10 +37,8 @@ EXCLUDED = ("/events",)
 async def test_no_operation_of_the_http_api_answers_a_server_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if not SCHEMATHESIS.exists():
-        if CI:
-            raise AssertionError(f"{SCHEMATHESIS} is missing: install the 'test' extra")
-        pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
+    require(SCHEMATHESIS.exists(),
+            f"schemathesis is not installed at {SCHEMATHESIS} (pip install -e '.[test]')")
     caplog.set_level(logging.ERROR, logger="aiohttp.server")
     node = Node(NodeSettings(port=0, http_port=free_port(), http_max_pull_wait_ms=200))
     await node.start()
@@ -81,7 +79,6 @@ async def test_no_operation_of_the_http_api_answers_a_server_error(
     assert operations["tested"] == documented and operations["errored"] == 0, output
     assert cases["generated"] >= documented * 5, output
     assert (cases["with_failures"], report["failures"], report["errors"]) == (0, [], []), output
-    assert seconds < 60, f"the fuzz run took {seconds:.0f}s"
     crashes = [r for r in caplog.records if r.exc_info
                and not isinstance(r.exc_info[1], HttpProcessingError)]
     assert not crashes, [r.getMessage() for r in crashes]  # a handler raised: a 500

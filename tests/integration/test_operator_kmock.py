@@ -40,6 +40,8 @@ import pytest
 from shardq_operator import handlers
 from shardq_operator import reconcile as rc
 
+from ..helpers import eventually
+
 NS = "default"
 CLUSTER = "demo"
 UID = "5f0c1e7a-0000-4000-8000-00000000demo"
@@ -133,17 +135,16 @@ class Emulator:
 
     async def wait_for(self, what: str, check: Callable[[Objects], Any],
                        timeout: float = 15.0) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            objects = await self.objects()
-            value = check(objects)
-            if value:
-                return value
-            if loop.time() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; the "
-                                     f"emulator holds: {sorted(objects)}")
-            await asyncio.sleep(0.1)
+        """``check(objects)`` once it is truthy (tests.helpers.eventually)."""
+        seen: Objects = {}
+
+        async def holds() -> Any:
+            nonlocal seen
+            seen = await self.objects()
+            return check(seen)
+
+        return await eventually(holds, timeout, 0.1, what=what,
+                                hint=lambda: f"the emulator holds: {sorted(seen)}")
 
 
 def _declare_resources(k: kmock.KubernetesEmulator) -> None:
@@ -477,14 +478,16 @@ class _Converges:
         self.running[name] = self.running.get(name, 0) + 1
         self.most_at_once = max(self.most_at_once, sum(self.running.values()))
         self.log.append(("start", name))
-        await asyncio.sleep(0.05)
+        # the window in which a second converge of this cluster would overlap this one and show
+        # in ``overlaps``
+        await asyncio.sleep(0.05)  # the converge's own run time, not a wait for a state
         self.log.append(("end", name))
         self.running[name] -= 1
         return {"phase": "Running", "readyNodes": 3}
 
     async def started(self, count: int = 1) -> None:
-        while sum(1 for what, _ in self.log if what == "start") < count:
-            await asyncio.sleep(0.001)
+        await eventually(lambda: sum(1 for what, _ in self.log if what == "start") >= count,
+                         5, 0.001, what=f"{count} converge(s) started")
 
 
 def _body(name: str = CLUSTER, **metadata: Any) -> kopf.Body:

@@ -24,7 +24,7 @@ from shardq.wire.topology import Topology
 from shardq_operator.local import LocalCluster
 from shardq_operator.ring import ring_owners
 
-from ..helpers import SteadyLoad, free_port, start_node_process
+from ..helpers import SteadyLoad, eventually, free_port, listens, start_node_process
 
 QUEUES = [f"scale-{i}" for i in range(16)]
 
@@ -38,14 +38,14 @@ async def test_scaling_3_to_5_to_2_under_load_completes_every_job_once(tmp_path:
         load = SteadyLoad(QUEUES, f"127.0.0.1:{port}")
         producers = [asyncio.create_task(load.produce(i)) for i in range(3)]
         workers = [asyncio.create_task(load.work(QUEUES[i::2])) for i in range(2)]
-        await asyncio.sleep(1.0)
+        await load.progressed("on 3 nodes", 250)
         moved: list[tuple[int, int]] = []
         topo = await cluster.scale(5, lambda d, t: moved.append((d, t)))
         assert len(topo.nodes) == 5 and not topo.moving
-        await asyncio.sleep(0.5)
+        await load.progressed("on 5 nodes", 150)
         topo = await cluster.scale(2, lambda d, t: moved.append((d, t)))
         assert [n.name for n in topo.nodes] == ["node-0", "node-1"] and not topo.moving
-        await asyncio.sleep(0.5)
+        await load.progressed("on 2 nodes", 150)
         load.stop.set()
         await asyncio.wait_for(asyncio.gather(*producers), 30)
         await asyncio.wait_for(asyncio.gather(*workers), 60)
@@ -85,29 +85,21 @@ async def test_a_killed_node_gives_clear_errors_then_comes_back_whole(tmp_path: 
             assert time.monotonic() - started < 5, "an unreachable node must not hang clients"
             await c.push(mine[0], 2)  # the other node's slots keep working
             victim.proc = cluster._spawn_node(victim)
-            await _wait_listening(victim.port)
+            await eventually(lambda: listens(victim.port), what="the restarted node listening")
+
+            async def answered(job_id: int) -> dict[str, Any] | None:
+                """{"job": GETJOB's answer} once the node answers it, else None."""
+                try:
+                    return {"job": await c.get_job(job_id)}
+                except ShardqError:
+                    return None
+
             for q in theirs:
-                job: Any = None
-                for _ in range(100):
-                    try:
-                        job = await c.get_job(ids[q])
-                        break
-                    except ShardqError:
-                        await asyncio.sleep(0.05)
+                job = (await eventually(lambda q=q: answered(ids[q]),
+                                        what=f"GETJOB answered for {q}"))["job"]
                 assert job is not None and job["state"] == "waiting", (q, job)
     finally:
         await cluster.stop()
-
-
-async def _wait_listening(port: int) -> None:
-    for _ in range(200):
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise TimeoutError(port)
 
 
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from shardq import (
 )
 from shardq_node.runtime import Node
 
-from ..helpers import free_port, start_node_process
+from ..helpers import eventually, eventually_sync, free_port, start_node_process
 
 
 def address(node: Node) -> str:
@@ -108,14 +107,17 @@ async def test_async_worker_with_concurrency_and_context(node: Node) -> None:
         worker = AsyncWorker("aw", address=address(node), concurrency=8)
         running = 0
         peak = 0
+        together = asyncio.Event()  # two handlers ran at once
 
         @worker.handler
         async def handle(job: Any, ctx: Any) -> int:
             nonlocal running, peak
             running += 1
             peak = max(peak, running)
+            if running > 1:
+                together.set()
             await ctx.update_progress(50, "half")
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(together.wait(), 10)  # the first job waits for a second one
             running -= 1
             return int(job.data["n"]) * 2
 
@@ -168,10 +170,11 @@ async def test_prefetch_leases_ahead_without_running_more_than_concurrency(node:
             return int(job.data)
 
         task = asyncio.create_task(worker.run(max_jobs=10, handle_signals=False))
-        for _ in range(100):
-            if (await q.stats())["processing"] == 5:
-                break
-            await asyncio.sleep(0.02)
+
+        async def leased() -> bool:
+            return bool((await q.stats())["processing"] == 5)
+
+        await eventually(leased, what="5 jobs leased by the worker")
         stats = await q.stats()
         assert (stats["processing"], stats["pending"]) == (5, 5)  # 2 running + 3 leased ahead
         assert running == 2
@@ -194,8 +197,7 @@ async def test_stop_is_seen_while_every_slot_is_busy(node: Node) -> None:
             await asyncio.Event().wait()  # never finishes by itself
 
         task = asyncio.create_task(worker.run(handle_signals=False))
-        while not started:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: started, what="the first job started")
         worker.stop()
         await asyncio.wait_for(task, 5)  # grace, then the running job is cut off
         assert started[0] == 0 and worker.processed == 0
@@ -227,7 +229,7 @@ async def test_max_jobs_lets_every_prefetched_job_finish(node: Node) -> None:
 
         @worker.handler
         async def handle(job: Any) -> int:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # a run longer than the grace: elapsed time is under test
             return int(job.data)
 
         await asyncio.wait_for(worker.run(max_jobs=10, handle_signals=False), 10)
@@ -242,21 +244,22 @@ async def test_a_prefetched_job_past_its_timeout_is_not_run(node: Node) -> None:
         worker = AsyncWorker("late", address=address(node), concurrency=1, prefetch=2)
         ran: list[int] = []
 
+        async def timed_out() -> bool:
+            """The node timed the two behind it out: a counted attempt, back in the queue."""
+            infos = [await q.get_job(job_id) for job_id in late]
+            return all(i is not None and i["attempts"] == 1 for i in infos)
+
         @worker.handler
         async def handle(job: Any) -> None:
             ran.append(job.data)
-            if job.data == 0:
-                await asyncio.sleep(0.4)  # the two behind it wait past their timeout
+            if job.data == 0:  # runs until the two prefetched behind it are past their timeout
+                await eventually(timed_out, what="the prefetched jobs timed out by the node")
 
         await asyncio.wait_for(worker.run(max_jobs=3, handle_signals=False), 10)
         assert ran == [0] and worker.processed == 1
         assert await q.get_job(first) is not None
-        for job_id in late:  # the node timed them out: a counted attempt, back in the queue
-            for _ in range(100):
-                info = await q.get_job(job_id)
-                if info is not None and info["attempts"] == 1:
-                    break
-                await asyncio.sleep(0.02)
+        for job_id in late:
+            info = await q.get_job(job_id)
             assert info is not None and info["attempts"] == 1
             assert "timed out" in info["error"]
 
@@ -291,15 +294,23 @@ def node_process(tmp_path: Path) -> Any:
 
 
 WORKER_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import sys, threading
     from shardq import Worker
     worker = Worker("graceful", address=sys.argv[1], concurrency=1, poll_ms=100)
+    told_to_stop = threading.Event()
+    stop = worker._async.stop  # what the worker's SIGTERM handler calls
+
+    def stop_and_tell():
+        stop()
+        told_to_stop.set()
+
+    worker._async.stop = stop_and_tell
 
     @worker.handler
     def handle(job):
         print("started", job.data["n"], flush=True)
-        time.sleep(1.0)
-        print("finished", job.data["n"], flush=True)
+        told = told_to_stop.wait(30)  # the job runs until the SIGTERM has reached the worker
+        print("finished" if told else "never told to stop", job.data["n"], flush=True)
         return job.data["n"]
 
     worker.run()
@@ -321,10 +332,8 @@ def test_worker_stops_gracefully_on_sigterm(node_process: str, tmp_path: Path) -
         assert proc.returncode == 0
         assert out.split("\n")[:2] == ["finished 0", "exited"]
         assert q.get_result(ids[0]) == 0
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and q.stats()["pending"] != 2:
-            time.sleep(0.05)
-        assert q.stats()["pending"] == 2  # the others were never started
+        # the others were never started: handed back (if leased) when the worker left
+        eventually_sync(lambda: q.stats()["pending"] == 2, what="the 2 other jobs pending")
 
 
 async def test_a_long_job_without_timeout_keeps_its_lease(make_node: Any) -> None:
@@ -342,7 +351,7 @@ async def test_a_long_job_without_timeout_keeps_its_lease(make_node: Any) -> Non
         async def handle(job: Any) -> str:
             nonlocal runs
             runs += 1
-            await asyncio.sleep(1.2)  # three times the lease
+            await asyncio.sleep(1.2)  # three times the lease: elapsed time is under test
             return "done"
 
         await asyncio.wait_for(worker.run(max_jobs=1, handle_signals=False), 10)

@@ -207,3 +207,13 @@ def test_newest_valid_snapshot_wins_and_a_corrupt_one_is_skipped(tmp_path: Path)
     assert report.snapshot.endswith("snapshot-00000002.snap")  # type: ignore[attr-defined]
     assert state_of(recovered) == state_of(engine)
     assert os.path.exists(tmp_path / "snapshot-00000003.snap")
+
+
+def test_a_preallocated_segment_filled_to_within_a_header_of_its_end_is_not_torn() -> None:
+    _, journal = scripted_engine(3, 10)
+    record = frame(journal[0])
+    for zeros in range(1, 8):  # what is left of the segment's preallocated zeros
+        frames = [payload for _, payload in read_frames(record + bytes(zeros))]
+        assert len(frames) == 1, zeros
+    with pytest.raises(Torn):  # a torn header is still one: not zeros
+        list(read_frames(record + b"\x05\x00\x00"))
