@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from shardq import AsyncClient
-from shardq.errors import ShardqError
+from shardq.errors import ShardqError, Unavailable
 
 if TYPE_CHECKING:
     from shardq_node.runtime import Node
@@ -308,7 +308,9 @@ def start_node_process(port: int, *args: str, env: dict[str, str] | None = None,
 class SteadyLoad:
     """Producers push numbered jobs and workers pull and ack them, until ``stop`` is set and
     every pushed job was completed; counts what a test checks: pushed, completed (how often),
-    errors, and the longest single request."""
+    errors, and the longest single request. An ACK whose answer was lost (a node died with
+    it) may have completed its job: such jobs are ``unsure`` until ``settle_unsure`` asks
+    the cluster for their state."""
 
     def __init__(self, queues: list[str], producer_address: str,
                  worker_address: str | None = None, *, token: str | None = None,
@@ -324,7 +326,9 @@ class SteadyLoad:
         #: the jobs' timeout (ms): a lease whose pull answer was lost comes back after it
         self.job_timeout = job_timeout
         self.pushed: set[int] = set()
+        self.ids: dict[int, int] = {}  # number -> job id
         self.completed: dict[int, int] = {}
+        self.unsure: set[int] = set()  # numbers whose ACK failed without an answer
         self.longest = 0.0
         self.errors: list[str] = []
         self.stop = asyncio.Event()
@@ -340,19 +344,20 @@ class SteadyLoad:
                 n += 1
                 started = time.monotonic()
                 try:
-                    await c.push(self.queues[number % len(self.queues)], {"n": number},
-                                 timeout=self.job_timeout)
+                    job_id = await c.push(self.queues[number % len(self.queues)],
+                                          {"n": number}, timeout=self.job_timeout)
                 except ShardqError as exc:
                     self.errors.append(f"push: {exc}")
                     await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
                     continue
                 self.timed(started)
                 self.pushed.add(number)
+                self.ids[number] = job_id
                 await asyncio.sleep(self.pause)  # the producer's pace, not a wait for a state
 
     async def work(self, queues: list[str]) -> None:
         async with AsyncClient(self.worker_address, token=self.token) as c:
-            while not self.stop.is_set() or self.pushed - self.completed.keys():
+            while not self.stop.is_set() or self.outstanding():
                 for q in queues:
                     started = time.monotonic()
                     try:
@@ -360,14 +365,18 @@ class SteadyLoad:
                         self.timed(started)
                         for job in jobs:
                             started = time.monotonic()
-                            await c.ack(job, job.data["n"])
-                            self.timed(started)
                             number = job.data["n"]
+                            try:
+                                await c.ack(job, number)
+                            except Unavailable:
+                                self.unsure.add(number)  # it may have been applied
+                                raise
+                            self.timed(started)
                             self.completed[number] = self.completed.get(number, 0) + 1
                     except ShardqError as exc:
                         self.errors.append(f"work: {exc}")
                         await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
-                if self.stop.is_set() and not self.pushed - self.completed.keys():
+                if self.stop.is_set() and not self.outstanding():
                     return
                 await asyncio.sleep(self.work_pause)  # the workers' pace, not a wait for a state
 
@@ -378,6 +387,18 @@ class SteadyLoad:
         await eventually(lambda: len(self.completed) >= done + jobs, timeout, 0.05,
                          what=f"{jobs} more jobs completed by the load {where}",
                          hint=lambda: f"errors: {self.errors[-5:]}")
+
+    def outstanding(self) -> set[int]:
+        return self.pushed - self.completed.keys() - self.unsure
+
+    async def settle_unsure(self) -> None:
+        """Count a job whose ACK answer was lost as completed if the cluster says it is."""
+        async with AsyncClient(self.worker_address, token=self.token) as c:
+            for number in sorted(self.unsure - self.completed.keys()):
+                job = await c.get_job(self.ids[number])
+                if job is not None and job.get("state") == "completed":
+                    self.completed[number] = 1
+        self.unsure.clear()
 
     def duplicates(self) -> int:
         return sum(1 for count in self.completed.values() if count > 1)

@@ -39,6 +39,7 @@ async def _finish(load: SteadyLoad, producers: list[asyncio.Task[None]],
     load.stop.set()
     await asyncio.wait_for(asyncio.gather(*producers), 30)
     await asyncio.wait_for(asyncio.gather(*workers), 60)
+    await load.settle_unsure()
 
 
 @pytest.mark.slow
