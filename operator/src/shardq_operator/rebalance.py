@@ -175,11 +175,12 @@ class Rebalancer:
             if node is not None:
                 try:
                     answer = await self.call(node.tcp, req)
-                except RebalanceError as exc:
+                except ShardqError as exc:  # RebalanceError, and the refusals call raises
                     answer = {"ok": False, "error": str(exc)}
             error = str(answer.get("error", ""))
             if answer.get("ok") or not (error.startswith(("MOVED", "TRYAGAIN"))
-                                        or "has no primary" in error or "unreachable" in error):
+                                        or "has no primary" in error or "unreachable" in error
+                                        or "changed primary" in error):
                 return answer
             if loop.time() > deadline:
                 return answer
