@@ -9,18 +9,28 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 
+@overload
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float, what: str,
+                     interval: float = ...) -> T: ...
+
+
+@overload
+async def eventually(check: Callable[[], T], *, timeout: float, what: str,
+                     interval: float = ...) -> T: ...
+
+
 async def eventually(
-    check: Callable[[], T | Awaitable[T | None] | None],
+    check: Callable[[], Any],
     *,
     timeout: float,
     what: str,
     interval: float = 0.05,
-) -> T:
+) -> Any:
     """Call ``check`` (plain or async) until it returns something truthy, and return that.
 
     An exception from ``check`` counts as "not yet" and is shown if time runs out.
@@ -35,7 +45,7 @@ async def eventually(
             if inspect.isawaitable(value):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last = value
         except Exception as exc:  # "not yet"; reported if time runs out
             last = exc
