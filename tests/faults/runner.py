@@ -393,9 +393,9 @@ def _percentile(values: list[float], p: float) -> float:
 
 def table(results: list[RoundResult]) -> str:
     """Markdown: one row per fault kind (with/without moves) and a total row."""
-    head = ("| fault | rounds | failed | lost | resurrected | duplicate ids | unexpected | "
-            "redeliveries | indeterminate | unavailable p50 | p99 | max |")
-    rows = [head, "|" + "---|" * 12]
+    head = ("| fault | rounds | failed | pushes ok | lost | resurrected | duplicate ids | "
+            "unexpected | redeliveries | indeterminate | unavailable p50 | p99 | max |")
+    rows = [head, "|" + "---|" * 13]
     groups: dict[str, list[RoundResult]] = {}
     for result in results:
         groups.setdefault(result.label, []).append(result)
@@ -406,7 +406,8 @@ def table(results: list[RoundResult]) -> str:
             return sum(len(getattr(r.report, attr)) for r in group)
 
         rows.append(
-            f"| {name} | {len(group)} | {sum(not r.ok for r in group)} | {total('lost')} | "
+            f"| {name} | {len(group)} | {sum(not r.ok for r in group)} | "
+            f"{sum(r.report.pushes[OK] for r in group)} | {total('lost')} | "
             f"{total('resurrected')} | {total('duplicate_ids')} | {total('unexpected')} | "
             f"{sum(r.report.redeliveries for r in group)} | "
             f"{sum(r.report.indeterminate for r in group)} | "
