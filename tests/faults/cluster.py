@@ -13,9 +13,10 @@ binding (the gateway, the rebalancer, today's controller) comes from ``UNBOUND_S
 (127.0.0.1, what Linux picks for 127/8). The harness's own calls (SETTOPOLOGY,
 LISTQUEUES for the drain) go to the members' real addresses, never through a proxy.
 
-R = 1 works today: ``shards`` nodes, one per shard, the shard named like its node.
-R = 3 (``_start_replicated``) follows the interface the lead is building (shards in the
-topology, ``shardq controller --store``); it is switched on by ``REPLICATION_READY``.
+R = 1: ``shards`` nodes, one per shard, the shard named like its node. R = 3 (or 5):
+``shards`` shards of R members, the topology in a FileStore that ``shardq controller``
+watches, as ``shardq up --replicas R`` runs it (but each process on its own address, behind
+its proxy); the R > 1 rounds run when ``REPLICATION_READY`` is True.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from shardq.connection import Connection
+from shardq.errors import ShardqError
 from shardq.wire.slots import slot_of
-from shardq.wire.topology import NodeInfo
+from shardq.wire.topology import NodeInfo, Shard, Topology
 from shardq_operator.ring import initial, ring_owners
+from shardq_operator.store import FileStore
 
-from .polling import eventually
+from ..helpers import eventually
 from .proxy import Proxy
 
 # ------------------------------------------------------------------------------------------------
@@ -53,6 +56,7 @@ UNBOUND_SOURCE = "127.0.0.1"
 FAILURE_TIMEOUT_MS = 2000
 START_TIMEOUT = 30.0
 ADMIN_TIMEOUT = 5.0
+REPO = Path(__file__).resolve().parents[2]
 #: Small WAL segments and snapshot thresholds, so faults land in rotations and snapshots too.
 STORAGE_FLAGS = ("--segment-bytes", "65536", "--snapshot-bytes", "262144")
 
@@ -153,15 +157,9 @@ class FaultCluster:
             assert answer.get("ok"), answer
 
     async def _start_replicated(self, owning: int) -> None:
-        """R = 3 (or 5): ``shards`` shards of ``replicas`` members, a topology with
-        ``shards``, the topology store and the controller.
-
-        LEAD: written against the interface of issue 15 and never run; adapt it when
-        replication lands (names, the store's API, how the controller is started), then
-        set REPLICATION_READY = True above.
-        """
-        from shardq_operator.store import FileStore
-
+        """R = 3 (or 5): ``shards`` shards of ``replicas`` members (``shard-i-j``), the first
+        member of each its primary in term 1, written to the topology store (a FileStore,
+        as ``shardq up`` keeps it) and published; then the controller process."""
         index = 0
         for shard in self.shard_names:
             for j in range(self.replicas):
@@ -171,23 +169,24 @@ class FaultCluster:
             self.respawn(member.name)
         for member in self.members.values():
             await self.wait_member(member.name)
-        wire: dict[str, Any] = {
-            "epoch": 1,
-            "nodes": [m.info().wire() for m in self.members.values()],
-            "owners": ring_owners(self.shard_names[:owning]),
-            "moving": {},
-            "shards": {
-                shard: {"members": [m.name for m in self.members.values() if m.shard == shard],
-                        "primary": f"{shard}-0", "term": 1, "learners": [], "ids": {}}
-                for shard in self.shard_names
-            },
-        }
-        store_path = self.root / "topology-store.json"
-        FileStore(str(store_path)).create(wire)  # LEAD: the store's seeding call
+        ids = {m.name: str((await self.call(m.name, {"cmd": "STATUS"}))["storage_id"])
+               for m in self.members.values()}
+        shards = {}
+        for shard in self.shard_names:
+            members = [m.name for m in self.members.values() if m.shard == shard]
+            shards[shard] = Shard(members=members, primary=members[0], term=1,
+                                  ids={m: ids[m] for m in members})
+        topo = Topology(epoch=1, nodes=[m.info() for m in self.members.values()],
+                        owners=ring_owners(self.shard_names[:owning]), shards=shards)
+        await self.store().cas(0, topo)
         for member in self.members.values():
-            answer = await self.call(member.name, {"cmd": "SETTOPOLOGY", "topology": wire})
+            answer = await self.call(member.name, {"cmd": "SETTOPOLOGY",
+                                                   "topology": topo.wire()})
             assert answer.get("ok"), answer
         self.respawn_controller()
+
+    def store(self) -> FileStore:
+        return FileStore(str(self.root / "topology.store.json"))
 
     async def _add_member(self, name: str, shard: str, index: int) -> None:
         ip = member_ip(index)
@@ -241,7 +240,10 @@ class FaultCluster:
         async def listening() -> bool:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{what} exited with {proc.returncode}")
-            _, writer = await asyncio.open_connection(host, port)
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                return False
             writer.close()
             return True
 
@@ -291,11 +293,12 @@ class FaultCluster:
         shutil.copytree(copy, m.data_dir)
 
     def respawn_controller(self) -> None:
-        """LEAD: the controller's command line (R = 3 only)."""
+        """The failover controller over the topology store (R > 1 only); it dials the
+        members unbound, so its connections come from UNBOUND_SOURCE, like the gateway's."""
         assert self.controller is None or self.controller.poll() is not None
         self.controller = self._spawn("controller", [
-            "controller", "--store", str(self.root / "topology-store.json"),
-            "--cluster-token", self.token, "--failure-timeout-ms", str(FAILURE_TIMEOUT_MS),
+            "controller", "--store", self.store().path, "--cluster-token", self.token,
+            "--failure-timeout-ms", str(FAILURE_TIMEOUT_MS),
         ])
 
     async def kill_controller(self) -> None:
@@ -304,17 +307,22 @@ class FaultCluster:
         await asyncio.to_thread(self.controller.wait, 10)
 
     def start_rebalance(self, shards: list[str]) -> subprocess.Popen[bytes]:
-        """A coordinator process moving slots until ``shards`` own the ring (R = 1: the
-        nodes); it dials the proxies, like the gateway.
-
-        LEAD: at R > 1 ``shards`` are shard names, not members: start the move between
-        shards the way replication does it (the primaries run it, DESIGN §9)."""
-        members = ",".join(f"{s}={self.members[s].proxy.address}" for s in shards)
-        seeds = ",".join(m.proxy.address for m in self.members.values())
-        proc = self._spawn("rebalance", [
-            "rebalance", "--nodes", members, "--seed", seeds, "--cluster-token", self.token,
-            "--batch", "4",
-        ])
+        """A coordinator process moving slots until ``shards`` own the ring; it dials the
+        proxies, like the gateway. R = 1: ``shardq rebalance`` over the nodes; R > 1: the
+        shard rebalancer over the topology store (rebalance_shards.py)."""
+        if self.replicas == 1:
+            members = ",".join(f"{s}={self.members[s].proxy.address}" for s in shards)
+            seeds = ",".join(m.proxy.address for m in self.members.values())
+            args = ["rebalance", "--nodes", members, "--seed", seeds,
+                    "--cluster-token", self.token, "--batch", "4"]
+            argv = [sys.executable, "-m", "shardq.cli", *args]
+        else:
+            argv = [sys.executable, "-m", "tests.faults.rebalance_shards", "--store",
+                    self.store().path, "--shards", ",".join(shards), "--cluster-token",
+                    self.token]
+        with open(self.root / "rebalance.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent, cwd=REPO)
         self.others.append(proc)
         return proc
 
@@ -339,12 +347,18 @@ class FaultCluster:
             await conn.close()
 
     async def topology(self) -> dict[str, Any]:
-        """The newest topology any running member holds (wire form)."""
+        """The topology now (wire form): R > 1 the store's (the truth the controller and
+        the rebalancer write); R = 1 the newest any running member holds."""
+        if self.replicas > 1:
+            _, topo = await self.store().read()
+            if topo is None:
+                raise RuntimeError("the topology store is empty")
+            return topo.wire()
         best: dict[str, Any] | None = None
         for m in self.members.values():
             if m.proc is None or m.proc.poll() is not None or m.paused:
                 continue
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ShardqError, OSError, TimeoutError):
                 topo = (await self.call(m.name, {"cmd": "TOPOLOGY"})).get("topology")
                 if topo and (best is None or topo["epoch"] > best["epoch"]):
                     best = topo
@@ -357,9 +371,13 @@ class FaultCluster:
         return owner
 
     def primary(self, topo: dict[str, Any], shard: str) -> str:
+        """The shard's primary; raises while it has none (a failover in progress)."""
         if self.replicas == 1:
             return shard
         primary: str = topo["shards"][shard]["primary"]
+        if not primary:
+            raise RuntimeError(f"shard {shard} has no primary (term "
+                               f"{topo['shards'][shard]['term']})")
         return primary
 
     def followers(self, topo: dict[str, Any], shard: str) -> list[str]:

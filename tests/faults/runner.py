@@ -35,11 +35,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardq.errors import ShardqError
+
+from ..helpers import eventually
 from .checker import Report, check
 from .cluster import FAILURE_TIMEOUT_MS, REPLICATION_READY, UNBOUND_SOURCE, FaultCluster
 from .history import OK, History
 from .load import Load, LoadConfig
-from .polling import eventually
 
 OUT = Path(__file__).resolve().parents[2] / "build" / "faults"
 SHARDS = 3
@@ -97,7 +99,9 @@ class Round:
 async def kill_primary(r: Round) -> None:
     topo, shard = await r.pick_shard()
     victim = r.cluster.primary(topo, shard)
-    down = r.rnd.uniform(0.3, 1.5)
+    # on both sides of the failure timeout: at R = 3 some rounds fail over, in others the
+    # primary is back first
+    down = r.rnd.uniform(0.3, FAILURE_TIMEOUT_MS / 1000 + 1.5)
     async with r.fault("kill-primary", victim, await r.queues_of(shard), down=down):
         await r.cluster.kill(victim)
         await asyncio.sleep(down)  # the fault's duration: the primary stays dead this long
@@ -365,12 +369,22 @@ async def _round(cluster: FaultCluster, load: Load, history: History, r: Round, 
     await load.stop_workers()
 
 
+#: What reading the cluster may meet while it recovers: "not yet" for a polling predicate.
+NOT_YET = (ShardqError, OSError, TimeoutError, RuntimeError)
+
+
 async def _moved(cluster: FaultCluster, epoch: int) -> bool:
-    return bool((await cluster.topology())["epoch"] > epoch)
+    try:
+        return bool((await cluster.topology())["epoch"] > epoch)
+    except NOT_YET:
+        return False
 
 
 async def _drained(cluster: FaultCluster, queues: list[str]) -> bool:
-    return await cluster.live_jobs(queues) == 0
+    try:
+        return await cluster.live_jobs(queues) == 0
+    except NOT_YET:
+        return False
 
 
 def _oks(history: History, f: str | None, queues: set[str] | None = None,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from .polling import eventually
+from ..helpers import eventually
 from .proxy import Proxy
 
 NODE_IP = "127.0.0.31"
