@@ -137,18 +137,23 @@ async def _client_partition(r: Round, kind: str, how: str) -> None:
         proxy.heal(UNBOUND_SOURCE)
 
 
+# The "clients" of a primary here are the processes that dial it unbound (cluster.py): the
+# gateway, and at R = 3 also the controller (which then fails the shard over) and a
+# rebalancer; only its followers still reach it.
+
+
 async def cut_clients(r: Round) -> None:
-    """The gateway's links to a primary cut (reset): its shard unreachable for clients."""
+    """The clients' links to a primary cut (reset)."""
     await _client_partition(r, "cut-clients", "cut")
 
 
 async def blackhole_clients(r: Round) -> None:
-    """The gateway's links to a primary silent: requests hang until the heal."""
+    """The clients' links to a primary silent: their requests hang until the heal."""
     await _client_partition(r, "blackhole-clients", "blackhole")
 
 
 async def delay_clients(r: Round) -> None:
-    """50-300 ms added to the gateway's links to a primary."""
+    """50-300 ms added to the clients' links to a primary."""
     await _client_partition(r, "delay-clients", "delay")
 
 
