@@ -245,15 +245,12 @@ class FaultCluster:
         async def listening() -> bool:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{what} exited with {proc.returncode}")
-            try:
-                _, writer = await asyncio.open_connection(host, port)
-            except OSError:
-                return False
+            _, writer = await asyncio.open_connection(host, port)
             writer.close()
             return True
 
-        await eventually(listening, timeout=START_TIMEOUT, what=f"{what} listening on "
-                         f"{host}:{port} (log in {self.root})")
+        await eventually(listening, timeout=START_TIMEOUT, ignore=(OSError,),
+                         what=f"{what} listening on {host}:{port} (log in {self.root})")
 
     async def kill(self, name: str) -> None:
         """SIGKILL member ``name`` and reap it."""

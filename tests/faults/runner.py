@@ -350,7 +350,7 @@ async def _round(cluster: FaultCluster, load: Load, history: History, r: Round, 
         epoch = (await cluster.topology())["epoch"]
         wanted = cluster.shard_names if grow else cluster.shard_names[:-1]
         rebalance = r.rebalance = cluster.start_rebalance(wanted)
-        await eventually(lambda: _moved(cluster, epoch), timeout=20,
+        await eventually(lambda: _moved(cluster, epoch), timeout=20, ignore=NOT_YET,
                          what="the rebalance published a new topology")
     await asyncio.sleep(r.rnd.uniform(0.05, 0.6))  # the fault lands at a seeded instant
     await kind.run(r)
@@ -369,7 +369,7 @@ async def _round(cluster: FaultCluster, load: Load, history: History, r: Round, 
         history.meta(event="rebalance ended", code=code)
         if code != 0:
             errors.append(f"the rebalance ended with {code} (see rebalance.log)")
-    await eventually(lambda: _drained(cluster, load.queues), timeout=DRAIN_TIMEOUT,
+    await eventually(lambda: _drained(cluster, load.queues), timeout=DRAIN_TIMEOUT, ignore=NOT_YET,
                      what="every queue drained")
     await load.stop_workers()
 
@@ -379,17 +379,11 @@ NOT_YET = (ShardqError, OSError, TimeoutError, RuntimeError)
 
 
 async def _moved(cluster: FaultCluster, epoch: int) -> bool:
-    try:
-        return bool((await cluster.topology())["epoch"] > epoch)
-    except NOT_YET:
-        return False
+    return bool((await cluster.topology())["epoch"] > epoch)
 
 
 async def _drained(cluster: FaultCluster, queues: list[str]) -> bool:
-    try:
-        return await cluster.live_jobs(queues) == 0
-    except NOT_YET:
-        return False
+    return await cluster.live_jobs(queues) == 0
 
 
 def _oks(history: History, f: str | None, queues: set[str] | None = None,
