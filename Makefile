@@ -5,6 +5,7 @@ PORT  ?= 6789
 HTTP_PORT ?= 6790
 
 .PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test packages-test packages-bench
+.PHONY: faults
 .PHONY: dashboards rules-test dashboard-png
 .PHONY: chart-render chart-schema image
 
@@ -38,6 +39,15 @@ typecheck:
 
 unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+## faults: the long fault-injection run (tests/faults): ROUNDS rounds spread over every fault
+## kind (REPLICAS: R, default 3 once replication is switched on, else 1; SEED: the first
+## seed); prints a table per fault kind and writes it to build/faults/summary.md, the
+## histories of failed rounds to build/faults/<seed>-<kind>.jsonl
+ROUNDS ?= 200
+SEED ?= 1
+faults: venv-test
+	$(VENV)/python -m tests.faults.runner --rounds $(ROUNDS) --seed $(SEED) $(if $(REPLICAS),--replicas $(REPLICAS))
 
 ## bench: every benchmark, side by side, written to BENCHMARKS.md
 bench: venv-test packages-bench
