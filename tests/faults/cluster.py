@@ -46,11 +46,7 @@ from .proxy import Proxy
 # ------------------------------------------------------------------------------------------------
 # THE SWITCH of the R = 3 fault rounds (test_faults.py; `make faults` defaults to R = 3 with
 # it): True runs them; False skips them with REPLICATION_SKIP (and `make faults` runs R = 1).
-# The launcher below runs against main's replication; what keeps the switch off is that the
-# shard rebalancer dies when a shard it moves slots to or from fails over (call_owner does
-# not retry the MOVED / "changed primary" that Rebalancer.call raises): the +moves rounds
-# with a failover fail on it (seed 58 cut-primary-from-followers+moves, every time).
-REPLICATION_READY = False
+REPLICATION_READY = True
 REPLICATION_SKIP = "replication: the shard rebalancer does not survive a failover yet"
 # ------------------------------------------------------------------------------------------------
 
