@@ -95,6 +95,12 @@ class GatewayBackend:
         epoch = self.gateway.router.epoch
         return (epoch >= 0, "ok" if epoch >= 0 else "no topology yet")
 
+    async def health(self) -> tuple[int, bool, dict[str, Any]]:
+        answer = await self.call({"cmd": "STATS"})
+        if answer.get("ok") is not True:
+            return 0, False, {}
+        return int(answer.get("memory_bytes", 0)), not answer.get("storage_failed"), {}
+
     async def close(self) -> None:
         for conn in [*self._idle, *([self._shared] if self._shared else [])]:
             await conn.close()

@@ -168,6 +168,8 @@ class FollowerLink:
         self.acked = 0  # last LSN the follower holds durably
         self.acked_at = 0.0  # monotonic time of its last ack
         self.unacked_since = 0.0  # when the oldest record it has not acked was sent
+        #: (observed only) while not live: when the first record it was not sent was written
+        self.missed_since = 0.0
         self.storage_id = ""
         self.task: asyncio.Task[None] | None = None
         self.closed = False
@@ -198,6 +200,8 @@ class FollowerLink:
 
     def ship(self, first: int, last: int, frames: bytes, blobs: bytes, nblobs: int) -> None:
         if not self.live or self.sent + 1 != first:
+            if not self.missed_since:
+                self.missed_since = time.monotonic()
             return
         body = RECORDS_HEAD.pack(first, last - first + 1, nblobs) + blobs + frames
         if self.send(message(K_RECORDS, body)):
@@ -304,6 +308,7 @@ class FollowerLink:
             wal.pins.remove(common + 1)
         self.live = True  # no await since the last check: nothing was written in between
         self.unacked_since = time.monotonic()
+        self.missed_since = 0.0
         log.info("follower %s caught up to %d (term %d)", self.name, self.sent, repl.term)
 
     async def _send_snapshot(self) -> int:
@@ -324,6 +329,17 @@ class FollowerLink:
         assert self.writer is not None
         await self.writer.drain()
         return lsn
+
+    def lag(self, last: int, now: float) -> tuple[int, float]:
+        """How far behind the primary's log (its last LSN ``last``) the follower is: records
+        it has not acknowledged, and seconds since the oldest of them was sent to it (or, on
+        a link that is not live, since the first record it was not sent was written)."""
+        records = max(0, last - self.acked)
+        if not records:
+            return 0, 0.0
+        since = [t for t in (self.unacked_since if self.acked < self.sent else 0.0,
+                             0.0 if self.live else self.missed_since) if t]
+        return records, (now - min(since)) if since else 0.0
 
     def _acked(self, lsn: int) -> None:
         if lsn <= self.acked:
@@ -525,6 +541,16 @@ class Replication:
             self.durable = commit
             self.node.released()
 
+    def members_in_sync(self) -> int:
+        """Members (not learners) whose link is live, this primary counted: what its quorum
+        is counted from (``advance``); 0 on a node that is not a primary."""
+        shard = self.shard
+        if self.role != PRIMARY or shard is None:
+            return 0
+        me = self.node.cluster.name
+        return 1 + sum(1 for n in shard.members
+                       if n != me and (lk := self.links.get(n)) is not None and lk.live)
+
     def quorum_lost_for(self) -> float:
         """Seconds this primary has had fewer live members than a majority (0: it has one)."""
         since = self.no_quorum_since
@@ -570,14 +596,14 @@ class Replication:
             out["heard_ms"] = int((now - self.last_heard) * 1000) if self.last_heard else -1
             out["primary_lsn"] = self.primary_lsn
         if self.role == PRIMARY:
-            out["followers"] = [
-                {"name": link.name, "live": link.live, "acked": link.acked,
-                 "lag_records": max(0, wal.seq - link.acked),
-                 "lag_seconds": round(now - link.unacked_since, 3)
-                 if link.unacked_since and link.acked < link.sent else 0.0,
-                 "storage_id": link.storage_id}
-                for link in self.links.values()
-            ]
+            followers = []
+            for link in self.links.values():
+                records, seconds = link.lag(wal.seq, now)
+                followers.append({"name": link.name, "live": link.live, "acked": link.acked,
+                                  "lag_records": records, "lag_seconds": round(seconds, 3),
+                                  "storage_id": link.storage_id})
+            out["followers"] = followers
+            out["members_in_sync"] = self.members_in_sync()
             out["quorum_lost_s"] = round(self.quorum_lost_for(), 3)
         return out
 
