@@ -7,7 +7,9 @@ scripts/ci_packages.sh); without them these tests skip on a laptop and fail in C
 
 The integration test scrapes nodes and a gateway, so the gateway's expressions must return
 data like the nodes'; ``shardq_gateway_upstream_errors_total`` has series only once an error
-happened, so those expressions are checked after a node has been stopped.
+happened, so those expressions are checked after a node has been stopped. It also scrapes
+the three members of a replicated shard (a second job), for the replication series that
+only a shard's primary exports, and stops one of its followers.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..observe import (
     metrics_targets,
     require_tool,
     start_nodes,
+    start_shard,
 )
 
 gen = load_generator()
@@ -131,6 +134,32 @@ async def test_promtool_check_metrics_on_a_live_node(tmp_path: Path) -> None:
     assert out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
 
 
+async def test_promtool_check_metrics_on_a_replicated_primary(tmp_path: Path) -> None:
+    """The replication series a shard's primary exports pass promtool's lint too."""
+    require_tool("promtool")
+    shard = await start_shard(tmp_path / "shard", "s0")
+    try:
+        primary = shard.nodes[0]
+        async with AsyncClient(f"127.0.0.1:{primary.tcp_port}") as client:
+            for i in range(5):
+                await client.push("work", {"i": i})
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{primary.http_port}/metrics") as resp:
+            assert resp.status == 200
+            body = await resp.read()
+    finally:
+        await shard.stop()
+    text = body.decode()
+    for needle in ('shardq_replication_role{role="primary",shard="s0"} 1.0',
+                   'shardq_replication_members{shard="s0"} 3.0',
+                   'shardq_replication_follower_in_sync{follower="s0-1",shard="s0"}',
+                   'shardq_replication_failovers_total{shard="s0"} 0.0'):
+        assert needle in text
+    out = await asyncio.to_thread(promtool, "check", "metrics", stdin=body)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
+
+
 # -- a real Prometheus ---------------------------------------------------------------------------
 
 
@@ -190,17 +219,20 @@ async def through_gateway(gateway: Gateway, queue: str) -> None:
 
 
 async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
-    """Nodes and a gateway under load, scraped every second by a real Prometheus that also
-    evaluates the alert rules: every dashboard query and every alert expression returns data.
-    Then a node stops: ShardqNodeDown goes pending for it, and the gateway's upstream-error
-    series (which exist only after an error) return data too."""
+    """Nodes and a gateway under load, and a replicated shard of three members, scraped every
+    second by a real Prometheus that also evaluates the alert rules: every dashboard query and
+    every alert expression returns data. Then a node stops: ShardqNodeDown goes pending for it,
+    and the gateway's upstream-error series (which exist only after an error) return data too;
+    a follower of the shard stops: ShardqShardUnderReplicated goes pending for the shard."""
     binary = require_tool("prometheus")
     started = time.monotonic()
     cluster = await start_nodes(tmp_path / "nodes", 3)
+    replicated = await start_shard(tmp_path / "shard", "s0")
     gateway = Gateway(GatewaySettings(port=0, http_port=free_port(), seeds=cluster.seeds()))
     await gateway.start()
     prom = Prometheus(tmp_path / "prometheus", {
         "shardq-node": metrics_targets(cluster),
+        "shardq-replica": metrics_targets(replicated),
         "shardq-gateway": [f"127.0.0.1:{gateway.http_port}"],
     }, [RULES], binary=binary)
     exprs = gen.all_exprs()
@@ -211,16 +243,19 @@ async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Pa
     try:
         await prom.start()
         stop = asyncio.Event()
-        async with Load(cluster.seeds()[0], QUEUES) as load:
+        async with Load(cluster.seeds()[0], QUEUES) as load, \
+                Load(replicated.seeds()[0], QUEUES) as on_shard:
             await load.round(push=40, work=30)
-            task = asyncio.create_task(load.run(stop, pause=0.2, push=5, work=5))
+            await on_shard.round(push=20, work=10)
+            tasks = [asyncio.create_task(load.run(stop, pause=0.2, push=5, work=5)),
+                     asyncio.create_task(on_shard.run(stop, pause=0.2, push=2, work=2))]
             try:
                 for queue in [*QUEUES, down_queue]:
                     await through_gateway(gateway, queue)
                 missing = await wait_for_data(prom, first, 40.0)
             finally:
                 stop.set()
-                await task
+                await asyncio.gather(*tasks)
         assert not missing, report(missing, first, prom)
 
         # every rule loaded and evaluates without error
@@ -247,9 +282,30 @@ async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Pa
         while not await node_down_alert():
             assert time.monotonic() < deadline, f"ShardqNodeDown not pending:\n{prom.log()}"
             await asyncio.sleep(0.5)
+
+        # a follower of the replicated shard stops: the shard is under-replicated
+        assert not await alerts_of(prom, "ShardqShardUnderReplicated")
+        primary = replicated.seeds()[0]
+        await replicated.stop_node("s0-2")
+        async with AsyncClient(primary) as client:
+            await client.push(QUEUES[0], "while s0-2 is down")  # s0-0 and s0-1: a majority
+        deadline = time.monotonic() + 15
+        while not (pending := await alerts_of(prom, "ShardqShardUnderReplicated")):
+            assert time.monotonic() < deadline, \
+                f"ShardqShardUnderReplicated not pending:\n{prom.log()}"
+            await asyncio.sleep(0.5)
+        assert [(a["labels"]["shard"], a["labels"]["job"], a["state"]) for a in pending] \
+            == [("s0", "shardq-replica", "pending")]
         print(f"{len(first) + len(after_errors)} expressions returned data "
               f"({len(after_errors)} after a node stopped); {time.monotonic() - started:.1f}s")
     finally:
         await prom.stop()
         await gateway.stop()
         await cluster.stop()
+        await replicated.stop()
+
+
+async def alerts_of(prom: Prometheus, name: str) -> list[dict[str, Any]]:
+    """The alerts (pending or firing) of rule ``name`` Prometheus has now."""
+    alerts: list[dict[str, Any]] = (await prom.api("alerts"))["alerts"]
+    return [a for a in alerts if a["labels"]["alertname"] == name]

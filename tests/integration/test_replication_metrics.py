@@ -111,6 +111,7 @@ async def test_roles_log_positions_and_follower_lag_in_metrics(shard: HttpShard3
     assert roles(m) == {"primary": 1, "follower": 0, "learner": 0, "none": 0, "standalone": 0}
     assert value(m, "shardq_replication_term") == 1
     assert value(m, "shardq_replication_members") == 3
+    assert value(m, "shardq_replication_learners") == 0
     assert value(m, "shardq_replication_members_in_sync") == 3
     assert value(m, "shardq_replication_no_quorum_seconds") == 0
     for n in ("b", "c"):

@@ -222,6 +222,11 @@ class NodeCollector(Collector):
                                     "(on its primary)", labels=["shard"])
         members.add_metric([shard], float(len(repl.shard.members)))
         yield members
+        learners = GaugeMetricFamily("shardq_replication_learners", "Learners of the shard: "
+                                     "members to be, catching up without a vote (on its "
+                                     "primary)", labels=["shard"])
+        learners.add_metric([shard], float(len(repl.shard.learners)))
+        yield learners
         in_sync = GaugeMetricFamily("shardq_replication_members_in_sync", "Members of the shard "
                                     "whose log is live from the primary, the primary counted "
                                     "(its quorum needs a majority)", labels=["shard"])
