@@ -4,12 +4,16 @@ A shard of three real nodes on loopback, each with its HTTP port, and the failov
 controller (as in test_replication.py). Every check reads ``/metrics`` over HTTP and parses
 it with prometheus_client's parser, as Prometheus would: the roles, terms and log positions,
 the primary's per-follower lag and in-sync series, and how they move when a follower stops,
-when the primary loses its quorum, and when the controller promotes a follower.
+when the primary loses its quorum, and when the controller promotes a follower. Then a
+replicated ``LocalCluster`` (node processes) for what only a process can do: a follower
+paused with SIGSTOP, whose link stays up while it falls behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,9 +24,12 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shardq import AsyncClient
 from shardq.connection import Connection
+from shardq.errors import Unavailable
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings, StorageSettings
+from shardq_operator.local import LocalCluster
 
 from ..helpers import eventually, free_port
 from .test_replication import Shard3
@@ -233,3 +240,112 @@ async def test_a_promoted_follower_counts_its_failover(shard: HttpShard3) -> Non
     assert value(follower, "shardq_replication_failovers_total") == 0
     status, body = await get(shard, name, "/health")
     assert status == 200 and '"role":"primary"' in body and '"term":2' in body
+
+
+# -- a paused follower (SIGSTOP): processes, as ``shardq up --replicas 3`` runs them --------------
+
+
+class Local:
+    """One replicated shard of ``shardq up --replicas 3``, and the processes it paused."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.paused: list[subprocess.Popen[bytes]] = []
+
+    def proc(self, name: str) -> subprocess.Popen[bytes]:
+        node = next(n for n in self.cluster.nodes if n.name == name)
+        assert node.proc is not None
+        return node.proc
+
+    def pause(self, name: str) -> None:
+        self.paused.append(self.proc(name))
+        self.proc(name).send_signal(signal.SIGSTOP)
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[Local]:
+    cluster = LocalCluster("127.0.0.1", free_port(), free_port(), str(tmp_path / "data"),
+                           "always", replicas=3, failure_timeout=1.0)
+    await cluster.start(1)
+    it = Local(cluster)
+    try:
+        yield it
+    finally:
+        for proc in it.paused:  # SIGCONT first: a stopped process would not end on SIGTERM
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+        await cluster.stop()
+
+
+async def scrape_port(port: int) -> Samples:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, \
+            http.get(f"http://127.0.0.1:{port}/metrics") as res:
+        text = await res.text()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name.startswith("shardq_replication_")}
+
+
+def shard_value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted({"shard": "shard-0", **labels}.items()))))
+
+
+async def test_a_paused_follower_stays_in_sync_while_its_lag_grows(local: Local) -> None:
+    """What ShardqReplicationLagHigh is for: a follower that stops acknowledging but keeps its
+    connection (SIGSTOP, a stuck disk) is still in sync as the primary counts its quorum; only
+    its lag in records and seconds tells. SIGCONT: it catches up."""
+    topo = await local.cluster.current()
+    assert topo is not None
+    shard = topo.shards["shard-0"]
+    primary = next(n for n in local.cluster.nodes if n.name == shard.primary)
+    follower = next(m for m in shard.members if m != shard.primary)
+    local.pause(follower)
+    async with AsyncClient(f"127.0.0.1:{local.cluster.port}") as client:
+        for i in range(3):
+            await asyncio.wait_for(client.push("paused", {"i": i}), 5)  # a majority: answered
+
+    async def behind() -> Samples | None:
+        m = await scrape_port(primary.http_port)
+        lag = shard_value(m, "shardq_replication_follower_lag_seconds", follower=follower) or 0
+        return m if lag > 1.5 else None
+
+    m = await eventually(behind, 10, what=f"{follower} more than 1.5 s behind")
+    assert shard_value(m, "shardq_replication_follower_in_sync", follower=follower) == 1
+    assert (shard_value(m, "shardq_replication_follower_lag_records", follower=follower)
+            or 0) >= 3
+    assert shard_value(m, "shardq_replication_members_in_sync") == 3
+    assert shard_value(m, "shardq_replication_no_quorum_seconds") == 0
+
+    local.proc(follower).send_signal(signal.SIGCONT)
+
+    async def caught_up() -> bool:
+        m = await scrape_port(primary.http_port)
+        return (shard_value(m, "shardq_replication_follower_lag_records", follower=follower) == 0
+                and shard_value(m, "shardq_replication_follower_lag_seconds",
+                                follower=follower) == 0)
+
+    await eventually(caught_up, 10, what=f"{follower} caught up after SIGCONT")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "replication: a follower link stays live while its process is stopped (the TCP "
+    "connection is open), so a primary whose majority is paused never counts its quorum "
+    "lost: writes hang instead of 'Unavailable: shard S has no quorum' (DESIGN §9), and "
+    "the controller sees no reason to act"))
+async def test_a_primary_whose_followers_are_paused_refuses_writes(local: Local) -> None:
+    topo = await local.cluster.current()
+    assert topo is not None
+    shard = topo.shards["shard-0"]
+    for member in shard.members:
+        if member != shard.primary:
+            local.pause(member)
+    primary = next(n for n in local.cluster.nodes if n.name == shard.primary)
+    conn = await Connection(f"127.0.0.1:{primary.port}").open()
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="has no quorum"):
+            # failure_timeout is 1 s: refused well within 5 s, as when the followers are dead
+            await asyncio.wait_for(conn.call({"cmd": "PUSH", "queue": "q", "data": 1}), 5)
+        assert time.monotonic() - started < 5
+    finally:
+        await conn.close()
