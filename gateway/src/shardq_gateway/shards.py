@@ -4,7 +4,8 @@ The web dashboard's Nodes panel shows this when the topology has shards (DESIGN 
 gateway asks every member and learner for ``STATUS`` (the controller's probe: role, term,
 log position; on a primary each follower link's lag), each on a connection of its own
 (``probe_timeout``), so a slow or dead node neither holds the answer up nor counts as
-an upstream error of the routing links. ``shard_rows`` merges the topology with the
+an upstream error of the routing links; requests that arrive while a round of probes
+runs (several dashboards open) share its answer. ``shard_rows`` merges the topology with the
 answers: a member's role is what it says itself; its lag and whether it is in sync are
 what its shard's primary says about it. A member that did not answer has ``role: null``
 and the reason in ``error``.
@@ -32,6 +33,7 @@ class StatusProbe:
         self.token = token
         self.timeout = timeout
         self._conns: dict[str, Connection] = {}
+        self._round: asyncio.Task[list[dict[str, Any]]] | None = None
 
     async def status(self, address: str) -> Status | str:
         """The node's STATUS answer, or why there is none."""
@@ -50,6 +52,12 @@ class StatusProbe:
             return str(exc) or type(exc).__name__
 
     async def shards(self, topo: Topology) -> list[dict[str, Any]]:
+        """Every shard of ``topo`` with its members' status (shard_rows)."""
+        if self._round is None or self._round.done():
+            self._round = asyncio.get_running_loop().create_task(self._ask_all(topo))
+        return await asyncio.shield(self._round)
+
+    async def _ask_all(self, topo: Topology) -> list[dict[str, Any]]:
         names = [n for shard in topo.shards.values() for n in [*shard.members, *shard.learners]]
         addresses = {n.name: n.tcp for n in topo.nodes}
         found = await asyncio.gather(*(self.status(addresses[n]) for n in names
@@ -61,6 +69,10 @@ class StatusProbe:
         return shard_rows(topo, statuses)
 
     async def close(self) -> None:
+        if self._round is not None:
+            self._round.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._round
         for conn in self._conns.values():
             await conn.close()
         self._conns.clear()
