@@ -200,7 +200,7 @@ class FollowerLink:
 
     def ship(self, first: int, last: int, frames: bytes, blobs: bytes, nblobs: int) -> None:
         if not self.live or self.sent + 1 != first:
-            if not self.missed_since:
+            if not self.live and not self.missed_since:
                 self.missed_since = time.monotonic()
             return
         body = RECORDS_HEAD.pack(first, last - first + 1, nblobs) + blobs + frames
