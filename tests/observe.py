@@ -4,7 +4,9 @@ that gives every node metric data.
 ``Prometheus`` runs the ``prometheus`` binary (Debian's package) on a free loopback port with
 its own config and TSDB in a temporary directory, and is stopped by its PID. ``start_nodes``
 starts nodes with an HTTP port (``/metrics``) and a data dir (WAL, fsync, blob metrics) and
-publishes a topology that splits the slots between them. ``Load`` pushes, pulls, acks and
+publishes a topology that splits the slots between them; ``start_shard`` starts the members
+of one replicated shard (DESIGN §9) the same way, so the replication series exist. ``Load``
+pushes, pulls, acks and
 fails jobs through the SDK's direct mode. Used by tests/integration/test_observability.py and by
 charts/shardq/dashboards/render.py (the PNG in docs/).
 """
@@ -25,6 +27,8 @@ import yaml
 
 from shardq.client import AsyncClient
 from shardq.errors import ShardqError
+from shardq.wire.slots import SLOTS
+from shardq.wire.topology import NodeInfo, Shard, Topology
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings, StorageSettings
 
@@ -171,6 +175,27 @@ async def start_nodes(root: Path, count: int = 3, **storage: Any) -> Cluster:
         nodes.append(node)
     cluster = Cluster(nodes, None)
     await cluster.publish(cluster.topology)
+    return cluster
+
+
+async def start_shard(root: Path, shard: str = "s0", members: int = 3,
+                      **storage: Any) -> Cluster:
+    """The ``members`` nodes of replicated shard ``shard`` (all 1024 slots), each with /metrics
+    and a data dir; the first is primary in term 1. No controller: nothing fails over."""
+    nodes = []
+    for i in range(members):
+        name = f"{shard}-{i}"
+        node = Node(NodeSettings(name=name, port=0, http_port=free_port(),
+                                 storage=StorageSettings(data_dir=str(root / name), **storage)))
+        await node.start()
+        nodes.append(node)
+    names = [n.settings.name for n in nodes]
+    cluster = Cluster(nodes, None)
+    await cluster.publish(Topology(
+        epoch=1, owners=[shard] * SLOTS,
+        nodes=[NodeInfo(n.settings.name, f"127.0.0.1:{n.tcp_port}", f"127.0.0.1:{n.http_port}")
+               for n in nodes],
+        shards={shard: Shard(members=names, primary=names[0], term=1)}))
     return cluster
 
 

@@ -1,5 +1,6 @@
 """The web dashboard in a real browser: Debian's headless Chromium, driven by playwright,
-against a real local cluster (``LocalCluster``: node processes and a gateway on loopback).
+against a real local cluster (``LocalCluster``: node processes and a gateway on loopback;
+also a replicated one, ``shardq up --replicas 3``, whose shards the Nodes panel shows).
 
 The page is checked through what a person sees and does (rows, buttons by their names,
 keys), and every effect of a click is checked again through the API. A screenshot of
@@ -10,17 +11,22 @@ and fail in CI.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shardq.client import AsyncClient
+from shardq.wire.slots import slot_of
+from shardq.wire.topology import Topology
 from shardq_operator.local import LocalCluster
 
 from ..helpers import eventually, free_port, missing, needs_binary
@@ -53,9 +59,10 @@ async def wait_http_ready(port: int) -> None:
                          ignore=(aiohttp.ClientError,))
 
 
-async def start_cluster(tmp_path: Path, nodes: int, tokens: tuple[str, ...] = ()) -> LocalCluster:
+async def start_cluster(tmp_path: Path, nodes: int, tokens: tuple[str, ...] = (),
+                        replicas: int = 1) -> LocalCluster:
     cluster = LocalCluster("127.0.0.1", free_port(), free_port(), str(tmp_path / "cluster"),
-                           tokens=tokens)
+                           tokens=tokens, replicas=replicas, failure_timeout=1.0)
     try:
         await cluster.start(nodes)
         await wait_http_ready(cluster.http_port)
@@ -250,3 +257,89 @@ async def enter_the_token(page: Page, port: int) -> None:
         await expect(page.locator("#events-list li.ev-dead", has_text=f"#{job_id}")) \
             .to_be_visible()
         await expect(row.locator(".c-dlq")).to_have_text("1")
+
+
+async def test_dashboard_shows_each_shard_with_its_members_roles_and_lag(
+    tmp_path: Path, browser: BrowserContext
+) -> None:
+    """``shardq up --replicas 3`` with two shards: the Nodes panel lists each shard (term, slots,
+    members in sync) and each member's role and lag; a follower killed with SIGKILL shows as
+    unreachable and not in sync, its lag growing with pushes, as the primary's /metrics says."""
+    cluster = await start_cluster(tmp_path, 2, replicas=3)
+    try:
+        topo = await cluster.current()
+        assert topo is not None and sorted(topo.shards) == ["shard-0", "shard-1"]
+        page, problems = await open_dashboard(browser, cluster.http_port)
+        await pictured(page, "dashboard-replicated.png",
+                       lambda: see_shards_and_a_follower_fall_behind(page, cluster, topo))
+        assert problems == []
+    finally:
+        await cluster.stop()
+
+
+def member_row(page: Page, name: str) -> Any:
+    return page.locator(f'#shards-body tr[data-key="node:{name}"]')
+
+
+async def see_shards_and_a_follower_fall_behind(page: Page, cluster: LocalCluster,
+                                                topo: Topology) -> None:
+    await expect(page.locator("#shards-table")).to_be_visible()
+    await expect(page.locator("#nodes-table")).to_be_hidden()
+    await expect(page.locator("#shards-body tr.shard")).to_have_count(2)
+    await expect(page.locator("#shards-body tr.member")).to_have_count(6)
+    await expect(page.locator("#nodes-meta")).to_contain_text("2 shards")
+    await expect(page.locator("#slotmap rect")).to_have_count(1024)
+    for name, shard in topo.shards.items():
+        heading = page.locator(f'#shards-body tr[data-key="shard:{name}"]')
+        await expect(heading).to_contain_text(f"{name} term {shard.term}")
+        await expect(heading).to_contain_text(f"{topo.owners.count(name)} slots")
+        await expect(heading).to_contain_text("3/3 in sync")
+        for member in shard.members:
+            row = member_row(page, member)
+            if member == shard.primary:
+                await expect(row.locator(".c-role")).to_have_text("primary")
+                await expect(row.locator(".c-lag")).to_have_text("leads")
+            else:
+                await expect(row.locator(".c-role")).to_have_text("follower")
+                await expect(row.locator(".c-lag")).to_have_text(re.compile(r"^\d[\d,]* rec · "))
+
+    shard = topo.shards["shard-0"]
+    victim = next(n for n in cluster.nodes if n.name == shard.members[1])
+    primary = next(n for n in cluster.nodes if n.name == shard.primary)
+    assert victim.proc is not None and victim.name != shard.primary
+    victim.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(victim.proc.wait)
+    row = member_row(page, victim.name)
+    await expect(row.locator(".c-role")).to_have_text("unreachable")
+    await expect(page.locator('#shards-body tr[data-key="shard:shard-0"]')) \
+        .to_contain_text("2/3 in sync")
+    queue = next(q for q in (f"dash-rep-{i}" for i in range(10_000))
+                 if topo.owners[slot_of(q)] == "shard-0")
+    async with AsyncClient(f"127.0.0.1:{cluster.port}") as client:
+        for i in range(5):
+            await client.push(queue, {"i": i})  # two of three members: still a majority
+    await expect(row.locator(".c-lag")).to_have_text(
+        re.compile(r"^not in sync · [1-9][\d,]* rec · \d"))
+    await expect(page.locator('#shards-body tr[data-key="shard:shard-1"]')) \
+        .to_contain_text("3/3 in sync")  # the other shard is untouched
+
+    # the same, as the primary's /metrics tells Prometheus
+    async def primary_sees_it() -> bool:
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{primary.http_port}/metrics") as res:
+            text = await res.text()
+        samples = {(s.name, s.labels.get("follower")): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.labels.get("shard") == "shard-0"}
+        return (samples[("shardq_replication_follower_in_sync", victim.name)] == 0
+                and samples[("shardq_replication_follower_lag_records", victim.name)] >= 5
+                and samples[("shardq_replication_members_in_sync", None)] == 2)
+
+    await eventually(primary_sees_it, 10, what="the primary's metrics: the follower is behind")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{primary.http_port}/health") as res:
+            health = await res.json()
+        assert (health["role"], health["shard"], health["term"], health["queueOk"]) == (
+            "primary", "shard-0", shard.term, True)
+        async with http.get(f"http://127.0.0.1:{cluster.http_port}/health") as res:
+            assert set(await res.json()) == {"status", "memoryOk", "queueOk", "timestamp"}

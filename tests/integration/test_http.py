@@ -554,8 +554,11 @@ async def test_health_is_healthy_until_memory_is_nearly_spent(
 ) -> None:
     api: Api = await api_for(storage=StorageSettings(memory_budget=1000))
     status, health = await api.call("GET", "/health")
-    assert status == 200 and set(health) == {"status", "memoryOk", "queueOk", "timestamp"}
+    assert status == 200 and set(health) == {"status", "memoryOk", "queueOk", "timestamp",
+                                             "role", "shard", "term"}
     assert (health["status"], health["memoryOk"], health["queueOk"]) == ("healthy", True, True)
+    # a node also says its role in its shard (DESIGN §9): a single copy is standalone
+    assert (health["role"], health["shard"], health["term"]) == ("standalone", "", 0)
     assert abs(health["timestamp"] - time.time() * 1000) < 60_000
     await api.push("h", data="x" * 950)
     health = (await api.call("GET", "/health"))[1]

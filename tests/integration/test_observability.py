@@ -40,6 +40,7 @@ from ..observe import (
     load_generator,
     metrics_targets,
     start_nodes,
+    start_shard,
 )
 
 gen = load_generator()
@@ -192,17 +193,20 @@ async def through_gateway(gateway: Gateway, queue: str) -> None:
 
 
 async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
-    """Nodes and a gateway under load, scraped every second by a real Prometheus that also
-    evaluates the alert rules: every dashboard query and every alert expression returns data.
-    Then a node stops: ShardqNodeDown goes pending for it, and the gateway's upstream-error
-    series (which exist only after an error) return data too."""
+    """Nodes and a gateway under load, and a replicated shard of three members, scraped every
+    second by a real Prometheus that also evaluates the alert rules: every dashboard query and
+    every alert expression returns data. Then a node stops: ShardqNodeDown goes pending for it,
+    and the gateway's upstream-error series (which exist only after an error) return data too;
+    a follower of the shard stops: ShardqShardUnderReplicated goes pending for the shard."""
     binary = needs_binary("prometheus")
     started = time.monotonic()
     cluster = await start_nodes(tmp_path / "nodes", 3)
+    replicated = await start_shard(tmp_path / "shard", "s0")
     gateway = Gateway(GatewaySettings(port=0, http_port=free_port(), seeds=cluster.seeds()))
     await gateway.start()
     prom = Prometheus(tmp_path / "prometheus", {
         "shardq-node": metrics_targets(cluster),
+        "shardq-replica": metrics_targets(replicated),
         "shardq-gateway": [f"127.0.0.1:{gateway.http_port}"],
     }, [RULES], binary=binary)
     exprs = gen.all_exprs()
@@ -213,16 +217,19 @@ async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Pa
     try:
         await prom.start()
         stop = asyncio.Event()
-        async with Load(cluster.seeds()[0], QUEUES) as load:
+        async with Load(cluster.seeds()[0], QUEUES) as load, \
+                Load(replicated.seeds()[0], QUEUES) as on_shard:
             await load.round(push=40, work=30)
-            task = asyncio.create_task(load.run(stop, pause=0.2, push=5, work=5))
+            await on_shard.round(push=20, work=10)
+            tasks = [asyncio.create_task(load.run(stop, pause=0.2, push=5, work=5)),
+                     asyncio.create_task(on_shard.run(stop, pause=0.2, push=2, work=2))]
             try:
                 for queue in [*QUEUES, down_queue]:
                     await through_gateway(gateway, queue)
                 await wait_for_data(prom, first, 40.0)
             finally:
                 stop.set()
-                await task
+                await asyncio.gather(*tasks)
 
         # every rule loaded and evaluates without error
         groups = (await prom.api("rules"))["groups"]
@@ -245,9 +252,28 @@ async def test_every_expression_returns_data_from_a_real_prometheus(tmp_path: Pa
 
         await eventually(node_down_alert, 15, 0.5, what=f"ShardqNodeDown pending for {instance}",
                          hint=prom.log)
+
+        # a follower of the replicated shard stops: the shard is under-replicated
+        assert not await alerts_of(prom, "ShardqShardUnderReplicated")
+        primary = replicated.seeds()[0]
+        await replicated.stop_node("s0-2")
+        async with AsyncClient(primary) as client:
+            await client.push(QUEUES[0], "while s0-2 is down")  # s0-0 and s0-1: a majority
+        pending = await eventually(lambda: alerts_of(prom, "ShardqShardUnderReplicated"), 15,
+                                   0.5, what="ShardqShardUnderReplicated pending for s0",
+                                   hint=prom.log)
+        assert [(a["labels"]["shard"], a["labels"]["job"], a["state"]) for a in pending] \
+            == [("s0", "shardq-replica", "pending")]
         print(f"{len(first) + len(after_errors)} expressions returned data "
               f"({len(after_errors)} after a node stopped); {time.monotonic() - started:.1f}s")
     finally:
         await prom.stop()
         await gateway.stop()
         await cluster.stop()
+        await replicated.stop()
+
+
+async def alerts_of(prom: Prometheus, name: str) -> list[dict[str, Any]]:
+    """The alerts (pending or firing) of rule ``name`` Prometheus has now."""
+    alerts: list[dict[str, Any]] = (await prom.api("alerts"))["alerts"]
+    return [a for a in alerts if a["labels"]["alertname"] == name]

@@ -376,6 +376,127 @@ def node_internals() -> db.Dashboard:
     )
 
 
+# -- replication ----------------------------------------------------------------------------------
+
+#: A shard (``$shard``, multi-select); the primary's series only exist for replicated shards,
+#: the others also on single-copy nodes (``shard=""``), which REPLICATED leaves out.
+SHARD = 'shard=~"$shard"'
+REPLICATED = f'{SHARD}, shard!=""'
+
+
+def under_replicated() -> sb.Panel:
+    return stat("Under-replicated shards", "Shards whose primary sees fewer members in sync "
+                "than the shard has members and learners (alert ShardqShardUnderReplicated after "
+                "5 minutes).", "short",
+                q(f"count(shardq_replication_members_in_sync{{{SHARD}}} < "
+                  f"shardq_replication_members{{{SHARD}}} + "
+                  f"shardq_replication_learners{{{SHARD}}}) or vector(0)", "shards"),
+                red_above=1)
+
+
+def without_quorum() -> sb.Panel:
+    return stat("Shards without quorum", "Shards whose primary has fewer live members than a "
+                "majority: past failure_timeout it refuses writes.", "short",
+                q(f"count(shardq_replication_no_quorum_seconds{{{SHARD}}} > 0) or vector(0)",
+                  "shards"), red_above=1)
+
+
+def failovers_today() -> sb.Panel:
+    return stat("Failovers (24h)", "Promotions of a member to primary over the last 24 hours, "
+                "all shards.", "short",
+                q(f"sum(increase(shardq_replication_failovers_total{{{SHARD}}}[24h])) "
+                  "or vector(0)", "failovers"))
+
+
+def worst_lag() -> sb.Panel:
+    return stat("Worst follower lag", "The longest any follower has lacked a record its "
+                "primary holds (alert ShardqReplicationLagHigh above 10 s).", "s",
+                q(f"max(shardq_replication_follower_lag_seconds{{{SHARD}}}) or vector(0)",
+                  "lag"), red_above=10)
+
+
+def primaries() -> tb.Panel:
+    return timeseries("Primary of each shard", "1 for the node that is its shard's primary: a "
+                      "new line is a new primary (a failover or a switchover).", "short",
+                      q(f'max by (shard, instance) (shardq_replication_role{{role="primary", '
+                        f'{REPLICATED}}}) == 1', "{{shard}}: {{instance}}"))
+
+
+def terms() -> tb.Panel:
+    return timeseries("Term per shard", "The newest term any member of the shard is in: it "
+                      "goes up by one with every failover.", "none",
+                      q(f"max by (shard) (shardq_replication_term{{{REPLICATED}}})", "{{shard}}"),
+                      min_zero=False)
+
+
+def members_in_sync() -> tb.Panel:
+    return timeseries("Members in sync", "Members whose log is live from the primary (the "
+                      "primary counted), the shard's members (writes need a majority of them) "
+                      "and its learners (catching up, without a vote).", "short",
+                      q(f"min by (shard) (shardq_replication_members_in_sync{{{SHARD}}})",
+                        "{{shard}} in sync"),
+                      q(f"max by (shard) (shardq_replication_members{{{SHARD}}})",
+                        "{{shard}} members"),
+                      q(f"max by (shard) (shardq_replication_learners{{{SHARD}}})",
+                        "{{shard}} learners"))
+
+
+def no_quorum() -> tb.Panel:
+    return timeseries("Seconds without quorum", "How long each shard's primary has had fewer "
+                      "live members than a majority (alert ShardqShardNoQuorum).", "s",
+                      q(f"max by (shard) (shardq_replication_no_quorum_seconds{{{SHARD}}})",
+                        "{{shard}}"))
+
+
+def lag_records() -> tb.Panel:
+    return timeseries("Follower lag (records)", "Log records each follower (or learner) has "
+                      "not acknowledged, as its primary counts them.", "short",
+                      q(f"max by (shard, follower) "
+                        f"(shardq_replication_follower_lag_records{{{SHARD}}})",
+                        "{{shard}} → {{follower}}"))
+
+
+def lag_seconds() -> tb.Panel:
+    return timeseries("Follower lag (seconds)", "How long each follower has lacked the oldest "
+                      "record it has not acknowledged (alert ShardqReplicationLagHigh).", "s",
+                      q(f"max by (shard, follower) "
+                        f"(shardq_replication_follower_lag_seconds{{{SHARD}}})",
+                        "{{shard}} → {{follower}}"))
+
+
+def failovers() -> tb.Panel:
+    return timeseries("Failovers", "Promotions to primary in the last 5 minutes, by shard.",
+                      "short",
+                      q(f"sum by (shard) (increase(shardq_replication_failovers_total"
+                        f"{{{REPLICATED}}}[5m]))", "{{shard}}"))
+
+
+def fence_refusals() -> tb.Panel:
+    return timeseries("Fence refusals", "Replication sessions or records members refused in "
+                      "the last 5 minutes because they came from a deposed primary (an older "
+                      "term).", "short",
+                      q(f"sum by (shard) (increase(shardq_replication_fence_refusals_total"
+                        f"{{{REPLICATED}}}[5m]))", "{{shard}}"))
+
+
+def replication() -> db.Dashboard:
+    variable = (
+        db.QueryVariable("shard").label("Shard").datasource(DS)
+        .query('label_values(shardq_replication_term{shard!=""}, shard)')
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(True).include_all(True).all_value(".*")
+    )
+    return assemble(
+        "shardq-replication", "shardq / Replication",
+        "Replicated shards (DESIGN §9): primaries and terms, members in sync, quorum, follower "
+        "lag, failovers. Empty for a cluster of single copies.",
+        [variable],
+        [("Now", [under_replicated(), without_quorum(), failovers_today(), worst_lag()]),
+         ("Replication", [primaries(), terms(), members_in_sync(), no_quorum(), lag_records(),
+                          lag_seconds(), failovers(), fence_refusals()])],
+    )
+
+
 # -- gateway --------------------------------------------------------------------------------------
 
 
@@ -474,6 +595,7 @@ DASHBOARDS: dict[str, Callable[[], db.Dashboard]] = {
     "queue-detail.json": queue_detail,
     "node-internals.json": node_internals,
     "gateway.json": gateway,
+    "replication.json": replication,
 }
 
 
@@ -569,8 +691,10 @@ def variables_in(expr: str) -> set[str]:
 
 
 def concrete(expr: str, values: dict[str, str] | None = None, rate_interval: str = "1m") -> str:
-    """``expr`` as plain PromQL: Grafana's variables replaced (``$instance`` by ``.*``)."""
-    values = {"instance": ".*", "__rate_interval": rate_interval, "__interval": rate_interval,
+    """``expr`` as plain PromQL: Grafana's variables replaced (``$instance`` and ``$shard`` by
+    ``.*``)."""
+    values = {"instance": ".*", "shard": ".*", "__rate_interval": rate_interval,
+              "__interval": rate_interval,
               "__range": rate_interval, **(values or {})}
 
     def fill(match: re.Match[str]) -> str:

@@ -5,7 +5,9 @@ loopback, so they take exactly the TCP path (routing, retries, leases, fan-out)
 without a second implementation of it. A pull that may wait gets a connection
 of its own; ``/events`` subscribes on one. ``/metrics`` is the gateway's own
 (shardq_gateway.metrics): scrape the nodes for theirs. The dashboard is static
-files (``gateway/static``), no CDN; it calls this API from the browser.
+files (``gateway/static``), no CDN; it calls this API from the browser, and
+``/shards`` (shards.py), which asks the members of replicated shards for their
+status.
 
 Must not: route anything itself.
 """
@@ -21,9 +23,10 @@ import orjson
 from aiohttp import web
 
 from shardq.connection import Connection
-from shardq_server.http_api import HttpSettings, make_app, start_http
+from shardq_server.http_api import HttpSettings, envelope, make_app, start_http
 
 from .metrics import exposition, registry_for
+from .shards import StatusProbe
 
 if TYPE_CHECKING:
     from .main import Gateway
@@ -39,6 +42,8 @@ class GatewayBackend:
         self._shared: Connection | None = None
         self._idle: list[Connection] = []
         self._lock = asyncio.Lock()
+        self.probe = StatusProbe(gateway.settings.node_token(),
+                                 min(1.0, gateway.settings.connect_timeout))
 
     @property
     def address(self) -> str:
@@ -95,19 +100,41 @@ class GatewayBackend:
         epoch = self.gateway.router.epoch
         return (epoch >= 0, "ok" if epoch >= 0 else "no topology yet")
 
+    async def health(self) -> tuple[int, bool, dict[str, Any]]:
+        answer = await self.call({"cmd": "STATS"})
+        if answer.get("ok") is not True:
+            return 0, False, {}
+        return int(answer.get("memory_bytes", 0)), not answer.get("storage_failed"), {}
+
+    async def shards(self) -> dict[str, Any]:
+        topo = self.gateway.router.topology
+        rows = await self.probe.shards(topo) if topo.shards else []
+        return {"epoch": topo.epoch, "shards": rows}
+
     async def close(self) -> None:
         for conn in [*self._idle, *([self._shared] if self._shared else [])]:
             await conn.close()
+        await self.probe.close()
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
+def shards_route(backend: GatewayBackend) -> web.AbstractRouteDef:
+    """``GET /shards``: every shard with its members' roles and lag (shards.py); an empty list
+    when the topology has no shards."""
+
+    async def shards(request: web.Request) -> web.Response:
+        return envelope(await backend.shards())
+
+    return web.get("/shards", shards)
+
+
 async def start(gateway: Gateway) -> tuple[web.AppRunner, int, GatewayBackend]:
     s = gateway.settings
     backend = GatewayBackend(gateway)
-    extra: list[web.AbstractRouteDef] = [web.get("/", dashboard)]
+    extra: list[web.AbstractRouteDef] = [web.get("/", dashboard), shards_route(backend)]
     if STATIC.is_dir():
         extra.append(web.static("/static", STATIC))
     settings = HttpSettings(tokens=s.tokens, max_body=s.max_line + 64 * 1024, extra=extra)

@@ -75,8 +75,11 @@ class Inline:
 async def call(node: Node, req: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """One request; the answer object once it is durable (``{"ok": false, ...}`` on refusal)."""
     caller = Inline(node)
+    before = node.log.seq
     line = node.execute_request(req, caller)
     tag = node.flush()
+    if tag == before and node.replication.replicated:
+        tag = 0  # nothing written: on a replicated node a read never waits for a majority
     if line is not None:
         caller.send([line], tag)
     node.after_batch()

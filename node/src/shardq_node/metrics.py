@@ -7,11 +7,15 @@ time. The few distributions (wait time, run time, fsync latency) are
 labels are capped (``max_queue_labels``); the queues beyond the cap are summed
 into ``queue="_other"`` so a million queues cannot explode the series count.
 
+Replication (DESIGN §9) comes from ``Replication`` the same way: its role, term and
+log positions, and on a primary each follower link's lag, read when scraped.
+
 Names: ``shardq_`` prefix, base units (seconds, bytes), ``_total`` counters.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -26,12 +30,16 @@ from prometheus_client.registry import Collector
 
 from shardq_server.buckets import Buckets
 
+from . import replication as RP
+
 if TYPE_CHECKING:
     from .jobs import QueueState
     from .runtime import Node
 
 #: Seconds: wait (ready -> started) and run (started -> acked) times.
 JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
+#: Every role a node can have in a shard (``shardq_replication_role``).
+ROLES = (RP.PRIMARY, RP.FOLLOWER, RP.LEARNER, RP.NONE, RP.STANDALONE)
 #: Seconds: one fsync of the WAL.
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
@@ -54,6 +62,7 @@ class NodeCollector(Collector):
         yield from self._histograms()
         yield from self._storage()
         yield from self._cluster()
+        yield from self._replication()
 
     def _job_counters(self) -> Iterator[CounterMetricFamily]:
         specs = [
@@ -171,6 +180,87 @@ class NodeCollector(Collector):
                                 value=float(len(node.sessions)))
         yield GaugeMetricFamily("shardq_jobs", "Live jobs on this node",
                                 value=float(len(node.engine.jobs)))
+
+    def _replication(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        node = self.node
+        repl = node.replication
+        shard = repl.shard_name
+        role = GaugeMetricFamily("shardq_replication_role", "1 for the node's role in its shard "
+                                 "(primary, follower, learner, none, standalone), 0 for the "
+                                 "others", labels=["shard", "role"])
+        for name in ROLES:
+            role.add_metric([shard, name], 1.0 if repl.role == name else 0.0)
+        yield role
+        primary = repl.role == RP.PRIMARY
+        for name, doc, value in (
+            ("shardq_replication_term", "The term of the shard this node is in (0: standalone)",
+             repl.term),
+            ("shardq_replication_lsn", "The last log position durable on this node's disk",
+             node.log.durable),
+            ("shardq_replication_commit_lsn", "The commit LSN: on a primary the last position "
+             "durable on a majority of the members, on a follower the one the primary last "
+             "told it (a single copy: its own durable position)",
+             repl.durable if primary else repl.commit_seen if repl.replicated
+             else node.log.durable),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["shard"])
+            family.add_metric([shard], float(value))
+            yield family
+        for name, doc, value in (
+            ("shardq_replication_failovers", "Times this node was promoted to primary",
+             repl.failovers),
+            ("shardq_replication_fence_refusals", "Replication sessions or records this node "
+             "refused because they came from an older term than it promised (FENCE)",
+             repl.fence_refusals),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["shard"])
+            counter.add_metric([shard], float(value))
+            yield counter
+        if not primary or repl.shard is None:
+            return
+        members = GaugeMetricFamily("shardq_replication_members", "Voting members of the shard "
+                                    "(on its primary)", labels=["shard"])
+        members.add_metric([shard], float(len(repl.shard.members)))
+        yield members
+        learners = GaugeMetricFamily("shardq_replication_learners", "Learners of the shard: "
+                                     "members to be, catching up without a vote (on its "
+                                     "primary)", labels=["shard"])
+        learners.add_metric([shard], float(len(repl.shard.learners)))
+        yield learners
+        in_sync = GaugeMetricFamily("shardq_replication_members_in_sync", "Members of the shard "
+                                    "whose log is live from the primary and who acknowledged "
+                                    "within failure_timeout, the primary counted (its quorum "
+                                    "needs a majority)", labels=["shard"])
+        in_sync.add_metric([shard], float(repl.members_in_sync()))
+        yield in_sync
+        no_quorum = GaugeMetricFamily("shardq_replication_no_quorum_seconds", "Seconds this "
+                                      "primary has had fewer live members than a majority (0: "
+                                      "it has one); past failure_timeout it refuses writes",
+                                      labels=["shard"])
+        no_quorum.add_metric([shard], repl.quorum_lost_for())
+        yield no_quorum
+        labels = ["shard", "follower"]
+        lag_records = GaugeMetricFamily("shardq_replication_follower_lag_records", "Log records "
+                                        "the primary holds and the follower has not "
+                                        "acknowledged", labels=labels)
+        lag_seconds = GaugeMetricFamily("shardq_replication_follower_lag_seconds", "How long the "
+                                        "follower has lacked the oldest record it has not "
+                                        "acknowledged (0: it holds everything)", labels=labels)
+        live = GaugeMetricFamily("shardq_replication_follower_in_sync", "1 while the follower's "
+                                 "link is live (caught up, records shipped as they are "
+                                 "written) and it acknowledged within failure_timeout, as the "
+                                 "primary counts its quorum", labels=labels)
+        now = time.monotonic()
+        last = node.log.seq
+        for link in sorted(repl.links.values(), key=lambda lk: lk.name):
+            records, seconds = link.lag(last, now)
+            lag_records.add_metric([shard, link.name], float(records))
+            lag_seconds.add_metric([shard, link.name], seconds)
+            answering = link.answering(now, node.settings.failure_timeout)
+            live.add_metric([shard, link.name], 1.0 if answering else 0.0)
+        yield lag_records
+        yield lag_seconds
+        yield live
 
 
 class Measures:

@@ -169,6 +169,8 @@ class FollowerLink:
         self.acked_at = 0.0  # monotonic time of its last ack
         self.live_since = 0.0  # when it caught up (a fresh link counts as answering)
         self.unacked_since = 0.0  # when the oldest record it has not acked was sent
+        #: (observed only) while not live: when the first record it was not sent was written
+        self.missed_since = 0.0
         self.storage_id = ""
         self.task: asyncio.Task[None] | None = None
         self.closed = False
@@ -199,6 +201,8 @@ class FollowerLink:
 
     def ship(self, first: int, last: int, frames: bytes, blobs: bytes, nblobs: int) -> None:
         if not self.live:
+            if not self.missed_since:
+                self.missed_since = time.monotonic()
             return
         if self.sent + 1 != first:  # cannot happen; if it did, a new handshake mends it
             log.error("follower %s: records from %d after %d; reconnecting", self.name, first,
@@ -314,6 +318,7 @@ class FollowerLink:
             wal.pins.remove(common + 1)
         self.live = True  # no await since the last check: nothing was written in between
         self.live_since = self.unacked_since = time.monotonic()
+        self.missed_since = 0.0
         log.info("follower %s caught up to %d (term %d)", self.name, self.sent, repl.term)
 
     async def _send_snapshot(self) -> int:
@@ -334,6 +339,21 @@ class FollowerLink:
         assert self.writer is not None
         await self.writer.drain()
         return lsn
+
+    def answering(self, now: float, timeout: float) -> bool:
+        """Live and heard from (an ack; heartbeats draw one every 100 ms) within ``timeout``."""
+        return self.live and now - max(self.acked_at, self.live_since) < timeout
+
+    def lag(self, last: int, now: float) -> tuple[int, float]:
+        """How far behind the primary's log (its last LSN ``last``) the follower is: records
+        it has not acknowledged, and seconds since the oldest of them was sent to it (or, on
+        a link that is not live, since the first record it was not sent was written)."""
+        records = max(0, last - self.acked)
+        if not records:
+            return 0, 0.0
+        since = [t for t in (self.unacked_since if self.acked < self.sent else 0.0,
+                             0.0 if self.live else self.missed_since) if t]
+        return records, (now - min(since)) if since else 0.0
 
     def _acked(self, lsn: int) -> None:
         now = time.monotonic()
@@ -530,18 +550,27 @@ class Replication:
                 acked.append(link.acked if link is not None else 0)
         acked.sort(reverse=True)
         commit = acked[shard.majority() - 1]
-        now = time.monotonic()
-        timeout = self.node.settings.failure_timeout
-        live = 1 + sum(1 for n in shard.members
-                       if n != me and (lk := self.links.get(n)) is not None and lk.live
-                       and now - max(lk.acked_at, lk.live_since) < timeout)
-        if live >= shard.majority():
+        if self.members_in_sync() >= shard.majority():
             self.no_quorum_since = None
         elif self.no_quorum_since is None:
             self.no_quorum_since = time.monotonic()
         if commit > self.durable:
             self.durable = commit
             self.node.released()
+
+    def members_in_sync(self) -> int:
+        """Members (not learners) whose link is live and acked within ``failure_timeout``
+        (a paused or silently cut follower does not count), this primary counted: what its
+        quorum is counted from (``advance``); 0 on a node that is not a primary."""
+        shard = self.shard
+        if self.role != PRIMARY or shard is None:
+            return 0
+        me = self.node.cluster.name
+        now = time.monotonic()
+        timeout = self.node.settings.failure_timeout
+        return 1 + sum(1 for n in shard.members
+                       if n != me and (lk := self.links.get(n)) is not None
+                       and lk.answering(now, timeout))
 
     def quorum_lost_for(self) -> float:
         """Seconds this primary has had fewer live members than a majority (0: it has one)."""
@@ -557,6 +586,12 @@ class Replication:
             if link.live:
                 link.send(beat)
         self.advance()
+        if self.quorum_lost_for() > self.node.settings.failure_timeout:
+            # what waits for a majority now waits for nothing that is coming: say so (the
+            # records stay in the log, and count if the followers come back)
+            self.node.fail_unconfirmed(self.durable, (
+                f"Unavailable: shard {self.shard_name} has no quorum (the write may have "
+                "been applied)"))
         self._beat = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat)
 
     def close(self) -> None:
@@ -588,14 +623,14 @@ class Replication:
             out["heard_ms"] = int((now - self.last_heard) * 1000) if self.last_heard else -1
             out["primary_lsn"] = self.primary_lsn
         if self.role == PRIMARY:
-            out["followers"] = [
-                {"name": link.name, "live": link.live, "acked": link.acked,
-                 "lag_records": max(0, wal.seq - link.acked),
-                 "lag_seconds": round(now - link.unacked_since, 3)
-                 if link.unacked_since and link.acked < link.sent else 0.0,
-                 "storage_id": link.storage_id}
-                for link in self.links.values()
-            ]
+            followers = []
+            for link in self.links.values():
+                records, seconds = link.lag(wal.seq, now)
+                followers.append({"name": link.name, "live": link.live, "acked": link.acked,
+                                  "lag_records": records, "lag_seconds": round(seconds, 3),
+                                  "storage_id": link.storage_id})
+            out["followers"] = followers
+            out["members_in_sync"] = self.members_in_sync()
             out["quorum_lost_s"] = round(self.quorum_lost_for(), 3)
         return out
 

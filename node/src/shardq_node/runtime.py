@@ -420,8 +420,8 @@ class Node:
         return fresh
 
     def fail_unconfirmed(self, durable: int, text: str) -> None:
-        """This node stopped being primary: answers past ``durable`` (the last commit) were
-        never confirmed by a majority; they get ``text`` instead."""
+        """This node stopped being primary, or lost its quorum: answers past ``durable`` (the
+        last commit) were never confirmed by a majority; they get ``text`` instead."""
         for session in [*self.sessions, *self.inline_held]:
             session.fail_held(durable, text)
         self._outbox_flush()

@@ -3,7 +3,8 @@
 Each route becomes one protocol request run in-process (http_backend.py), so HTTP
 and TCP share every rule. Also: /metrics from the node's collector, /ready
 (false while recovering, or while the node is in a cluster and owns no slot),
-and /events as Server-Sent Events.
+/health read straight from the node (with its role in its shard), and /events as
+Server-Sent Events.
 
 Must not: change engine state except through ``Node.execute_request``.
 """
@@ -19,6 +20,7 @@ from shardq_server.http_api import HttpSettings, make_app, start_http
 
 from .http_backend import EventStream, call
 from .metrics import exposition, registry_for
+from .replication import PRIMARY
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -58,6 +60,16 @@ class NodeBackend:
         if node.log.failed is not None:
             return False, f"storage failed: {node.log.failed}"
         return True, "ok"
+
+    async def health(self) -> tuple[int, bool, dict[str, Any]]:
+        """Read from the node at once: a STATS through ``call`` would wait for the log, and a
+        primary without quorum holds every answer until it has one again."""
+        node = self.node
+        repl = node.replication
+        refusing = (repl.role == PRIMARY and repl.no_quorum_since is not None
+                    and repl.quorum_lost_for() > node.settings.failure_timeout)
+        role = {"role": repl.role, "shard": repl.shard_name, "term": repl.term}
+        return node.engine.payload_bytes, node.log.failed is None and not refusing, role
 
 
 async def start(node: Node) -> tuple[web.AppRunner, int]:

@@ -42,6 +42,12 @@ class Backend(Protocol):
     def readiness(self) -> tuple[bool, str]:
         """(ready, why) for /ready."""
 
+    async def health(self) -> tuple[int, bool, Req]:
+        """For /health: payload bytes held in memory, whether it takes jobs (False: its storage
+        failed, or a replicated primary without quorum refuses writes), and fields /health
+        adds as they are (a node's role in its shard). Must answer promptly: it is the
+        liveness probe."""
+
 
 @dataclass
 class HttpSettings:
@@ -385,13 +391,11 @@ async def stats(request: web.Request) -> web.Response:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    answer = await request.app[BACKEND].call({"cmd": "STATS"})
-    memory = int(answer.get("memory_bytes", 0)) if answer.get("ok") else 0
+    memory, queue_ok, more = await request.app[BACKEND].health()
     memory_ok = memory < 0.9 * settings.memory_budget
-    queue_ok = bool(answer.get("ok")) and not answer.get("storage_failed")
     healthy = memory_ok and queue_ok
     return _json({"status": "healthy" if healthy else "warning", "memoryOk": memory_ok,
-                  "queueOk": queue_ok, "timestamp": int(time.time() * 1000)})
+                  "queueOk": queue_ok, "timestamp": int(time.time() * 1000), **more})
 
 
 @routes.get("/ready")

@@ -1,5 +1,6 @@
-// The shardq dashboard: polls the gateway's HTTP API every POLL_MS (topology, queues,
-// metrics, stats, crons, one queue's dead letters), follows /events over SSE, and lets an
+// The shardq dashboard: polls the gateway's HTTP API every POLL_MS (topology, with each
+// replicated shard's members, roles and lag from /shards; queues, metrics, stats, crons,
+// one queue's dead letters), follows /events over SSE, and lets an
 // operator retry dead jobs and pause or resume queues. Every API error is shown where it
 // happened. Must not: keep state the page cannot rebuild from the API.
 
@@ -151,8 +152,11 @@ async function loadMetrics() {
 
 // -- topology -------------------------------------------------------------------------------
 
+/** A colour per slot owner: each node, or each shard of a replicated topology. */
 function nodeColours(topo) {
-  const names = [...new Set([...topo.nodes.map((n) => n.name), ...topo.owners])].sort();
+  const names = topo.shards
+    ? Object.keys(topo.shards).sort()
+    : [...new Set([...topo.nodes.map((n) => n.name), ...topo.owners])].sort();
   return new Map(names.map((name, i) => [name, PALETTE[i % PALETTE.length]]));
 }
 
@@ -166,8 +170,14 @@ async function loadTopology() {
   const active = topo.nodes.filter((n) => n.state === "active").length;
   setText($("sum-epoch"), topo.epoch);
   setText($("sum-nodes"), active === topo.nodes.length ? active : `${active}/${topo.nodes.length}`);
-  setText($("nodes-meta"), `epoch ${topo.epoch} · ${topo.owners.length} slots`);
-  syncChildren($("nodes-body"), topo.nodes, (n) => n.name, buildNodeRow, (row, n) => {
+  const shards = Object.keys(topo.shards || {}).length;
+  setText($("nodes-meta"), `epoch ${topo.epoch} · ${topo.owners.length} slots`
+    + (shards ? ` · ${shards} shard${shards > 1 ? "s" : ""}` : ""));
+  show($("nodes-table"), !shards);
+  show($("shards-table"), Boolean(shards));
+  if (shards) await loadShards(colours);
+  else syncChildren($("shards-body"), [], (r) => r.key, buildShardRow, () => {});
+  syncChildren($("nodes-body"), shards ? [] : topo.nodes, (n) => n.name, buildNodeRow, (row, n) => {
     row.querySelector(".swatch").style.background = colours.get(n.name);
     setText(row.children[0].lastChild, n.name);
     setText(row.children[1], n.tcp);
@@ -191,6 +201,77 @@ async function loadTopology() {
     ? `${moving.length} slot${moving.length > 1 ? "s" : ""} moving: ` + moving.slice(0, 6)
       .map(([s, m]) => `${s} ${m.from}→${m.to}`).join(", ") + (moving.length > 6 ? ", …" : "")
     : "No slot is moving.");
+}
+
+// -- replicated shards: one heading row per shard, then a row per member -----------------------
+
+const ROLE_CLASS = { primary: "good", follower: "good", learner: "warn", none: "warn", standalone: "warn" };
+
+async function loadShards(colours) {
+  const { shards } = await api("shards");
+  const rows = [];
+  for (const s of shards) {
+    rows.push({ key: `shard:${s.name}`, shard: s });
+    for (const m of s.nodes) rows.push({ key: `node:${m.name}`, shard: s, member: m });
+  }
+  syncChildren($("shards-body"), rows, (r) => r.key, buildShardRow, (row, r) => {
+    if (r.member) updateMemberRow(row, r.shard, r.member);
+    else updateShardHeading(row, r.shard, colours);
+  });
+}
+
+function buildShardRow(r) {
+  if (!r.member) {
+    return h("tr", { class: "shard" },
+      h("th", { scope: "rowgroup", colspan: "4" },
+        h("span", { class: "swatch", "aria-hidden": "true" }), h("span", { class: "shard-name" }),
+        " ", h("span", { class: "shard-meta muted" })));
+  }
+  return h("tr", { class: "member" },
+    h("th", { scope: "row" }, ""), h("td", { class: "mono" }),
+    h("td", { class: "c-role" }, h("span", { class: "badge" })), h("td", { class: "c-lag num" }));
+}
+
+function updateShardHeading(row, s, colours) {
+  row.querySelector(".swatch").style.background = colours.get(s.name) || "#999";
+  setText(row.querySelector(".shard-name"), s.name);
+  const parts = [`term ${s.term}`, `${num(s.slots)} slots`];
+  if (s.members_in_sync !== null) parts.push(`${s.members_in_sync}/${s.members} in sync`);
+  else parts.push(s.primary ? `primary ${s.primary} did not answer` : "no primary");
+  if (s.quorum_lost_seconds > 0) parts.push(`no quorum for ${s.quorum_lost_seconds.toFixed(1)} s`);
+  if (s.state !== "active") parts.push(s.state);
+  setText(row.querySelector(".shard-meta"), parts.join(" · "));
+  row.classList.toggle("degraded", s.members_in_sync === null || s.members_in_sync < s.members);
+}
+
+function updateMemberRow(row, s, m) {
+  setText(row.children[0], m.name);
+  setText(row.children[1], m.tcp);
+  row.children[1].title = m.http ? `HTTP ${m.http}` : "";
+  const badge = row.children[2].firstChild;
+  const role = m.role || "unreachable";
+  setText(badge, m.voter || role === "learner" ? role : `${role} (learner)`);
+  const inSync = m.in_sync !== false;
+  badge.className = `badge ${m.role ? (inSync ? ROLE_CLASS[m.role] || "" : "warn") : "bad"}`;
+  badge.title = m.error || (m.role ? `term ${m.term}, log at ${num(m.lsn)}` : "");
+  const lag = row.children[3];
+  if (m.name === s.primary && m.role === "primary") {
+    setText(lag, "leads");
+    lag.title = `primary of ${s.name} in term ${s.term}`;
+  } else if (m.lag_records === null) {
+    setText(lag, "–");
+    lag.title = "the primary did not say";
+  } else {
+    const text = `${num(m.lag_records)} rec · ${seconds(m.lag_seconds)}`;
+    setText(lag, m.in_sync ? text : `not in sync · ${text}`);
+    lag.title = `${num(m.lag_records)} log records behind the primary, for ${seconds(m.lag_seconds)}`;
+  }
+  lag.classList.toggle("warn", m.in_sync === false);
+}
+
+function seconds(s) {
+  if (!(s > 0)) return "0 s";
+  return s < 10 ? `${s.toFixed(1)} s` : `${num(Math.round(s))} s`;
 }
 
 function buildNodeRow() {
