@@ -5,7 +5,10 @@ The node keeps the newest topology it was given (persisted as
 slot it does not own and ``TRYAGAIN`` for a slot it is moving away. A node
 that was never given a topology owns every slot (standalone).
 
-Internal commands (they need the cluster token when tokens are configured):
+Internal commands need the cluster token (``--cluster-token``), never a client
+token: a node with client tokens and no cluster token refuses them all, and only
+a node with no token of either kind (an open node, trusting its network) runs
+them for anyone.
 
   SETTOPOLOGY {topology}   adopt a newer topology (older epochs are ignored)
   EXPORT {slots}           the slots' whole state as records (blob payloads inline)
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from shardq import protocol as P
-from shardq.errors import InvalidRequest, Moved, TryAgain
+from shardq.errors import AuthenticationRequired, InvalidRequest, Moved, TryAgain
 from shardq.slots import SLOTS, slot_of
 from shardq.topology import Topology
 
@@ -76,7 +79,9 @@ class Cluster:
         data_dir = node.settings.storage.data_dir
         self.path = os.path.join(data_dir, "topology.json") if data_dir else None
         token = node.settings.cluster_token
-        self.tokens = (token,) if token else node.settings.tokens
+        self.tokens: tuple[str, ...] = (token,) if token else ()
+        #: Neither client nor cluster tokens: every caller may run internal commands.
+        self.open = not token and not node.settings.tokens
         self._slot_cache: dict[str, int] = {}
 
     def load(self) -> None:
@@ -137,10 +142,15 @@ class Cluster:
     def serves(self, slot: int) -> bool:
         return self.state[slot] == OWNED
 
-    def cluster_authed(self, caller: Caller) -> bool:
+    def check_internal(self, cmd: str, caller: Caller) -> None:
+        """Raise AuthenticationRequired unless ``caller`` may run the internal ``cmd``."""
+        if self.open or getattr(caller, "cluster", False):
+            return
         if not self.tokens:
-            return True
-        return bool(getattr(caller, "cluster", False))
+            raise AuthenticationRequired(
+                f"{cmd} is an internal command and this node has client tokens but no "
+                "cluster token (--cluster-token), so it runs no internal command")
+        raise AuthenticationRequired(f"{cmd} is an internal command: AUTH with the cluster token")
 
     def authenticate(self, token: str) -> bool:
         given = token.encode()

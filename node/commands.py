@@ -78,7 +78,7 @@ class Commands:
         self.table["RELEASE"] = self.release
         self.cluster = node.cluster
         for name, fn in node.cluster.handlers().items():
-            self.table[name] = self._internal(fn)
+            self.table[name] = self._internal(name, fn)
 
     def authenticate(self, token: object) -> bool:
         if not self.tokens:
@@ -91,10 +91,9 @@ class Commands:
             ok |= hmac.compare_digest(given, known)
         return ok
 
-    def _internal(self, fn: Handler) -> Handler:
+    def _internal(self, name: str, fn: Handler) -> Handler:
         def guarded(req: P.Request, caller: Caller) -> Answer:
-            if not self.cluster.cluster_authed(caller):
-                raise AuthenticationRequired()
+            self.cluster.check_internal(name, caller)
             return fn(req, caller)
 
         return guarded

@@ -152,6 +152,10 @@ class Node:
         if self.storage is not None:
             self._recover()
         self.cluster.load()
+        if s.tokens and not s.cluster_token:
+            log.warning("client tokens but no cluster token: internal commands (slot moves, "
+                        "cross-node dependencies) are refused; set --cluster-token to join a "
+                        "cluster")
         self.servers.append(await start_tcp(self, s.host, s.port))
         if s.http_port:
             from . import server_http

@@ -54,7 +54,9 @@ class NodeSettings:
     http_port: int = 6790
     #: Client tokens; empty = no authentication.
     tokens: tuple[str, ...] = ()
-    #: Token for the internal cluster commands (slot moves); None = same as ``tokens``.
+    #: Token for the internal cluster commands (slot moves, cross-node dependencies), never
+    #: a client token. None with client ``tokens`` set: internal commands are refused; None
+    #: with no client tokens either: an open node, anyone may run them (docs/security.md).
     cluster_token: str | None = None
     #: A request line longer than this is refused and its connection closed.
     max_line: int = DEFAULT_MAX_LINE

@@ -66,8 +66,12 @@ class CronNotFound(ShardqError):
 
 
 class AuthenticationRequired(ShardqError):
-    def __init__(self) -> None:
-        super().__init__("Authentication required")
+    """No (or not enough) authentication for the command; ``reason`` says what is missing
+    (an internal command without the cluster token)."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__("Authentication required" + (f": {reason}" if reason else ""))
+        self.reason = reason
 
 
 class InvalidToken(ShardqError):
@@ -134,7 +138,8 @@ _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], ShardqError]]] 
     (re.compile(r"^Lease expired for job (\d+)$"), lambda m: LeaseExpired(int(m[1]))),
     (re.compile(r"^Duplicate job with key: (.*)$", re.S), lambda m: DuplicateJob(m[1])),
     (re.compile(r"^Cron job not found$"), lambda m: CronNotFound()),
-    (re.compile(r"^Authentication required$"), lambda m: AuthenticationRequired()),
+    (re.compile(r"^Authentication required(?:: (.*))?$", re.S),
+     lambda m: AuthenticationRequired(m[1])),
     (re.compile(r"^Invalid token$"), lambda m: InvalidToken()),
     (
         re.compile(r"^Payload too large: (\d+) bytes \(max (\d+)\)$"),
