@@ -187,6 +187,12 @@ class Engine:
         self.journal.append(rec)
         return jobs
 
+    def next_ids(self, queue: str, count: int) -> list[int]:
+        """The ids the next push of ``count`` jobs to ``queue`` gets (nothing changes)."""
+        slot = q.slot if (q := self.queues.get(queue)) is not None else slot_of(queue)
+        seq = self.seqs[slot]
+        return [(seq + n) * SLOTS + slot for n in range(1, count + 1)]
+
     def _check_push(self, q: QueueState, specs: list[JobSpec]) -> None:
         """Refuse the whole push on a duplicate key (also within it) or an unknown parent."""
         seen: set[str] = set()

@@ -126,6 +126,7 @@ class Node:
                 self.storage.wal.observe_fsync = self.measures.fsync.observe
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
         self._probe: asyncio.TimerHandle | None = None
+        self._reload_pending = False  # storage failed and the engine is not reloaded yet
         self.cluster = Cluster(self)
         self.peers = Peers(self)
         self.commands = Commands(self)
@@ -289,19 +290,32 @@ class Node:
             on_disk += size
             spill.append((i, data))
             stored[i] = BlobRef(size)
-        jobs = self.engine.push(queue, specs, stored)
-        if spill:
-            assert storage is not None
-            try:
-                for i, data in spill:
-                    fd = storage.blobs.write(jobs[i].id, data)
-                    if storage.wal.policy == "always":
-                        storage.wal.extra_fsync.append(fd)
-                    else:
-                        storage.files.close(fd)
-            except OSError as exc:
-                storage.wal._fail(f"write to blob store failed: {exc.strerror or exc}")
-                raise StorageFailed(str(storage.wal.failed)) from None
+        if not spill:
+            return self.engine.push(queue, specs, stored)
+        assert storage is not None
+        return self._push_spilled(storage, queue, specs, stored, spill)
+
+    def _push_spilled(self, storage: Storage, queue: str, specs: list[JobSpec],
+                      stored: list[bytes | BlobRef], spill: list[tuple[int, bytes]]) -> list[Job]:
+        """Blobs first, then the jobs: a blob that cannot be written (ENOSPC, EMFILE, EIO)
+        fails the storage before any job exists or is counted."""
+        ids = self.engine.next_ids(queue, len(specs))
+        try:
+            fds = storage.blobs.write_all([(ids[i], data) for i, data in spill])
+        except OSError as exc:
+            storage.wal.fail(f"write to blob store failed: {exc.strerror or exc}")
+            raise StorageFailed(str(storage.wal.failed)) from None
+        try:
+            jobs = self.engine.push(queue, specs, stored)
+        except BaseException:  # refused (a duplicate key, ...): no blob stays behind
+            storage.blobs.discard([ids[i] for i, _ in spill], fds)
+            raise
+        assert [j.id for j in jobs] == ids
+        for fd in fds:
+            if storage.wal.policy == "always":
+                storage.wal.extra_fsync.append(fd)
+            else:
+                storage.files.close(fd)
         return jobs
 
     def _check_parents(self, specs: list[JobSpec]) -> None:
@@ -371,7 +385,10 @@ class Node:
     # -- storage failure ------------------------------------------------------------------------
 
     def _storage_failed(self, reason: str) -> None:
-        """Answer what was not persisted with an error, reload what is on disk, serve reads."""
+        """Answer what was not persisted with an error, reload what is on disk, serve reads,
+        and probe the disk every ``retry_seconds`` until it works again. The reload itself
+        may fail (EMFILE, EIO): the probe then reloads first, so the node never stays
+        read-only until a restart."""
         assert self.storage is not None
         text = StorageFailed(reason).text
         wal = self.storage.wal
@@ -383,14 +400,31 @@ class Node:
         self.waiters.clear()
         self._outbox_flush()
         self._blob_deletes.clear()
+        self._reload_pending = True
+        self._reload_durable()
+        self._schedule_probe()
+
+    def _reload_durable(self) -> bool:
+        """Rebuild the engine from what is durable; False (logged) if the disk or the process's
+        descriptors do not allow it yet. Until then reads see the old engine."""
+        assert self.storage is not None
         fresh = Engine(self.clock, self.settings.engine)
         fresh.watch = self.engine.watch
         fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
-        self.storage.recover(fresh, open_wal=False, stop_at=wal.durable_pos)
+        try:
+            self.storage.recover(fresh, open_wal=False, stop_at=self.storage.wal.durable_pos)
+        except OSError as exc:
+            log.warning("cannot reload the state from disk yet (%s); trying again in %.1fs",
+                        exc.strerror or exc, self.settings.storage.retry_seconds)
+            return False
         self.engine = self.commands.engine = fresh
-        loop = asyncio.get_running_loop()
-        retry = self.settings.storage.retry_seconds
-        self._probe = loop.call_later(retry, self._probe_storage)
+        self._reload_pending = False
+        return True
+
+    def _schedule_probe(self) -> None:
+        if self._probe is None:
+            retry = self.settings.storage.retry_seconds
+            self._probe = asyncio.get_running_loop().call_later(retry, self._probe_storage)
 
     def _outbox_flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -399,15 +433,17 @@ class Node:
                 session.transport.write(b"".join(lines))
 
     def _probe_storage(self) -> None:
-        """Every ``retry_seconds`` while failed: try to resume writing."""
+        """Every ``retry_seconds`` while failed: reload if that is still due, then try to
+        resume writing."""
         self._probe = None
         assert self.storage is not None
-        if self.storage.wal.try_recover():
+        if self._reload_pending and not self._reload_durable():
+            self._schedule_probe()
+        elif self.storage.wal.try_recover():
             self.engine.release(sorted(self.engine.active), "storage recovered")
             self.after_batch()
         else:
-            retry = self.settings.storage.retry_seconds
-            self._probe = asyncio.get_running_loop().call_later(retry, self._probe_storage)
+            self._schedule_probe()
 
     # -- blocked pulls ------------------------------------------------------------------------
 
@@ -469,7 +505,11 @@ class Node:
             if not jobs:
                 break
             waiters.popleft()
-            wire = [self.job_wire(j) for j in jobs]
+            try:
+                wire = [self.job_wire(j) for j in jobs]
+            except ShardqError as exc:  # a blob that cannot be read
+                self._finish_waiter(waiter, {"ok": False, "error": exc.text})
+                continue
             answer = {"ok": True, "job": wire[0]} if waiter.single else {"ok": True, "jobs": wire}
             self._finish_waiter(waiter, answer)
         if not waiters:
@@ -642,8 +682,14 @@ class Node:
         self.after_batch()
 
     def read_blob(self, job_id: int) -> bytes:
+        """A payload from the blob store; StorageFailed names why it cannot be read (EMFILE,
+        EIO). A pulled job whose blob cannot be read stays leased to its puller (its lease
+        ends as any other: disconnect, timeout)."""
         assert self.storage is not None
-        return self.storage.blobs.read(job_id)
+        try:
+            return self.storage.blobs.read(job_id)
+        except OSError as exc:
+            raise StorageFailed(f"read from blob store failed: {exc.strerror or exc}") from None
 
 
 def _encode(answer: Answer, rid: str | int | None) -> bytes:

@@ -8,16 +8,23 @@ the refusal is clear, that nothing was lost, and that the node keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import resource
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from shardq.node.runtime import Node
 from shardq.node.settings import NodeSettings
 from shardq.operator.local import LocalCluster
 
 from .cluster import node_call
-from .helpers import RawClient, free_port
+from .helpers import RawClient, free_port, wait_port
 
 INTERNAL_REQUESTS: list[dict[str, Any]] = [
     {"cmd": "DROPSLOTS", "slots": [0]},
@@ -118,3 +125,94 @@ async def test_shardq_up_with_a_token_gives_the_nodes_a_cluster_token_no_client_
         assert not any(b"client" in line.split(b"\0") for line in _cmdlines())
     finally:
         await cluster.stop()
+
+
+# -- break 4: storage failures, running out of file descriptors ---------------------------------
+
+NOFILE = 64
+BLOB = "b" * 100_000  # above the 64 KiB blob threshold: written to the blob store
+
+
+async def poll(check: Callable[[], Awaitable[bool]], timeout: float,
+               interval: float = 0.05) -> float:
+    """Await ``check`` until it is true; the seconds that took (TimeoutError past ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not await check():
+        if loop.time() - started > timeout:
+            raise TimeoutError(f"not true after {timeout} s")
+        await asyncio.sleep(interval)
+    return loop.time() - started
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _low_nofile() -> None:  # in the child, before exec
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, hard))
+
+
+@pytest.fixture
+def low_fd_node(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """``shardq node`` as a process whose soft limit is NOFILE descriptors."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "shardq.cli", "node", "--port", str(port), "--http-port", "0",
+           "--data-dir", str(tmp_path / "data"), "--fsync", "always"]
+    with open(tmp_path / "node.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_low_nofile)
+    try:
+        wait_port(port, proc=proc)
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_after_emfile_ends_writes_are_accepted_again_within_5_s(
+        low_fd_node: tuple[int, subprocess.Popen[bytes]]) -> None:
+    """The report: under ``--nofile 256`` a blob push failed with EMFILE, the job was counted
+    anyway, and the node stayed read-only after the descriptors were free (the reload after
+    the failure failed with EMFILE too, before the retry was scheduled)."""
+    port, proc = low_fd_node
+    pusher = await RawClient.connect(port)
+    first = await pusher.call({"cmd": "PUSH", "queue": "q", "data": BLOB})
+    assert first["ok"] is True
+    idle = []
+    for _ in range(NOFILE + 16):  # more than the node can accept: it runs out of descriptors
+        idle.append(await RawClient.connect(port))
+    await poll(lambda: _true(open_fds(proc.pid) >= NOFILE - 1), 5)
+    failed = await pusher.call({"cmd": "PUSH", "queue": "q", "data": BLOB})
+    assert failed == {"ok": False, "error": "Storage failed: write to blob store failed: "
+                      "Too many open files"}
+    stats = await pusher.call({"cmd": "STATS"})  # reads are served meanwhile
+    assert stats["storage_failed"] is True and stats["jobs"] == 1
+    metrics = await pusher.call({"cmd": "METRICS"})
+    assert metrics["metrics"]["total_pushed"] == 1  # the job whose blob failed never counted
+    for client in idle:
+        await client.close()
+
+    async def accepted() -> bool:
+        answer = await pusher.call({"cmd": "PUSH", "queue": "q", "data": BLOB})
+        if answer["ok"]:
+            accepted.id = answer["id"]  # type: ignore[attr-defined]
+            return True
+        assert answer["error"].startswith("Storage failed: "), answer
+        return False
+
+    took = await poll(accepted, 5.0, interval=0.1)
+    print(f"\nwrites accepted again {took:.2f} s after the descriptors were free")
+    stats = await pusher.call({"cmd": "STATS"})
+    assert stats["storage_failed"] is False and stats["jobs"] == 2 and stats["blobs"] == 2
+    metrics = await pusher.call({"cmd": "METRICS"})
+    assert metrics["metrics"]["total_pushed"] == 2
+    pulled = await pusher.call({"cmd": "PULLB", "queue": "q", "count": 10, "timeout": 0})
+    assert [j["id"] for j in pulled["jobs"]] == [first["id"], accepted.id]  # type: ignore
+    assert all(j["data"] == BLOB for j in pulled["jobs"])
+    await pusher.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
