@@ -161,7 +161,8 @@ class Commands:
         job_id = P.check_id(req)
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
         result = req.get("result")
-        self.engine.ack(job_id, None if result is None else raw(result), _lease(lease))
+        self.engine.ack(job_id, None if result is None else raw(result), _lease(lease),
+                        caller.owner)
         return OK
 
     def ackb(self, req: P.Request, caller: Caller) -> Answer:
@@ -177,20 +178,20 @@ class Commands:
             leases = P.check_ids(req, "leases")
             if len(leases) != len(ids):
                 raise InvalidRequest("field 'leases' must be an array as long as 'ids'")
-        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs, leases)]}
+        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs, leases, caller.owner)]}
 
     def fail(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
         error = P.opt_str(req, "error")
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
-        self.engine.fail(job_id, error, _lease(lease))
+        self.engine.fail(job_id, error, _lease(lease), caller.owner)
         return OK
 
     def touch(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
         extend = P.opt_int(req, "extend", 1, P.MAX_MS, default=0)
-        deadline = self.engine.touch(job_id, _lease(lease), extend or None)
+        deadline = self.engine.touch(job_id, _lease(lease), extend or None, caller.owner)
         return {"ok": True, "deadline": deadline}
 
     def cancel(self, req: P.Request, caller: Caller) -> Answer:
@@ -202,7 +203,7 @@ class Commands:
         value = P.check_progress(req)
         message = P.opt_str(req, "message")
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
-        self.engine.progress(job_id, value, message, _lease(lease))
+        self.engine.progress(job_id, value, message, _lease(lease), caller.owner)
         return OK
 
     def getprogress(self, req: P.Request, caller: Caller) -> Answer:
@@ -335,18 +336,17 @@ class Commands:
 
     def release(self, req: P.Request, caller: Caller) -> Answer:
         """RELEASE {ids, leases?}: hand leased jobs back to their queues (a gateway whose
-        client left). With ``leases`` (one token per id) only those attempts are released,
-        never a later attempt of the same job."""
+        client left, a worker giving up). Only by the holder: the attempts ``leases`` names
+        (one token per id, never a later attempt of the same job) or, without them, those
+        this connection holds; the cluster token may release any."""
         ids = P.check_ids(req)
-        leases = req.get("leases")
-        if leases is not None:
+        tokens = None
+        if req.get("leases") is not None:
             tokens = P.check_ids(req, "leases")
             if len(tokens) != len(ids):
                 raise InvalidRequest("field 'leases' must be as long as 'ids'")
-            jobs = self.engine.jobs
-            ids = [i for i, t in zip(ids, tokens, strict=True)
-                   if (job := jobs.get(i)) is not None and job.started_at == t]
-        return {"ok": True, "ids": [self.engine.release(ids, "worker disconnected")]}
+        owner = None if caller.cluster else caller.owner
+        return {"ok": True, "ids": [self.engine.release_held(ids, tokens, owner)]}
 
 
 def _timeout(req: P.Request) -> int | None:

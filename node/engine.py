@@ -43,6 +43,7 @@ from .jobs import (
     DEAD,
     DELAYED,
     ID_MASK,
+    NOBODY,
     PLAIN,
     WAITING,
     WAITING_CHILDREN,
@@ -159,14 +160,22 @@ class Engine:
             raise JobNotFound(job_id)
         return job
 
-    def _active(self, job_id: int, lease: int | None, not_found: type[JobNotFound]) -> Job:
+    def _active(
+        self, job_id: int, lease: int | None, not_found: type[JobNotFound], owner: int | None
+    ) -> Job:
+        """The active job an ACK/FAIL/PROGRESS/TOUCH settles: the attempt its ``lease`` token
+        names, or without one, the attempt ``owner`` holds (None: anyone's, for engine callers
+        that are not a client). Token 0 names no attempt (a gateway's client that holds no
+        lease of the job): refused as from a connection that does not hold it."""
         job = self.jobs.get(job_id)
-        if lease is not None and job is not None:
+        if lease and job is not None:
             if job.state is not ACTIVE or job.started_at != lease:
                 raise LeaseExpired(job_id)
             return job
         if job is None or job.state is not ACTIVE:
             raise not_found(job_id)
+        if lease == 0 or (owner is not None and self.active[job_id].owner != owner):
+            raise LeaseExpired(job_id)  # another connection holds the current attempt
         return job
 
     # -- push -------------------------------------------------------------------------------
@@ -315,13 +324,17 @@ class Engine:
         if q.rate is not None:
             q.rate.take(len(picked))
         self.log_apply((R.START, now, [j.id for j in picked]))
-        if owner:
+        active = self.active
+        if owner > 0:  # a connection: what it holds goes back when it closes
             held = self.owned.get(owner)
             if held is None:
                 held = self.owned[owner] = set()
             for job in picked:
-                self.active[job.id].owner = owner
+                active[job.id].owner = owner
                 held.add(job.id)
+        else:
+            for job in picked:
+                active[job.id].owner = owner
         return picked
 
     def _a_start(self, rec: R.Record) -> None:
@@ -338,7 +351,7 @@ class Engine:
             job.state = ACTIVE
             job.started_at = now if now > job.started_at else job.started_at + 1
             deadline = job.started_at + (job.opts.timeout or default_lease)
-            self.active[jid] = Lease(0, deadline)
+            self.active[jid] = Lease(NOBODY, deadline)  # pull() names the holder
             self.timers.deadline(deadline, jid)
 
     def blocked_until(self, queue: str) -> int | None:
@@ -354,7 +367,7 @@ class Engine:
 
     def _end_attempt(self, job: Job) -> None:
         lease = self.active.pop(job.id)
-        if lease.owner:
+        if lease.owner > 0:
             held = self.owned.get(lease.owner)
             if held is not None:
                 held.discard(job.id)
@@ -365,8 +378,9 @@ class Engine:
         if q.concurrency:
             self.wakeups.add(q.name)
 
-    def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None) -> None:
-        self._active(job_id, lease, JobNotFound)
+    def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None,
+            owner: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound, owner)
         self.log_apply((R.ACK, self.clock(), [job_id], None if result is None else [result]))
 
     def ack_batch(
@@ -374,16 +388,19 @@ class Engine:
         ids: list[int],
         results: list[bytes | None] | None = None,
         leases: list[int] | None = None,
+        owner: int | None = None,
     ) -> int:
-        """Ack every id that is active (in the attempt ``leases[i]`` names, when given);
-        returns how many were."""
+        """Ack every id that is active in the attempt ``leases[i]`` names or, without
+        ``leases``, that ``owner`` holds (None: anyone); returns how many were."""
         picked: list[int] = []
         seen: set[int] = set()
         picked_results = []
+        active = self.active
         for i, jid in enumerate(ids):
             job = self.jobs.get(jid)
             if job is not None and job.state is ACTIVE and jid not in seen and (
-                    leases is None or job.started_at == leases[i]):
+                    job.started_at == leases[i] if leases is not None
+                    else owner is None or active[jid].owner == owner):
                 seen.add(jid)
                 picked.append(jid)
                 picked_results.append(results[i] if results else None)
@@ -435,8 +452,9 @@ class Engine:
         if len(finished) > self.config.results_max:
             finished.popitem(last=False)
 
-    def fail(self, job_id: int, error: str | None = None, lease: int | None = None) -> None:
-        self._active(job_id, lease, JobNotFound)
+    def fail(self, job_id: int, error: str | None = None, lease: int | None = None,
+             owner: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound, owner)
         self.log_apply((R.FAIL, self.clock(), job_id, error))
 
     def _a_fail(self, rec: R.Record) -> None:
@@ -486,9 +504,10 @@ class Engine:
         q.dead_total += 1
         self.emit("dead", job)
 
-    def touch(self, job_id: int, lease: int | None = None, extend: int | None = None) -> int:
+    def touch(self, job_id: int, lease: int | None = None, extend: int | None = None,
+              owner: int | None = None) -> int:
         """Extend an active job's lease; returns the new deadline (not logged)."""
-        job = self._active(job_id, lease, JobNotActive)
+        job = self._active(job_id, lease, JobNotActive, owner)
         return self._extend(job, extend)
 
     def _extend(self, job: Job, extend: int | None) -> int:
@@ -506,6 +525,19 @@ class Engine:
         if not held:
             return 0
         return self.release(sorted(held), reason)
+
+    def release_held(self, ids: list[int], tokens: list[int] | None, owner: int | None) -> int:
+        """RELEASE from a client: hand back the attempts it holds, the one ``tokens[i]`` names
+        or, without tokens, those ``owner`` holds (None: any, for the cluster token)."""
+        jobs, active = self.jobs, self.active
+        if tokens is not None:
+            held = [i for i, t in zip(ids, tokens, strict=True)
+                    if (job := jobs.get(i)) is not None and job.started_at == t]
+        elif owner is not None:
+            held = [i for i in ids if (lease := active.get(i)) is not None and lease.owner == owner]
+        else:
+            held = ids
+        return self.release(held, "worker disconnected")
 
     def release(self, ids: list[int], reason: str) -> int:
         ids = [j for j in ids if j in self.active]
@@ -558,9 +590,10 @@ class Engine:
             del q.dlq[job.id]
 
     def progress(
-        self, job_id: int, progress: int, message: str | None, lease: int | None = None
+        self, job_id: int, progress: int, message: str | None, lease: int | None = None,
+        owner: int | None = None,
     ) -> None:
-        job = self._active(job_id, lease, JobNotActive)
+        job = self._active(job_id, lease, JobNotActive, owner)
         self.log_apply((R.PROGRESS, self.clock(), job_id, progress, message))
         self._extend(job, None)
 

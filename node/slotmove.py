@@ -87,7 +87,7 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
     for job in found.values():
         engine.jobs.pop(job.id, None)
         lease = engine.active.pop(job.id, None)
-        if lease is not None and lease.owner:
+        if lease is not None and lease.owner > 0:
             held = engine.owned.get(lease.owner)
             if held is not None:
                 held.discard(job.id)

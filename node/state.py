@@ -18,6 +18,7 @@ from .jobs import (
     ACTIVE,
     DEAD,
     DELAYED,
+    NOBODY,
     PLAIN,
     WAITING,
     WAITING_CHILDREN,
@@ -136,7 +137,7 @@ def _index(engine: Engine, job: Job, pending: list[int]) -> None:
     elif state is ACTIVE:
         q.n_active += 1
         deadline = job.started_at + (job.opts.timeout or engine.config.default_lease_ms)
-        engine.active[job.id] = Lease(0, deadline)
+        engine.active[job.id] = Lease(NOBODY, deadline)
         engine.timers.deadline(deadline, job.id)
     elif state is DEAD:
         q.dlq[job.id] = job

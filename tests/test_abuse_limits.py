@@ -13,17 +13,19 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shardq.gateway.main import Gateway
+from shardq.gateway.settings import GatewaySettings
 from shardq.node.runtime import Node
 from shardq.node.settings import NodeSettings
 from shardq.operator.local import LocalCluster
 
-from .cluster import node_call
+from .cluster import Cluster, node_call, start_gateway
 from .helpers import RawClient, free_port, wait_port
 
 INTERNAL_REQUESTS: list[dict[str, Any]] = [
@@ -216,3 +218,205 @@ async def test_after_emfile_ends_writes_are_accepted_again_within_5_s(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# -- break 5: lease gaps ---------------------------------------------------------------------------
+
+LEASE_MS = 200  # the jobs' timeout: their lease ends fast, and the job goes to the next worker
+
+
+@pytest.fixture
+async def two_nodes() -> AsyncIterator[tuple[Cluster, Gateway]]:
+    """Two nodes and a gateway with one shared connection per node: every client's requests
+    reach a node on the same connection, the case where a node cannot tell clients apart."""
+    cluster = await Cluster.start(2)
+    gateway = await start_gateway(cluster, upstream_connections=1)
+    yield cluster, gateway
+    await gateway.stop()
+    await cluster.stop()
+
+
+async def redelivered(worker: RawClient, queue: str, count: int = 1) -> list[dict[str, Any]]:
+    """The jobs of ``queue`` once their lease timed out and ``worker`` pulled them."""
+    got: list[dict[str, Any]] = []
+
+    async def pulled() -> bool:
+        answer = await worker.call({"cmd": "PULL", "queue": queue, "timeout": 0})
+        if answer["job"] is not None:
+            got.append(answer["job"])
+        return len(got) == count
+
+    await poll(pulled, 5.0)
+    return got
+
+
+async def test_a_lease_less_ack_settles_only_the_attempt_its_connection_holds(
+        make_node: Any) -> None:
+    """5a, on a node: job N timed out at worker A and went to worker B; A's ACK without a
+    lease completed it with A's result, and B's ACK got ``Job N not found``."""
+    node: Node = await make_node()
+    a, b = await RawClient.connect(node.tcp_port), await RawClient.connect(node.tcp_port)
+    try:
+        job_id = (await a.call({"cmd": "PUSH", "queue": "q", "data": 1,
+                                "timeout": LEASE_MS}))["id"]
+        first = await a.call({"cmd": "PULL", "queue": "q", "timeout": 0})
+        assert first["job"]["id"] == job_id
+        (second,) = await redelivered(b, "q")
+        assert second["id"] == job_id and second["attempts"] == 1
+        stale = f"Lease expired for job {job_id}"
+        for req in ({"cmd": "ACK", "id": job_id, "result": "A"},
+                    {"cmd": "FAIL", "id": job_id, "error": "A gave up"},
+                    {"cmd": "PROGRESS", "id": job_id, "progress": 5, "message": "A"},
+                    {"cmd": "TOUCH", "id": job_id},
+                    {"cmd": "ACK", "id": job_id, "lease": first["job"]["started_at"]}):
+            assert await a.call(req) == {"ok": False, "error": stale}, req
+        assert await a.call({"cmd": "ACKB", "ids": [job_id]}) == {"ok": True, "ids": [0]}
+        assert (await b.call({"cmd": "PROGRESS", "id": job_id, "progress": 50}))["ok"] is True
+        assert await b.call({"cmd": "ACK", "id": job_id, "result": "B"}) == {"ok": True}
+        assert await a.call({"cmd": "GETRESULT", "id": job_id}) == {
+            "ok": True, "id": job_id, "result": "B"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_through_a_gateway_a_lease_less_ack_settles_only_its_clients_attempt(
+        two_nodes: tuple[Cluster, Gateway]) -> None:
+    """5a through a gateway: A and B reach the node on one shared connection, so the node
+    alone cannot tell them apart; the gateway sends the lease token it recorded for each."""
+    _, gateway = two_nodes
+    a, b = await RawClient.connect(gateway.port), await RawClient.connect(gateway.port)
+    try:
+        job_id = (await a.call({"cmd": "PUSH", "queue": "q", "data": 1,
+                                "timeout": LEASE_MS}))["id"]
+        assert (await a.call({"cmd": "PULL", "queue": "q", "timeout": 0}))["job"]["id"] == job_id
+        (second,) = await redelivered(b, "q")
+        assert second["id"] == job_id
+        stale = {"ok": False, "error": f"Lease expired for job {job_id}"}
+        assert await a.call({"cmd": "PROGRESS", "id": job_id, "progress": 9}) == stale
+        assert await a.call({"cmd": "TOUCH", "id": job_id}) == stale
+        assert await a.call({"cmd": "ACK", "id": job_id, "result": "A"}) == stale
+        c = await RawClient.connect(gateway.port)  # never pulled it at all
+        assert await c.call({"cmd": "FAIL", "id": job_id}) == stale
+        await c.close()
+        assert await b.call({"cmd": "ACK", "id": job_id, "result": "B"}) == {"ok": True}
+        assert (await a.call({"cmd": "GETRESULT", "id": job_id}))["result"] == "B"
+        # a blocking PULL (the gateway's own connection to the node) is recorded too
+        job_id = (await a.call({"cmd": "PUSH", "queue": "q", "data": 2}))["id"]
+        assert (await a.call({"cmd": "PULL", "queue": "q"}))["job"]["id"] == job_id
+        assert (await b.call({"cmd": "ACK", "id": job_id}))["ok"] is False
+        assert await a.call({"cmd": "ACK", "id": job_id}) == {"ok": True}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_over_http_a_lease_less_ack_settles_what_http_pulled(
+        two_nodes: tuple[Cluster, Gateway], make_node: Any) -> None:
+    """HTTP has no connection: HTTP clients of one node (or one gateway) are one holder
+    (docs/decisions.md). They settle what HTTP pulled, never a TCP worker's attempt."""
+    import aiohttp
+
+    cluster, _ = two_nodes
+    gateway = Gateway(GatewaySettings(port=0, http_port=free_port(), seeds=cluster.seeds()))
+    await gateway.start()
+    node: Node = await make_node(NodeSettings(port=0, http_port=free_port()))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for tcp_port, http_port in ((node.tcp_port, node.http_port),
+                                        (gateway.port, gateway.http_port)):
+                base = f"http://127.0.0.1:{http_port}"
+                tcp = await RawClient.connect(tcp_port)
+                ids = [(await tcp.call({"cmd": "PUSH", "queue": "h", "data": n}))["id"]
+                       for n in range(2)]
+                async with http.get(f"{base}/queues/h/jobs", params={"timeout": 1000}) as r:
+                    assert [j["id"] for j in (await r.json())["data"]] == ids[:1]
+                assert (await tcp.call({"cmd": "PULL", "queue": "h"}))["job"]["id"] == ids[1]
+                async with http.post(f"{base}/jobs/{ids[1]}/ack") as r:
+                    assert r.status == 409  # a TCP worker holds it
+                async with http.post(f"{base}/jobs/{ids[0]}/ack", json={"result": 7}) as r:
+                    assert r.status == 200, await r.text()
+                assert (await tcp.call({"cmd": "ACK", "id": ids[1]}))["ok"] is True
+                await tcp.close()
+    finally:
+        await gateway.stop()
+
+
+async def test_release_is_only_for_the_holder(make_node: Any) -> None:
+    """5b: a third connection released a job A held, B pulled it, and two workers held it.
+    RELEASE now hands back only the caller's attempts (its connection's, or the ones its
+    lease tokens name); the cluster token may release any."""
+    node: Node = await make_node(NodeSettings(port=0, http_port=0, tokens=("client",),
+                                              cluster_token="cluster"))
+    a, b, c = [await authed(node.tcp_port, "client") for _ in range(3)]
+    try:
+        job_id = (await a.call({"cmd": "PUSH", "queue": "q", "data": 1}))["id"]
+        job = (await a.call({"cmd": "PULL", "queue": "q", "timeout": 0}))["job"]
+        assert await c.call({"cmd": "RELEASE", "ids": [job_id]}) == {"ok": True, "ids": [0]}
+        assert await c.call({"cmd": "RELEASE", "ids": [job_id], "leases": [job["started_at"] + 1]}
+                            ) == {"ok": True, "ids": [0]}
+        assert (await c.call({"cmd": "GETJOB", "id": job_id}))["job"]["state"] == "active"
+        assert (await b.call({"cmd": "PULL", "queue": "q", "timeout": 0}))["job"] is None
+        assert await a.call({"cmd": "RELEASE", "ids": [job_id]}) == {"ok": True, "ids": [1]}
+        again = (await b.call({"cmd": "PULL", "queue": "q", "timeout": 0}))["job"]
+        assert again["id"] == job_id  # handed back by its holder: now B's, and only B's
+        assert await a.call({"cmd": "ACK", "id": job_id}) == {
+            "ok": False, "error": f"Lease expired for job {job_id}"}
+        admin = await authed(node.tcp_port, "cluster")
+        assert await admin.call({"cmd": "RELEASE", "ids": [job_id]}) == {"ok": True, "ids": [1]}
+        await admin.close()
+    finally:
+        for client in (a, b, c):
+            await client.close()
+
+
+async def test_through_a_gateway_release_is_only_for_the_holder_and_leaving_still_releases(
+        two_nodes: tuple[Cluster, Gateway]) -> None:
+    _, gateway = two_nodes
+    a, c = await RawClient.connect(gateway.port), await RawClient.connect(gateway.port)
+    job_id = (await a.call({"cmd": "PUSH", "queue": "q", "data": 1}))["id"]
+    assert (await a.call({"cmd": "PULL", "queue": "q", "timeout": 0}))["job"]["id"] == job_id
+    assert await c.call({"cmd": "RELEASE", "ids": [job_id]}) == {"ok": True, "ids": [0]}
+    assert (await c.call({"cmd": "STATS"}))["processing"] == 1
+    await a.close()  # the gateway releases what A held on A's behalf
+
+    async def waiting_again() -> bool:
+        return bool((await c.call({"cmd": "STATS"}))["queued"] == 1)
+
+    await poll(waiting_again, 5.0)
+    assert (await c.call({"cmd": "PULL", "queue": "q", "timeout": 0}))["job"]["id"] == job_id
+    await c.close()
+
+
+async def test_split_ackb_and_release_carry_their_leases_to_every_node(
+        two_nodes: tuple[Cluster, Gateway]) -> None:
+    """5c: ACKB through the gateway across two nodes dropped ``leases``: a stale ACKB was
+    honoured there and the valid one refused. Each node now gets its ids' tokens (and
+    results)."""
+    cluster, gateway = two_nodes
+    queues = [cluster.queues_on(n.settings.name, "split-")[0] for n in cluster.nodes]
+    a, b = await RawClient.connect(gateway.port), await RawClient.connect(gateway.port)
+    try:
+        ids = [(await a.call({"cmd": "PUSH", "queue": q, "data": q, "timeout": LEASE_MS}))["id"]
+               for q in queues]
+        stale = [(await a.call({"cmd": "PULL", "queue": q, "timeout": 0}))["job"]["started_at"]
+                 for q in queues]
+        current = [(await redelivered(b, q))[0]["started_at"] for q in queues]
+        assert await a.call({"cmd": "ACKB", "ids": ids, "leases": stale,
+                             "results": ["A", "A"]}) == {"ok": True, "ids": [0]}
+        assert await a.call({"cmd": "RELEASE", "ids": ids, "leases": stale}) == {
+            "ok": True, "ids": [0]}
+        assert await b.call({"cmd": "ACKB", "ids": ids, "leases": current,
+                             "results": ["B0", "B1"]}) == {"ok": True, "ids": [2]}
+        results = [(await a.call({"cmd": "GETRESULT", "id": i}))["result"] for i in ids]
+        assert results == ["B0", "B1"]
+        # RELEASE split across the nodes with the current tokens hands both back
+        ids = [(await a.call({"cmd": "PUSH", "queue": q, "data": q}))["id"] for q in queues]
+        tokens = [(await a.call({"cmd": "PULL", "queue": q, "timeout": 0}))["job"]["started_at"]
+                  for q in queues]
+        assert await b.call({"cmd": "RELEASE", "ids": ids, "leases": tokens}) == {
+            "ok": True, "ids": [2]}
+        assert (await b.call({"cmd": "STATS"}))["queued"] == 2
+    finally:
+        await a.close()
+        await b.close()
