@@ -162,6 +162,21 @@ def fan_out(merge_fn: Merge, cmd: str) -> Route:
     return route
 
 
+def listqueues(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+    """A page of queues: ``after`` and ``count`` go to every node, the pages merged."""
+    page: dict[str, Any] = {"cmd": "LISTQUEUES"}
+    if req.get("after") is not None:
+        page["after"] = P.check_queue(req, "after")
+    count = None
+    if req.get("count") is not None:
+        count = page["count"] = P.check_count(req, required=False)
+
+    def merge_page(parts: list[tuple[str, dict[str, Any]]], router: Any) -> dict[str, Any]:
+        return merge.listqueues(parts, router, count)
+
+    s.fan_out(orjson.dumps(page), merge_page, rid)
+
+
 def crondelete(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
     name = P.check_str(req, "name")
     s.fan_out(orjson.dumps({"cmd": "CRONDELETE", "name": name}), merge.crondelete, rid)
@@ -224,7 +239,7 @@ ROUTES: dict[str, Route] = {
     **dict.fromkeys(("ACK", "FAIL"), settle), "CANCEL": cancel,
     "ACKB": ackb, "RELEASE": release,
     "STATS": fan_out(merge.stats, "STATS"), "METRICS": fan_out(merge.metrics, "METRICS"),
-    "LISTQUEUES": fan_out(merge.listqueues, "LISTQUEUES"),
+    "LISTQUEUES": listqueues,
     "CRONLIST": fan_out(merge.cronlist, "CRONLIST"), "CRONDELETE": crondelete,
     "TOPOLOGY": topology, "AUTH": auth, "SUBSCRIBE": subscribe, "UNSUBSCRIBE": unsubscribe,
 }

@@ -70,7 +70,12 @@ class Commands:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.engine = node.engine
-        self.max_payload = node.settings.storage.max_payload
+        self.max_payload = max_payload = node.settings.storage.max_payload
+        limits = node.settings.limits
+        self.max_result = limits.max_result or max_payload
+        self.max_message = limits.max_message or max_payload
+        self.max_cron_payload = min(limits.max_cron_payload, max_payload)
+        self.max_list_queues = limits.max_list_queues
         self.tokens = tuple(t.encode() for t in node.settings.tokens)
         self.table: dict[str, Handler] = {
             name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
@@ -113,6 +118,25 @@ class Commands:
         if len(blob) > self.max_payload:
             raise PayloadTooLarge(len(blob), self.max_payload)
         return blob
+
+    def result(self, value: Any) -> bytes | None:
+        """An ACK's ``result`` as the raw JSON kept for GETRESULT, within ``max_result``."""
+        if value is None:
+            return None
+        blob = raw(value)
+        if len(blob) > self.max_result:
+            raise PayloadTooLarge(len(blob), self.max_result, "Result")
+        return blob
+
+    def text(self, req: P.Request, name: str, what: str) -> str | None:
+        """An optional string field (PROGRESS ``message``, FAIL ``error``) within
+        ``max_message`` bytes of UTF-8."""
+        value = P.opt_str(req, name)
+        if value is not None and len(value) * 4 > self.max_message:  # else it surely fits
+            size = len(value) if value.isascii() else len(value.encode(errors="replace"))
+            if size > self.max_message:
+                raise PayloadTooLarge(size, self.max_message, what)
+        return value
 
     def push(self, req: P.Request, caller: Caller) -> Answer:
         queue = req.get("queue")
@@ -160,9 +184,7 @@ class Commands:
     def ack(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
-        result = req.get("result")
-        self.engine.ack(job_id, None if result is None else raw(result), _lease(lease),
-                        caller.owner)
+        self.engine.ack(job_id, self.result(req.get("result")), _lease(lease), caller.owner)
         return OK
 
     def ackb(self, req: P.Request, caller: Caller) -> Answer:
@@ -172,7 +194,7 @@ class Commands:
         if results is not None:
             if type(results) is not list or len(results) != len(ids):
                 raise InvalidRequest("field 'results' must be an array as long as 'ids'")
-            blobs = [None if r is None else raw(r) for r in results]
+            blobs = [self.result(r) for r in results]
         leases = None
         if req.get("leases") is not None:
             leases = P.check_ids(req, "leases")
@@ -182,7 +204,7 @@ class Commands:
 
     def fail(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
-        error = P.opt_str(req, "error")
+        error = self.text(req, "error", "Error")
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
         self.engine.fail(job_id, error, _lease(lease), caller.owner)
         return OK
@@ -201,7 +223,7 @@ class Commands:
     def progress(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
         value = P.check_progress(req)
-        message = P.opt_str(req, "message")
+        message = self.text(req, "message", "Message")
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
         self.engine.progress(job_id, value, message, _lease(lease), caller.owner)
         return OK
@@ -287,7 +309,9 @@ class Commands:
     def cron(self, req: P.Request, caller: Caller) -> Answer:
         name = P.check_str(req, "name")
         queue = P.check_queue(req)
-        data = self.payload(P.check_data(req))
+        data = raw(P.check_data(req))
+        if len(data) > self.max_cron_payload:
+            raise PayloadTooLarge(len(data), self.max_cron_payload)
         schedule = P.check_str(req, "schedule", 256)
         priority = P.opt_int(req, "priority", P.MIN_PRIORITY, P.MAX_PRIORITY)
         self.engine.crons.add(name, queue, data, schedule, priority)
@@ -317,7 +341,17 @@ class Commands:
         return {"ok": True, "metrics": self.node.metrics()}
 
     def listqueues(self, req: P.Request, caller: Caller) -> Answer:
-        return {"ok": True, "queues": self.node.list_queues()}
+        """Up to ``count`` (at most ``max_list_queues``) queues by name, after ``after``;
+        ``next`` names the last when more remain."""
+        after = req.get("after")
+        if after is not None:
+            after = P.check_queue(req, "after")
+        limit = min(P.check_count(req, required=False, default=self.max_list_queues),
+                    self.max_list_queues)
+        queues, more = self.node.list_queues(after, limit)
+        if more:
+            return {"ok": True, "queues": queues, "next": queues[-1]["name"]}
+        return {"ok": True, "queues": queues}
 
     def topology(self, req: P.Request, caller: Caller) -> Answer:
         return {"ok": True, "topology": self.node.topology()}

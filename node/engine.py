@@ -28,6 +28,8 @@ from shardq.errors import (
     JobNotActive,
     JobNotFound,
     LeaseExpired,
+    LimitReached,
+    ShardqError,
 )
 from shardq.protocol import JobSpec
 from shardq.slots import SLOT_BITS, SLOTS, slot_of
@@ -71,9 +73,17 @@ class EngineConfig:
     default_lease_ms: int = 30 * 60 * 1000
     #: Retry delays are ``backoff * 2**(n-1)``, capped here (or at ``backoff`` if larger).
     max_backoff_ms: int = 60 * 60 * 1000
-    #: Results (and the final state) of finished jobs are kept this many / this long.
+    #: Results (and the final state) of finished jobs are kept this many / this long, and
+    #: while their results hold at most ``results_max_bytes`` (the oldest go first).
     results_max: int = 100_000
     results_ttl_ms: int = 24 * 60 * 60 * 1000
+    results_max_bytes: int = 256 * 1024 * 1024
+    #: Queues a node holds at once: a push or setting that would make one more is refused.
+    max_queues: int = 100_000
+    #: A queue empty, with no settings, for this long is forgotten (counters with it).
+    queue_idle_ms: int = 60_000
+    #: Crons a node holds (each fires at most once a second).
+    max_crons: int = 1_000
 
 
 class Finished:
@@ -95,11 +105,17 @@ class Engine:
         self.config = config or EngineConfig()
         self.jobs: dict[int, Job] = {}  # every live job: waiting/delayed/children/active/dead
         self.queues: dict[str, QueueState] = {}
+        self._queues_peak = 0  # most queues held since ``queues`` was last rebuilt
         self.slot_queues: dict[int, set[str]] = {}  # slot -> names of its queues
         self.seqs = [0] * SLOTS  # last seq handed out per slot
         self.active: dict[int, Lease] = {}
         self.owned: dict[int, set[int]] = {}  # lease owner -> ids it holds
         self.finished: OrderedDict[int, Finished] = OrderedDict()
+        self.result_bytes = 0  # bytes of the results in ``finished``
+        #: queues that were left empty: name -> when, oldest first (``reclaim_queues``)
+        self.emptied: OrderedDict[str, int] = OrderedDict()
+        #: payload bytes in memory past which a cron tick pushes nothing (the runtime sets it)
+        self.memory_budget: int | None = None
         self.timers = Timers(self)  # the delayed, ttl and lease-deadline heaps
         self.deps = Dependencies(self)  # the waiting-children index
         self.crons = Crons(self)
@@ -152,7 +168,51 @@ class Engine:
         if q is None:
             q = self.queues[name] = QueueState(name, slot_of(name))
             self.slot_queues.setdefault(q.slot, set()).add(name)
+            if len(self.queues) > self._queues_peak:
+                self._queues_peak = len(self.queues)
         return q
+
+    def new_queue(self, name: str) -> QueueState:
+        """``queue(name)`` for a client's command: refused past ``max_queues``."""
+        q = self.queues.get(name)
+        if q is None:
+            limit = self.config.max_queues
+            if len(self.queues) >= limit:
+                raise LimitReached(f"this node holds {limit} queues (max_queues, --max-queues)")
+            q = self.queue(name)
+        return q
+
+    def _emptied(self, q: QueueState, now: int) -> None:
+        """``q`` may now be empty: a reclaim candidate from ``now`` on."""
+        emptied = self.emptied
+        emptied[q.name] = now
+        emptied.move_to_end(q.name)
+
+    def reclaim_queues(self) -> int:
+        """Forget the queues empty, with no settings, for ``queue_idle_ms``; how many. An
+        empty queue holds nothing durable (no record needed); a later push starts it anew."""
+        now, idle = self.clock(), self.config.queue_idle_ms
+        emptied, queues = self.emptied, self.queues
+        dropped = 0
+        while emptied:
+            name, since = next(iter(emptied.items()))
+            if now - since < idle:
+                break
+            del emptied[name]
+            q = queues.get(name)
+            if q is not None and q.is_empty():
+                del queues[name]
+                names = self.slot_queues[q.slot]
+                names.discard(name)
+                if not names:
+                    del self.slot_queues[q.slot]
+                dropped += 1
+        if dropped and len(queues) * 4 < self._queues_peak:  # dicts never shrink by themselves
+            self.queues = dict(queues)
+            self.emptied = OrderedDict(emptied)
+            self.slot_queues = {slot: set(names) for slot, names in self.slot_queues.items()}
+            self._queues_peak = len(queues)
+        return dropped
 
     def _job(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
@@ -188,9 +248,14 @@ class Engine:
         if not specs:
             return []
         now = self.clock()
-        q = self.queues.get(queue) or self.queue(queue)
+        q = self.queues.get(queue) or self.new_queue(queue)
         if len(specs) > 1 or specs[0].unique_key is not None or specs[0].depends_on:
-            self._check_push(q, specs)
+            try:
+                self._check_push(q, specs)
+            except ShardqError:
+                if q.is_empty():
+                    self._emptied(q, now)
+                raise
         rec = (R.PUSH, now, queue, self.job_rows(q, specs, payloads, now))
         jobs = self._a_push(rec)
         self.journal.append(rec)
@@ -445,12 +510,28 @@ class Engine:
         key = job.opts.unique_key
         if key is not None and job.queue.unique.get(key) == job.id:
             del job.queue.unique[key]
-        finished = self.finished
-        if not finished:
+        q = job.queue
+        if not (q.n_waiting or q.n_active or q.n_delayed or q.n_children):
+            self._emptied(q, now)
+        if not self.finished:
             self.timers.dirty = True  # results now expire: a deadline to keep
-        finished[job.id] = Finished(state, now, result)
-        if len(finished) > self.config.results_max:
-            finished.popitem(last=False)
+        self.remember(job.id, Finished(state, now, result))
+
+    def remember(self, job_id: int, done: Finished) -> None:
+        """Keep a finished job's outcome, forgetting the oldest past the retention limits."""
+        finished, config = self.finished, self.config
+        finished[job_id] = done
+        if done.result is not None:
+            self.result_bytes += len(done.result)
+        while finished and (len(finished) > config.results_max
+                            or self.result_bytes > config.results_max_bytes):
+            self.forget_oldest()
+
+    def forget_oldest(self) -> None:
+        """Drop the oldest remembered outcome."""
+        _, done = self.finished.popitem(last=False)
+        if done.result is not None:
+            self.result_bytes -= len(done.result)
 
     def fail(self, job_id: int, error: str | None = None, lease: int | None = None,
              owner: int | None = None) -> None:
@@ -657,8 +738,12 @@ class Engine:
     # -- queue settings -----------------------------------------------------------------------
 
     def set_queue(self, queue: str, **changes: Any) -> None:
-        """Pause/resume and limits: ``paused``, ``rate_limit``, ``concurrency_limit``."""
-        settings = self.queue(queue).settings()
+        """Pause/resume and limits: ``paused``, ``rate_limit``, ``concurrency_limit``. On a
+        queue the node does not hold, clearing them changes nothing and creates nothing."""
+        q = self.queues.get(queue)
+        if q is None and not any(changes.values()):
+            return
+        settings = (q or self.new_queue(queue)).settings()
         settings.update(changes)
         self.log_apply((R.QUEUE, self.clock(), queue, settings))
 
@@ -673,6 +758,8 @@ class Engine:
             q.rate = TokenBucket(rate, now)
         q.concurrency = settings.get("concurrency_limit") or 0
         self.wakeups.add(queue)
+        if q.is_empty():
+            self._emptied(q, now)
 
     # -- dependencies across slots (dependencies.py) -------------------------------------------
 

@@ -12,6 +12,7 @@ Must not: change engine state except through engine methods, or block the loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
@@ -106,6 +107,7 @@ class Node:
         self.settings = settings
         self.clock = clock
         self.engine = engine or Engine(clock, settings.engine)
+        self.engine.memory_budget = settings.storage.memory_budget
         self.storage: Storage | None = None
         self.log: Any = MemoryLog()
         if settings.storage.data_dir:
@@ -138,6 +140,7 @@ class Node:
         self._next_owner = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: int | None = None
+        self._reclaim: asyncio.TimerHandle | None = None
         self._rate_timers: dict[str, asyncio.TimerHandle] = {}
         self._outbox: list[tuple[Session, list[bytes]]] = []
         self.servers: list[asyncio.AbstractServer] = []
@@ -164,6 +167,7 @@ class Node:
             self._http, self.http_port = await server_http.start(self)
         self.ready = True
         self.after_batch()
+        self._reclaim_queues()
 
     def _recover(self) -> None:
         assert self.storage is not None
@@ -199,6 +203,8 @@ class Node:
             await server.wait_closed()
         if self._timer:
             self._timer.cancel()
+        if self._reclaim is not None:
+            self._reclaim.cancel()
         for handle in self._rate_timers.values():
             handle.cancel()
         if self._probe is not None:
@@ -409,6 +415,7 @@ class Node:
         descriptors do not allow it yet. Until then reads see the old engine."""
         assert self.storage is not None
         fresh = Engine(self.clock, self.settings.engine)
+        fresh.memory_budget = self.engine.memory_budget
         fresh.watch = self.engine.watch
         fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
         try:
@@ -592,6 +599,13 @@ class Node:
             log.warning("timer work postponed: %s", exc)
         self.after_batch()
 
+    def _reclaim_queues(self) -> None:
+        """Forget queues left empty for ``queue_idle_ms`` (Engine.reclaim_queues), every
+        quarter of that (at least every 50 ms, at most every 5 s)."""
+        self.engine.reclaim_queues()
+        every = min(5.0, max(0.05, self.settings.engine.queue_idle_ms / 4000))
+        self._reclaim = asyncio.get_running_loop().call_later(every, self._reclaim_queues)
+
     # -- connections --------------------------------------------------------------------------
 
     def closed(self, session: Session) -> None:
@@ -626,19 +640,29 @@ class Node:
             "blobs": storage.blobs.count if storage else 0,
             "blob_bytes": storage.blobs.used if storage else 0,
             "storage_failed": self.log.failed is not None,
+            "queues": len(engine.queues), "crons": len(engine.crons.entries),
+            "cron_ticks_skipped": engine.crons.skipped,
         }
 
-    def list_queues(self) -> list[dict[str, Any]]:
+    def list_queues(
+        self, after: str | None = None, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The first ``limit`` queues by name (after ``after``; default ``max_list_queues``);
+        and whether more remain."""
+        limit = limit or self.settings.limits.max_list_queues
+        queues = self.engine.queues
+        names = (n for n in queues if after is None or n > after)
+        page = heapq.nsmallest(limit + 1, names)
         out = []
-        for name in sorted(self.engine.queues):
-            q = self.engine.queues[name]
+        for name in page[:limit]:
+            q = queues[name]
             out.append({
                 "name": name, "pending": q.pending, "processing": q.n_active, "dlq": len(q.dlq),
                 "paused": q.paused, "rate_limit": q.rate.limit if q.rate else None,
                 "concurrency_limit": q.concurrency or None, "waiting": q.n_waiting,
                 "delayed": q.n_delayed, "waiting_children": q.n_children,
             })
-        return out
+        return out, len(page) > limit
 
     def metrics(self) -> dict[str, Any]:
         e = self.engine
@@ -658,7 +682,7 @@ class Node:
                     "name": q["name"], "pending": q["pending"], "processing": q["processing"],
                     "dlq": q["dlq"], "rate_limit": q["rate_limit"],
                 }
-                for q in self.list_queues()
+                for q in self.list_queues()[0]
             ],
         }
 

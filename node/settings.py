@@ -44,6 +44,23 @@ class StorageSettings:
 
 
 @dataclass
+class LimitSettings:
+    """What one request may make a node keep or send back (docs/limits.md). The engine's
+    own limits (queues, crons, retained results) are in ``EngineConfig``."""
+
+    #: The largest ACK/ACKB ``result`` (bytes of JSON); None = ``storage.max_payload``.
+    max_result: int | None = None
+    #: The longest PROGRESS ``message`` and FAIL ``error`` (bytes of UTF-8); None =
+    #: ``storage.max_payload``. Kept on the job, outside the memory budget.
+    max_message: int | None = None
+    #: The largest cron ``data``: kept in memory, and pushed again at every tick.
+    max_cron_payload: int = 64 * 1024
+    #: Queues in one LISTQUEUES answer (and in METRICS), by name; past it the answer's
+    #: ``next`` names the last one, and ``after`` asks for the ones after it.
+    max_list_queues: int = 10_000
+
+
+@dataclass
 class NodeSettings:
     """Everything ``shardq node`` takes (DESIGN §8)."""
 
@@ -69,3 +86,4 @@ class NodeSettings:
     metrics: bool = True
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: LimitSettings = field(default_factory=LimitSettings)

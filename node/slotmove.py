@@ -103,7 +103,9 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
         del deps[parent]
     engine.deps.drop(slots)
     for jid in [j for j in engine.finished if j % SLOTS in slots]:
-        del engine.finished[jid]
+        result = engine.finished.pop(jid).result
+        if result is not None:
+            engine.result_bytes -= len(result)
     for name in _queues(engine, slots):
         del engine.queues[name]
     for s in slots:

@@ -147,6 +147,6 @@ def load_finished(engine: Engine, rec: R.Record) -> None:
     from .engine import Finished
 
     _, at, jid, state, result = rec
-    engine.finished[jid] = Finished(_STATES[state], at, result)
+    engine.remember(jid, Finished(_STATES[state], at, result))
     seq, slot = divmod(jid, 1024)
     engine.seqs[slot] = max(engine.seqs[slot], seq)
