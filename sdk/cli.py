@@ -146,6 +146,8 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--blob-threshold", 64 * 1024, int, "payloads above this go to the blob store")
     _flag(p, "--memory-budget", 1024**3, int, "bytes of payloads kept in memory")
     _flag(p, "--disk-budget", 10 * 1024**3, int, "bytes of payloads in the blob store")
+    _flag(p, "--storage-retry-seconds", 2.0, float,
+          "after a storage failure, how often to try the disk again")
     p.add_argument("--no-group-commit", dest="group_commit", action="store_false",
                    help="fsync every command on its own (benchmark baseline only)")
 
@@ -153,7 +155,8 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
 def _limit_flags(p: argparse.ArgumentParser) -> None:
     """What client input may make a node hold (docs/limits.md)."""
     _flag(p, "--max-queues", 100_000, int, "queues a node holds; more are refused")
-    _flag(p, "--queue-idle-ms", 60_000, int, "an empty queue without settings is forgotten after")
+    _flag(p, "--queue-idle-ms", 60_000, int,
+          "ms after which an empty queue without settings is forgotten")
     _flag(p, "--max-crons", 1_000, int, "crons a node holds; more are refused")
     _flag(p, "--max-cron-payload", 64 * 1024, int, "largest cron data (bytes)")
     _flag(p, "--max-result", None, int, "largest ACK result (bytes; default: --max-payload)")
@@ -196,6 +199,7 @@ def _node_settings(args: argparse.Namespace) -> Any:
             segment_bytes=args.segment_bytes, snapshot_bytes=args.snapshot_bytes,
             blob_threshold=args.blob_threshold, memory_budget=args.memory_budget,
             disk_budget=args.disk_budget, group_commit=args.group_commit,
+            retry_seconds=args.storage_retry_seconds,
         ),
         engine=EngineConfig(
             default_lease_ms=args.default_lease_ms, max_queues=args.max_queues,
