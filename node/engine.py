@@ -28,14 +28,13 @@ from shardq.errors import (
     JobNotActive,
     JobNotFound,
     LeaseExpired,
-    LimitReached,
     ShardqError,
 )
 from shardq.protocol import JobSpec
 from shardq.slots import SLOT_BITS, SLOTS, slot_of
 
 from . import records as R
-from . import slotmove, state
+from . import retention, slotmove, state
 from .cron import Crons
 from .dependencies import Dependencies
 from .jobs import (
@@ -105,7 +104,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.jobs: dict[int, Job] = {}  # every live job: waiting/delayed/children/active/dead
         self.queues: dict[str, QueueState] = {}
-        self._queues_peak = 0  # most queues held since ``queues`` was last rebuilt
+        self.queues_peak = 0  # most queues held since ``queues`` was last rebuilt
         self.slot_queues: dict[int, set[str]] = {}  # slot -> names of its queues
         self.seqs = [0] * SLOTS  # last seq handed out per slot
         self.active: dict[int, Lease] = {}
@@ -168,51 +167,13 @@ class Engine:
         if q is None:
             q = self.queues[name] = QueueState(name, slot_of(name))
             self.slot_queues.setdefault(q.slot, set()).add(name)
-            if len(self.queues) > self._queues_peak:
-                self._queues_peak = len(self.queues)
+            if len(self.queues) > self.queues_peak:
+                self.queues_peak = len(self.queues)
         return q
-
-    def new_queue(self, name: str) -> QueueState:
-        """``queue(name)`` for a client's command: refused past ``max_queues``."""
-        q = self.queues.get(name)
-        if q is None:
-            limit = self.config.max_queues
-            if len(self.queues) >= limit:
-                raise LimitReached(f"this node holds {limit} queues (max_queues, --max-queues)")
-            q = self.queue(name)
-        return q
-
-    def _emptied(self, q: QueueState, now: int) -> None:
-        """``q`` may now be empty: a reclaim candidate from ``now`` on."""
-        emptied = self.emptied
-        emptied[q.name] = now
-        emptied.move_to_end(q.name)
 
     def reclaim_queues(self) -> int:
-        """Forget the queues empty, with no settings, for ``queue_idle_ms``; how many. An
-        empty queue holds nothing durable (no record needed); a later push starts it anew."""
-        now, idle = self.clock(), self.config.queue_idle_ms
-        emptied, queues = self.emptied, self.queues
-        dropped = 0
-        while emptied:
-            name, since = next(iter(emptied.items()))
-            if now - since < idle:
-                break
-            del emptied[name]
-            q = queues.get(name)
-            if q is not None and q.is_empty():
-                del queues[name]
-                names = self.slot_queues[q.slot]
-                names.discard(name)
-                if not names:
-                    del self.slot_queues[q.slot]
-                dropped += 1
-        if dropped and len(queues) * 4 < self._queues_peak:  # dicts never shrink by themselves
-            self.queues = dict(queues)
-            self.emptied = OrderedDict(emptied)
-            self.slot_queues = {slot: set(names) for slot, names in self.slot_queues.items()}
-            self._queues_peak = len(queues)
-        return dropped
+        """Forget queues left empty for ``queue_idle_ms`` (retention.py); how many."""
+        return retention.reclaim_queues(self)
 
     def _job(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
@@ -248,13 +209,13 @@ class Engine:
         if not specs:
             return []
         now = self.clock()
-        q = self.queues.get(queue) or self.new_queue(queue)
+        q = self.queues.get(queue) or retention.new_queue(self, queue)
         if len(specs) > 1 or specs[0].unique_key is not None or specs[0].depends_on:
             try:
                 self._check_push(q, specs)
             except ShardqError:
                 if q.is_empty():
-                    self._emptied(q, now)
+                    retention.note_emptied(self, q, now)
                 raise
         rec = (R.PUSH, now, queue, self.job_rows(q, specs, payloads, now))
         jobs = self._a_push(rec)
@@ -512,26 +473,10 @@ class Engine:
             del job.queue.unique[key]
         q = job.queue
         if not (q.n_waiting or q.n_active or q.n_delayed or q.n_children):
-            self._emptied(q, now)
+            retention.note_emptied(self, q, now)
         if not self.finished:
             self.timers.dirty = True  # results now expire: a deadline to keep
-        self.remember(job.id, Finished(state, now, result))
-
-    def remember(self, job_id: int, done: Finished) -> None:
-        """Keep a finished job's outcome, forgetting the oldest past the retention limits."""
-        finished, config = self.finished, self.config
-        finished[job_id] = done
-        if done.result is not None:
-            self.result_bytes += len(done.result)
-        while finished and (len(finished) > config.results_max
-                            or self.result_bytes > config.results_max_bytes):
-            self.forget_oldest()
-
-    def forget_oldest(self) -> None:
-        """Drop the oldest remembered outcome."""
-        _, done = self.finished.popitem(last=False)
-        if done.result is not None:
-            self.result_bytes -= len(done.result)
+        retention.remember(self, job.id, Finished(state, now, result))
 
     def fail(self, job_id: int, error: str | None = None, lease: int | None = None,
              owner: int | None = None) -> None:
@@ -743,7 +688,7 @@ class Engine:
         q = self.queues.get(queue)
         if q is None and not any(changes.values()):
             return
-        settings = (q or self.new_queue(queue)).settings()
+        settings = (q or retention.new_queue(self, queue)).settings()
         settings.update(changes)
         self.log_apply((R.QUEUE, self.clock(), queue, settings))
 
@@ -759,7 +704,7 @@ class Engine:
         q.concurrency = settings.get("concurrency_limit") or 0
         self.wakeups.add(queue)
         if q.is_empty():
-            self._emptied(q, now)
+            retention.note_emptied(self, q, now)
 
     # -- dependencies across slots (dependencies.py) -------------------------------------------
 

@@ -31,6 +31,7 @@ from shardq.slots import SLOTS
 from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands, Encoded
 from .engine import Engine
+from .failure import StorageFailure
 from .jobs import DELAYED, BlobRef, Job
 from .metrics import Measures
 from .peers import Peers
@@ -127,8 +128,7 @@ class Node:
             if self.storage is not None:
                 self.storage.wal.observe_fsync = self.measures.fsync.observe
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
-        self._probe: asyncio.TimerHandle | None = None
-        self._reload_pending = False  # storage failed and the engine is not reloaded yet
+        self.failure: StorageFailure | None = None
         self.cluster = Cluster(self)
         self.peers = Peers(self)
         self.commands = Commands(self)
@@ -174,7 +174,8 @@ class Node:
         wal = self.storage.wal
         report = self.recovery = self.storage.recover(self.engine)
         wal.on_durable = self.released
-        wal.on_failure = self._storage_failed
+        self.failure = StorageFailure(self, self.storage)
+        wal.on_failure = self.failure.failed
         wal.on_flushed = self._maybe_snapshot
         report.released = self.engine.release(sorted(self.engine.active), "node restarted")
         log.info(
@@ -207,8 +208,8 @@ class Node:
             self._reclaim.cancel()
         for handle in self._rate_timers.values():
             handle.cancel()
-        if self._probe is not None:
-            self._probe.cancel()
+        if self.failure is not None:
+            self.failure.close()
         if self.storage is not None:
             self.storage.close()
 
@@ -388,69 +389,22 @@ class Node:
         if self.storage is not None and self.storage.snapshot_due():
             self.storage.start_snapshot(self.engine)
 
-    # -- storage failure ------------------------------------------------------------------------
+    # -- storage failure (failure.py) -----------------------------------------------------------
 
-    def _storage_failed(self, reason: str) -> None:
-        """Answer what was not persisted with an error, reload what is on disk, serve reads,
-        and probe the disk every ``retry_seconds`` until it works again. The reload itself
-        may fail (EMFILE, EIO): the probe then reloads first, so the node never stays
-        read-only until a restart."""
-        assert self.storage is not None
-        text = StorageFailed(reason).text
-        wal = self.storage.wal
+    def answer_unpersisted(self, durable: int, text: str) -> None:
+        """Storage failed: every answer that waited for a write past ``durable``, and every
+        blocked pull, gets ``text``; pending blob deletions are forgotten (the reload scans)."""
         for session in [*self.sessions, *self.inline_held]:
-            session.fail_held(wal.durable, text)
+            session.fail_held(durable, text)
         for waiters in list(self.waiters.values()):
             for waiter in list(waiters):
                 self._finish_waiter(waiter, {"ok": False, "error": text})
         self.waiters.clear()
-        self._outbox_flush()
-        self._blob_deletes.clear()
-        self._reload_pending = True
-        self._reload_durable()
-        self._schedule_probe()
-
-    def _reload_durable(self) -> bool:
-        """Rebuild the engine from what is durable; False (logged) if the disk or the process's
-        descriptors do not allow it yet. Until then reads see the old engine."""
-        assert self.storage is not None
-        fresh = Engine(self.clock, self.settings.engine)
-        fresh.memory_budget = self.engine.memory_budget
-        fresh.watch = self.engine.watch
-        fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
-        try:
-            self.storage.recover(fresh, open_wal=False, stop_at=self.storage.wal.durable_pos)
-        except OSError as exc:
-            log.warning("cannot reload the state from disk yet (%s); trying again in %.1fs",
-                        exc.strerror or exc, self.settings.storage.retry_seconds)
-            return False
-        self.engine = self.commands.engine = fresh
-        self._reload_pending = False
-        return True
-
-    def _schedule_probe(self) -> None:
-        if self._probe is None:
-            retry = self.settings.storage.retry_seconds
-            self._probe = asyncio.get_running_loop().call_later(retry, self._probe_storage)
-
-    def _outbox_flush(self) -> None:
         outbox, self._outbox = self._outbox, []
         for session, lines in outbox:
             if session.transport is not None and not session.closing:
                 session.transport.write(b"".join(lines))
-
-    def _probe_storage(self) -> None:
-        """Every ``retry_seconds`` while failed: reload if that is still due, then try to
-        resume writing."""
-        self._probe = None
-        assert self.storage is not None
-        if self._reload_pending and not self._reload_durable():
-            self._schedule_probe()
-        elif self.storage.wal.try_recover():
-            self.engine.release(sorted(self.engine.active), "storage recovered")
-            self.after_batch()
-        else:
-            self._schedule_probe()
+        self._blob_deletes.clear()
 
     # -- blocked pulls ------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from shardq.job import State
 
 from . import records as R
+from . import retention
 from .jobs import (
     ACTIVE,
     DEAD,
@@ -147,6 +148,6 @@ def load_finished(engine: Engine, rec: R.Record) -> None:
     from .engine import Finished
 
     _, at, jid, state, result = rec
-    engine.remember(jid, Finished(_STATES[state], at, result))
+    retention.remember(engine, jid, Finished(_STATES[state], at, result))
     seq, slot = divmod(jid, 1024)
     engine.seqs[slot] = max(engine.seqs[slot], seq)

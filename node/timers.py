@@ -12,6 +12,7 @@ import heapq
 from typing import TYPE_CHECKING
 
 from . import records as R
+from . import retention
 from .jobs import DELAYED, EXPIRED, ID_MASK, WAITING, WAITING_CHILDREN, timer_key
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class Timers:
             first = next(iter(finished.values()))
             if first.at + ttl > now:
                 break
-            e.forget_oldest()
+            retention.forget_oldest(e)
 
     @staticmethod
     def _due(heap: list[int], now: int) -> list[int]:
