@@ -364,8 +364,7 @@ class Commands:
         if not cluster and not self.authenticate(token):
             raise InvalidToken()
         caller.authed = True
-        if cluster:
-            caller.cluster = True
+        caller.cluster = bool(cluster)  # a later AUTH with a client token drops cluster rights
         return OK
 
     def release(self, req: P.Request, caller: Caller) -> Answer:

@@ -53,7 +53,8 @@ class LimitSettings:
     #: The longest PROGRESS ``message`` and FAIL ``error`` (bytes of UTF-8); None =
     #: ``storage.max_payload``. Kept on the job, outside the memory budget.
     max_message: int | None = None
-    #: The largest cron ``data``: kept in memory, and pushed again at every tick.
+    #: The largest cron ``data`` (at most ``storage.max_payload``): kept in memory, and
+    #: pushed again at every tick.
     max_cron_payload: int = 64 * 1024
     #: Queues in one LISTQUEUES answer (and in METRICS), by name; past it the answer's
     #: ``next`` names the last one, and ``after`` asks for the ones after it.

@@ -84,6 +84,10 @@ async def test_with_a_cluster_token_only_it_runs_internal_commands(make_node: An
         await client.close()
     exported = await node_call(node.tcp_port, {"cmd": "EXPORT", "slots": [0]}, "cluster")
     assert exported["ok"] is True
+    client = await authed(node.tcp_port, "cluster")
+    assert await client.call({"cmd": "AUTH", "token": "client"}) == {"ok": True}
+    assert (await client.call(INTERNAL_REQUESTS[0]))["ok"] is False  # rights of the last AUTH
+    await client.close()
     # the cluster token is a client credential too (the rebalancer reads TOPOLOGY with it)
     assert (await node_call(node.tcp_port, {"cmd": "STATS"}, "cluster"))["ok"] is True
 
