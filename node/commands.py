@@ -71,7 +71,7 @@ class Commands:
         self.node = node
         self.engine = node.engine
         self.max_payload = max_payload = node.settings.storage.max_payload
-        limits = node.settings.limits
+        limits = node.settings.request_limits
         self.max_result = limits.max_result or max_payload
         self.max_message = limits.max_message or max_payload
         self.max_cron_payload = min(limits.max_cron_payload, max_payload)

@@ -603,7 +603,7 @@ class Node:
     ) -> tuple[list[dict[str, Any]], bool]:
         """The first ``limit`` queues by name (after ``after``; default ``max_list_queues``);
         and whether more remain."""
-        limit = limit or self.settings.limits.max_list_queues
+        limit = limit or self.settings.request_limits.max_list_queues
         queues = self.engine.queues
         names = (n for n in queues if after is None or n > after)
         page = heapq.nsmallest(limit + 1, names)

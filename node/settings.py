@@ -44,7 +44,7 @@ class StorageSettings:
 
 
 @dataclass
-class LimitSettings:
+class RequestLimits:
     """What one request may make a node keep or send back (docs/limits.md). The engine's
     own limits (queues, crons, retained results) are in ``EngineConfig``."""
 
@@ -87,4 +87,4 @@ class NodeSettings:
     metrics: bool = True
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    limits: LimitSettings = field(default_factory=LimitSettings)
+    request_limits: RequestLimits = field(default_factory=RequestLimits)

@@ -182,7 +182,7 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 
 def _node_settings(args: argparse.Namespace) -> Any:
     from shardq.node.engine import EngineConfig
-    from shardq.node.settings import LimitSettings, NodeSettings, StorageSettings
+    from shardq.node.settings import NodeSettings, RequestLimits, StorageSettings
 
     return NodeSettings(
         name=args.name,
@@ -206,7 +206,7 @@ def _node_settings(args: argparse.Namespace) -> Any:
             queue_idle_ms=args.queue_idle_ms, max_crons=args.max_crons,
             results_max=args.results_max, results_max_bytes=args.results_max_bytes,
         ),
-        limits=LimitSettings(
+        request_limits=RequestLimits(
             max_result=args.max_result, max_message=args.max_message,
             max_cron_payload=args.max_cron_payload, max_list_queues=args.max_list_queues,
         ),

@@ -720,8 +720,8 @@ def test_every_limit_is_a_flag_and_an_environment_variable(
     assert (defaults.engine.max_queues, defaults.engine.queue_idle_ms,
             defaults.engine.max_crons, defaults.engine.results_max_bytes) == (
         100_000, 60_000, 1_000, 256 * 2**20)
-    assert (defaults.limits.max_result, defaults.limits.max_message,
-            defaults.limits.max_cron_payload, defaults.limits.max_list_queues) == (
+    assert (defaults.request_limits.max_result, defaults.request_limits.max_message,
+            defaults.request_limits.max_cron_payload, defaults.request_limits.max_list_queues) == (
         None, None, 64 * 2**10, 10_000)
     assert defaults.storage.retry_seconds == 2.0
     monkeypatch.setenv("SHARDQ_MAX_QUEUES", "7")
@@ -729,5 +729,5 @@ def test_every_limit_is_a_flag_and_an_environment_variable(
     args = build_parser().parse_args(["node", "--max-crons", "3", "--max-message", "99",
                                       "--storage-retry-seconds", "0.5"])
     s = _node_settings(args)
-    assert (s.engine.max_queues, s.engine.max_crons, s.limits.max_result,
-            s.limits.max_message, s.storage.retry_seconds) == (7, 3, 1024, 99, 0.5)
+    assert (s.engine.max_queues, s.engine.max_crons, s.request_limits.max_result,
+            s.request_limits.max_message, s.storage.retry_seconds) == (7, 3, 1024, 99, 0.5)
