@@ -9,6 +9,7 @@ gateway in front of the nodes.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from shardq.connection import Connection
@@ -96,13 +97,15 @@ class Cluster:
     @classmethod
     async def start(cls, count: int = 3, tokens: tuple[str, ...] = (),
                     cluster_token: str | None = None) -> Cluster:
+        if tokens and cluster_token is None:  # client tokens never run internal commands
+            cluster_token = "cluster-" + secrets.token_hex(8)
         nodes = []
         for i in range(count):
             node = Node(NodeSettings(name=f"node-{i}", port=0, http_port=0, tokens=tokens,
                                      cluster_token=cluster_token))
             await node.start()
             nodes.append(node)
-        cluster = cls(nodes, cluster_token or (tokens[0] if tokens else None))
+        cluster = cls(nodes, cluster_token)
         await cluster.publish(cluster.topology)
         return cluster
 

@@ -798,7 +798,13 @@ async def test_a_job_pushed_over_http_is_pulled_over_tcp_and_acked_over_http(api
         assert {k: got["job"][k] for k in ("id", "queue", "data", "priority")} == {
             "id": pushed["id"], "queue": "both", "data": {"via": "http"}, "priority": 3}
         assert (await api.ok("GET", f"/jobs/{pushed['id']}"))["state"] == "active"
-        assert await api.ok("POST", f"/jobs/{pushed['id']}/ack", json={"result": [1, 2]}) is None
+        # the TCP connection holds the attempt: a lease-less HTTP ack may not settle it
+        # (issue 13), the attempt's lease token may
+        assert await api.refused("POST", f"/jobs/{pushed['id']}/ack", 409,
+                                 json={"result": "x"}) == f"Lease expired for job {pushed['id']}"
+        lease = got["job"]["started_at"]
+        assert await api.ok("POST", f"/jobs/{pushed['id']}/ack",
+                            json={"result": [1, 2], "lease": lease}) is None
         assert await tcp.call({"cmd": "GETRESULT", "id": pushed["id"]}) == {
             "ok": True, "id": pushed["id"], "result": [1, 2]}
         assert await tcp.call({"cmd": "ACK", "id": pushed["id"]}) == {

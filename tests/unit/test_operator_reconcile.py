@@ -255,15 +255,17 @@ def test_the_node_container_runs_shardq_node_named_after_its_pod() -> None:
     assert c["env"][0]["name"] == "POD_NAME"
 
 
-def test_auth_env_comes_from_the_secret_with_the_cluster_token_optional() -> None:
+def test_auth_env_gives_nodes_the_cluster_token_and_gateways_only_the_client_token() -> None:
     spec = rc.Spec.parse(FULL_SPEC)
-    for manifest in (rc.statefulset("demo", "ns", spec, 5),
-                     rc.gateway_deployment("demo", "ns", spec, ["a:1"])):
-        env = env_of(container(manifest))
+    node = env_of(container(rc.statefulset("demo", "ns", spec, 5)))
+    gateway = env_of(container(rc.gateway_deployment("demo", "ns", spec, ["a:1"])))
+    for env in (node, gateway):
         assert env["SHARDQ_TOKEN"]["valueFrom"] == {
             "secretKeyRef": {"name": "shardq-auth", "key": "client"}}
-        assert env["SHARDQ_CLUSTER_TOKEN"]["valueFrom"] == {
-            "secretKeyRef": {"name": "shardq-auth", "key": "internal", "optional": True}}
+    # required: a node never falls back to a client token for its internal commands
+    assert node["SHARDQ_CLUSTER_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "shardq-auth", "key": "internal"}}
+    assert "SHARDQ_CLUSTER_TOKEN" not in gateway  # a gateway needs client rights only
 
 
 def test_without_auth_no_token_env_is_set() -> None:

@@ -13,6 +13,11 @@ to it unchanged.
 - id commands (ACK, FAIL, GETRESULT, CANCEL, PROGRESS, GETPROGRESS, GETJOB,
   TOUCH): the owner of ``id % 1024``.
 - ACKB, RELEASE: split per owner (inflight.Split).
+- Leases: the nodes see a gateway's shared connections, not its clients, so the
+  gateway gives every lease-less ACK, FAIL, PROGRESS, TOUCH, ACKB and RELEASE the
+  lease token it recorded when this client pulled the job (0 when it recorded
+  none, which no attempt has): a client settles only the attempts it holds, as
+  on a node. A token the client sent itself goes as is.
 - STATS, METRICS, LISTQUEUES, CRONLIST, CRONDELETE: every node, merged (merge.py).
 - TOPOLOGY, AUTH: answered by the gateway. SUBSCRIBE/UNSUBSCRIBE: every node, on
   the session's own connections (subscriptions.py).
@@ -77,17 +82,43 @@ def _pull(s: ClientSession, req: P.Request, line: bytes, rid: Rid, queue: str) -
         s.forward(line, slot, rid, TRACK)
     elif timeout is None:
         chunked = orjson.dumps({**req, "timeout": s.settings.pull_chunk_ms})
-        s.forward(chunked, slot, rid, BLOCKING | FOREVER)
+        s.forward(chunked, slot, rid, BLOCKING | FOREVER | TRACK)
     else:
-        s.forward(line, slot, rid, BLOCKING)
+        s.forward(line, slot, rid, BLOCKING | TRACK)
 
 
 def by_id(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
     s.forward(line, P.check_id(req) % SLOTS, rid, 0)
 
 
+def with_lease(req: P.Request, line: bytes, token: int) -> bytes:
+    """``line`` with ``"lease": token`` added (the line parsed as ``req``: an object)."""
+    if "lease" in req:  # "lease": null
+        return orjson.dumps({**req, "lease": token})
+    line = line.rstrip()
+    return line[:-1] + b',"lease":%d}' % token
+
+
 def settle(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
-    """ACK, FAIL, CANCEL: the job is no longer this client's to hand back."""
+    """ACK, FAIL: the attempt this client holds (its recorded token); then no longer its
+    to hand back."""
+    job_id = P.check_id(req)
+    token = s.leases.pop(job_id, 0)
+    if req.get("lease") is None:
+        line = with_lease(req, line, token)
+    s.forward(line, job_id % SLOTS, rid, 0)
+
+
+def leased(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+    """PROGRESS, TOUCH: of the attempt this client holds (its recorded token)."""
+    job_id = P.check_id(req)
+    if req.get("lease") is None:
+        line = with_lease(req, line, s.leases.get(job_id, 0))
+    s.forward(line, job_id % SLOTS, rid, 0)
+
+
+def cancel(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+    """CANCEL (any job, no lease): if this client held it, not its to hand back any more."""
     job_id = P.check_id(req)
     s.leases.pop(job_id, None)
     s.forward(line, job_id % SLOTS, rid, 0)
@@ -95,17 +126,31 @@ def settle(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
 
 def ackb(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
     ids = P.check_ids(req)
+    fields: dict[str, list[Any]] = {}
     results = req.get("results")
-    if results is not None and (type(results) is not list or len(results) != len(ids)):
-        raise InvalidRequest("field 'results' must be an array as long as 'ids'")
-    s.settled(ids)
-    s.split("ACKB", ids, results, rid, line)
+    if results is not None:
+        if type(results) is not list or len(results) != len(ids):
+            raise InvalidRequest("field 'results' must be an array as long as 'ids'")
+        fields["results"] = results
+    _split_leased(s, "ACKB", req, ids, fields, line, rid)
 
 
 def release(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
-    ids = P.check_ids(req)
-    s.settled(ids)
-    s.split("RELEASE", ids, None, rid, line)
+    _split_leased(s, "RELEASE", req, P.check_ids(req), {}, line, rid)
+
+
+def _split_leased(s: ClientSession, cmd: str, req: P.Request, ids: list[int],
+                  fields: dict[str, list[Any]], line: bytes, rid: Rid) -> None:
+    """ACKB, RELEASE: with the client's own ``leases``, or the tokens recorded for it."""
+    if req.get("leases") is not None:
+        leases = P.check_ids(req, "leases")
+        if len(leases) != len(ids):
+            raise InvalidRequest("field 'leases' must be an array as long as 'ids'")
+        s.settled(ids)
+    else:
+        leases = s.settled(ids)
+        line = orjson.dumps({**req, "leases": leases})
+    s.split(cmd, ids, {**fields, "leases": leases}, rid, line)
 
 
 def fan_out(merge_fn: Merge, cmd: str) -> Route:
@@ -115,6 +160,21 @@ def fan_out(merge_fn: Merge, cmd: str) -> Route:
         s.fan_out(line, merge_fn, rid)
 
     return route
+
+
+def listqueues(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+    """A page of queues: ``after`` and ``count`` go to every node, the pages merged."""
+    page: dict[str, Any] = {"cmd": "LISTQUEUES"}
+    if req.get("after") is not None:
+        page["after"] = P.check_queue(req, "after")
+    count = None
+    if req.get("count") is not None:
+        count = page["count"] = P.check_count(req, required=False)
+
+    def merge_page(parts: list[tuple[str, dict[str, Any]]], router: Any) -> dict[str, Any]:
+        return merge.listqueues(parts, router, count)
+
+    s.fan_out(orjson.dumps(page), merge_page, rid)
 
 
 def crondelete(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
@@ -174,11 +234,12 @@ ROUTES: dict[str, Route] = {
         ("PUSH", "PUSHB", "DLQ", "RETRYDLQ", "PAUSE", "RESUME", "RATELIMIT", "RATELIMITCLEAR",
          "SETCONCURRENCY", "CLEARCONCURRENCY"), to_queue),
     "CRON": cron, "PULL": pull, "PULLB": pullb,
-    **dict.fromkeys(("GETRESULT", "PROGRESS", "GETPROGRESS", "GETJOB", "TOUCH"), by_id),
-    **dict.fromkeys(("ACK", "FAIL", "CANCEL"), settle),
+    **dict.fromkeys(("GETRESULT", "GETPROGRESS", "GETJOB"), by_id),
+    **dict.fromkeys(("PROGRESS", "TOUCH"), leased),
+    **dict.fromkeys(("ACK", "FAIL"), settle), "CANCEL": cancel,
     "ACKB": ackb, "RELEASE": release,
     "STATS": fan_out(merge.stats, "STATS"), "METRICS": fan_out(merge.metrics, "METRICS"),
-    "LISTQUEUES": fan_out(merge.listqueues, "LISTQUEUES"),
+    "LISTQUEUES": listqueues,
     "CRONLIST": fan_out(merge.cronlist, "CRONLIST"), "CRONDELETE": crondelete,
     "TOPOLOGY": topology, "AUTH": auth, "SUBSCRIBE": subscribe, "UNSUBSCRIBE": unsubscribe,
 }

@@ -11,7 +11,8 @@ answers in request order whichever node answered first.
   both within the retry budget, after which the client gets
   ``Unavailable: slot N is moving, try again``.
 - ``Split``: ACKB and RELEASE, whose ids may belong to several nodes: one request
-  per owner, the counts summed (``{"ok":true,"ids":[sum]}``).
+  per owner carrying that owner's share of every per-id field (``results``,
+  ``leases``), the counts summed (``{"ok":true,"ids":[sum]}``).
 - ``FanOut``: a cluster-wide read sent to every node and merged (merge.py).
 
 Must not: block, answer out of order, or re-encode a line it can forward as is.
@@ -242,22 +243,21 @@ class Forward(Pending):
         session.ready(self)
 
 
+#: Per-id fields of ACKB and RELEASE: one entry per id, split along with the ids.
+Fields = dict[str, list[Any]]
+
+
 class _Part:
     """One owner's share of a Split."""
 
-    __slots__ = ("ids", "line", "results", "split")
+    __slots__ = ("fields", "ids", "line", "split")
 
-    def __init__(
-        self, split: Split, ids: list[int], results: list[Any] | None, line: bytes | None
-    ) -> None:
+    def __init__(self, split: Split, ids: list[int], fields: Fields, line: bytes | None) -> None:
         self.split = split
         self.ids = ids
-        self.results = results
+        self.fields = fields
         if line is None:
-            req: dict[str, Any] = {"cmd": split.cmd, "ids": ids}
-            if results is not None:  # ACKB's results, or RELEASE's lease tokens
-                req["results" if split.cmd == "ACKB" else "leases"] = results
-            line = orjson.dumps(req)
+            line = orjson.dumps({"cmd": split.cmd, "ids": ids, **fields})
         self.line = line
 
     def done(self, answer: bytes) -> None:
@@ -270,7 +270,8 @@ class _Part:
 class Split(Pending):
     """ACKB or RELEASE across owners: one request per owner, the counts summed.
 
-    ``results`` (ACKB) or the lease tokens (RELEASE) are split along with the ids.
+    The per-id fields (``results``, ``leases``) are split along with the ids, so each
+    node gets the lease token of every id it settles.
 
     If one owner refuses (other than for a move) the client gets that error; the
     other owners' ids may have been acked meanwhile, as after a lost connection.
@@ -292,36 +293,36 @@ class Split(Pending):
         self.error: str | None = None
         self.retry: Retry | None = None
 
-    def start(self, ids: list[int], results: list[Any] | None, line: bytes | None) -> None:
+    def start(self, ids: list[int], fields: Fields, line: bytes | None) -> None:
         """Send the ids; ``line`` (the client's own) is sent as is when one node owns them all."""
         self.left = 1
-        self._send(ids, results, line)
+        self._send(ids, fields, line)
         self._one_done()
 
-    def _send(self, ids: list[int], results: list[Any] | None, line: bytes | None) -> None:
-        groups = self._group(ids, results)
+    def _send(self, ids: list[int], fields: Fields, line: bytes | None) -> None:
+        groups = self._group(ids, fields)
         index = self.session.index if self.session is not None else 0
-        for link, (part_ids, part_results) in groups.items():
+        for link, (part_ids, part_fields) in groups.items():
             self.left += 1
             if link is None:
                 self.part_failed(Unavailable(f"slot {part_ids[0] % SLOTS} has no owner").text)
                 continue
-            link.send(_Part(self, part_ids, part_results, line if len(groups) == 1 else None),
+            link.send(_Part(self, part_ids, part_fields, line if len(groups) == 1 else None),
                       index)
 
     def _group(
-        self, ids: list[int], results: list[Any] | None
-    ) -> dict[NodeLink | None, tuple[list[int], list[Any] | None]]:
+        self, ids: list[int], fields: Fields
+    ) -> dict[NodeLink | None, tuple[list[int], Fields]]:
         by_slot = self.router.by_slot
-        groups: dict[NodeLink | None, tuple[list[int], list[Any] | None]] = {}
+        groups: dict[NodeLink | None, tuple[list[int], Fields]] = {}
         for i, job_id in enumerate(ids):
             link = by_slot[job_id % SLOTS]
             group = groups.get(link)
             if group is None:
-                group = groups[link] = ([], None if results is None else [])
+                group = groups[link] = ([], {name: [] for name in fields})
             group[0].append(job_id)
-            if results is not None:
-                group[1].append(results[i])  # type: ignore[union-attr]
+            for name, values in fields.items():
+                group[1][name].append(values[i])
         return groups
 
     def part_done(self, part: _Part, answer: bytes) -> None:
@@ -345,7 +346,7 @@ class Split(Pending):
         if self.session is not None and self.session.closed and self.cmd != "RELEASE":
             self._one_done()
             return
-        self._send(part.ids, part.results, None)
+        self._send(part.ids, part.fields, None)
         self._one_done()
 
     def part_failed(self, text: str) -> None:

@@ -9,7 +9,8 @@ so a cluster-wide count is never silently partial.
 - METRICS: totals and ``jobs_per_second`` (every number) summed; ``avg_latency_ms`` is the mean
   of the nodes' averages weighted by their ``jobs_per_second`` (each node's
   recent completions), 0.0 when nothing completed; ``queues`` concatenated.
-- LISTQUEUES, CRONLIST: concatenated and sorted by name.
+- LISTQUEUES, CRONLIST: concatenated and sorted by name; LISTQUEUES is a page (``after``,
+  ``count``, ``next``) like a node's.
 - CRONDELETE: ok if any node had the cron, else ``Cron job not found``.
 
 During a slot move a queue (or cron) exists on two nodes for a moment; lists keep
@@ -73,9 +74,22 @@ def _add_numbers(total: dict[str, Any], more: dict[str, Any]) -> None:
             total.setdefault(key, value)
 
 
-def listqueues(parts: Parts, router: Router) -> dict[str, Any]:
+def listqueues(parts: Parts, router: Router, count: int | None = None) -> dict[str, Any]:
+    """One page: a node that cut its list (``next``) may hold queues after its cut that
+    others listed, so the page ends at the first cut, or after ``count`` queues."""
     rows = [(name, q) for name, answer in oks(parts) for q in answer.get("queues") or []]
-    return {"ok": True, "queues": _owned(rows, router, "name")}
+    queues = _owned(rows, router, "name")
+    cuts = [str(answer["next"]) for _, answer in parts if answer.get("next") is not None]
+    more = False
+    if cuts:
+        cut = min(cuts)
+        more = True
+        queues = [q for q in queues if str(q.get("name")) <= cut]
+    if count is not None and len(queues) > count:
+        queues, more = queues[:count], True
+    if more and queues:
+        return {"ok": True, "queues": queues, "next": queues[-1]["name"]}
+    return {"ok": True, "queues": queues}
 
 
 def cronlist(parts: Parts, router: Router) -> dict[str, Any]:

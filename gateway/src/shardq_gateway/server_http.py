@@ -2,7 +2,9 @@
 
 HTTP requests become protocol requests sent to the gateway's own TCP server on
 loopback, so they take exactly the TCP path (routing, retries, leases, fan-out)
-without a second implementation of it. A pull that may wait gets a connection
+without a second implementation of it. HTTP has no connection to hold a lease:
+the HTTP clients of one gateway are one holder, as on a node (``HttpLeases``,
+docs/decisions.md). A pull that may wait gets a connection
 of its own; ``/events`` subscribes on one. ``/metrics`` is the gateway's own
 (shardq_gateway.metrics): scrape the nodes for theirs. The dashboard is static
 files (``gateway/static``), no CDN; it calls this API from the browser, and
@@ -33,6 +35,35 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).parent / "static"
 WAITING_PULLS = frozenset({"PULL", "PULLB"})
+LEASED = frozenset({"ACK", "FAIL", "PROGRESS", "TOUCH"})
+SETTLING = frozenset({"ACK", "FAIL"})
+
+
+class HttpLeases:
+    """The lease tokens of the jobs pulled over this gateway's HTTP API (the newest
+    ``limit``): a lease-less ACK, FAIL, PROGRESS or TOUCH over HTTP gets its job's token, so
+    HTTP settles what HTTP pulled and never an attempt a TCP client holds."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.tokens: dict[int, int] = {}
+        self.limit = limit
+
+    def took(self, answer: dict[str, Any]) -> None:
+        jobs = answer.get("jobs")
+        if jobs is None:
+            jobs = [answer["job"]] if answer.get("job") else []
+        for job in jobs:
+            if type(job) is dict and type(job.get("id")) is int:
+                self.tokens[job["id"]] = job.get("started_at") or 0
+        while len(self.tokens) > self.limit:
+            del self.tokens[next(iter(self.tokens))]
+
+    def attach(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd, job_id = req.get("cmd"), req.get("id")
+        if cmd not in LEASED or type(job_id) is not int or req.get("lease") is not None:
+            return req
+        token = (self.tokens.pop if cmd in SETTLING else self.tokens.get)(job_id, None)
+        return req if token is None else {**req, "lease": token}
 
 
 class GatewayBackend:
@@ -44,6 +75,7 @@ class GatewayBackend:
         self._lock = asyncio.Lock()
         self.probe = StatusProbe(gateway.settings.node_token(),
                                  min(1.0, gateway.settings.connect_timeout))
+        self.leases = HttpLeases()
 
     @property
     def address(self) -> str:
@@ -57,13 +89,18 @@ class GatewayBackend:
         return await Connection(self.address, self._token()).open(5)
 
     async def call(self, req: dict[str, Any]) -> dict[str, Any]:
+        req = self.leases.attach(req)
         if req.get("cmd") in WAITING_PULLS and req.get("timeout") != 0:
-            return await self._own_connection(req)
-        async with self._lock:
-            if self._shared is None or self._shared.closed:
-                self._shared = await self._open()
-            conn = self._shared
-        return await conn.send(req)
+            answer = await self._own_connection(req)
+        else:
+            async with self._lock:
+                if self._shared is None or self._shared.closed:
+                    self._shared = await self._open()
+                conn = self._shared
+            answer = await conn.send(req)
+        if req.get("cmd") in WAITING_PULLS and answer.get("ok"):
+            self.leases.took(answer)
+        return answer
 
     async def _own_connection(self, req: dict[str, Any]) -> dict[str, Any]:
         conn = self._idle.pop() if self._idle else await self._open()

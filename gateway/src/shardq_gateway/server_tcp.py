@@ -11,10 +11,12 @@ is blocked, or one of its requests waits to be retried after ``MOVED`` or
 overtakes an earlier one. Other clients are never held up: a pull that may wait
 goes on a connection of this session's own to that node (never a shared one),
 closed when the client leaves, and the node then hands back whatever was leased
-on it. Jobs a client pulled over shared connections (``timeout: 0``) are
-remembered until it acks, fails or cancels them; when it leaves they are sent
-back with ``RELEASE``, each with its lease token, so a lease that expired
-meanwhile never hands back another worker's attempt. A line over ``max_line``
+on it. Every job a client pulled is remembered with its lease token until it
+acks, fails or cancels it: a lease-less ACK/FAIL/PROGRESS/TOUCH/ACKB/RELEASE of
+the client carries that token (the nodes see the gateway's shared connections,
+not its clients), and when the client leaves its jobs are sent back with
+``RELEASE``, each with its token, so a lease that expired meanwhile never hands
+back another worker's attempt. A line over ``max_line``
 is refused and the connection closed, as a node does.
 
 Must not: block, buffer without bound, answer out of order, or import the node's code.
@@ -47,6 +49,8 @@ log = logging.getLogger("shardq_gateway.tcp")
 
 #: Lines queued behind a blocked PULL (or a retry) before reading from that client pauses.
 MAX_BACKLOG_LINES = 10_000
+#: Leases a session remembers (one PULLB's worth): the oldest are forgotten past it.
+MAX_SESSION_LEASES = 100_000
 #: A subscriber whose unsent output passes this many bytes is dropped (as on a node).
 MAX_EVENT_BACKLOG = 8 * 1024 * 1024
 DROPPED = b'{"event":"dropped"'
@@ -198,11 +202,11 @@ class ClientSession(asyncio.Protocol):
         else:
             link.send(call, self.index)  # the common case of Forward.dispatch
 
-    def split(self, cmd: str, ids: list[int], results: list[Any] | None,
+    def split(self, cmd: str, ids: list[int], fields: dict[str, list[Any]],
               rid: str | int | None, line: bytes) -> None:
         call = Split(self.router, self, cmd, rid)
         self.fifo.append(call)
-        call.start(ids, results, line)
+        call.start(ids, fields, line)
 
     def fan_out(self, line: bytes, merge: Merge, rid: str | int | None) -> None:
         call = FanOut(self, merge, rid)
@@ -256,7 +260,8 @@ class ClientSession(asyncio.Protocol):
         return conn
 
     def took(self, answer: bytes) -> None:
-        """A pull over a shared connection answered: remember the leased jobs."""
+        """A pull answered: remember the leased jobs and their tokens (at most
+        ``MAX_SESSION_LEASES``: past it the oldest are forgotten, and time out instead)."""
         decoded = orjson.loads(answer)
         jobs = decoded.get("jobs")
         if jobs is None:
@@ -267,15 +272,16 @@ class ClientSession(asyncio.Protocol):
             if type(job) is dict and type(job.get("id")) is int:
                 started = job.get("started_at")
                 leases[job["id"]] = started if type(started) is int and started >= 0 else 0
+        while len(leases) > MAX_SESSION_LEASES:
+            del leases[next(iter(leases))]
         if self.closed:  # the client left before the answer came: hand the jobs back
             self._release_leases()
 
-    def settled(self, ids: list[int]) -> None:
-        """ACKB or RELEASE from the client: those jobs are no longer its to hand back."""
-        leases = self.leases
-        if leases:
-            for job_id in ids:
-                leases.pop(job_id, None)
+    def settled(self, ids: list[int]) -> list[int]:
+        """ACKB or RELEASE from the client: those jobs are no longer its to hand back; the
+        tokens it held them with (0 for a job it holds no lease of)."""
+        pop = self.leases.pop
+        return [pop(job_id, 0) for job_id in ids]
 
     def _release_leases(self) -> None:
         """RELEASE the jobs this client leased, each with its lease token (``leases``), so a
@@ -283,7 +289,7 @@ class ClientSession(asyncio.Protocol):
         held = sorted(self.leases.items())
         self.leases.clear()
         Split(self.router, None, "RELEASE", None).start(
-            [job_id for job_id, _ in held], [started for _, started in held], None)
+            [job_id for job_id, _ in held], {"leases": [started for _, started in held]}, None)
 
     def event(self, line: bytes) -> None:
         """An event line from a node: relay it, unless the client is too far behind."""

@@ -25,7 +25,8 @@ class GatewaySettings:
     #: Client tokens of this gateway; empty = no authentication.
     tokens: tuple[str, ...] = ()
     #: Token the gateway sends to the nodes (``AUTH``) on each connection it opens;
-    #: None = the first of ``tokens`` (nothing is sent when both are empty).
+    #: None = the first of ``tokens`` (nothing is sent when both are empty). A client token
+    #: of the nodes is enough: the gateway runs no internal command.
     cluster_token: str | None = None
     #: Shared pipelined connections per node; a client session always uses the same one
     #: for a node, so its requests to one node are executed in the order it sent them.

@@ -43,6 +43,31 @@ class BlobStore:
         self._add(job_id, len(data))
         return fd
 
+    def write_all(self, items: list[tuple[int, bytes]]) -> list[int]:
+        """Write each (job id, payload); their open fds. On an error nothing stays behind:
+        the fds are closed, the files removed, and the error raised."""
+        fds: list[int] = []
+        try:
+            for job_id, data in items:
+                fds.append(self.write(job_id, data))
+        except OSError:
+            self.discard([job_id for job_id, _ in items], fds)
+            raise
+        return fds
+
+    def discard(self, job_ids: list[int], fds: list[int]) -> None:
+        """Undo ``write_all``: close ``fds`` and remove the files of ``job_ids``."""
+        for fd in fds:
+            try:
+                self.files.close(fd)
+            except OSError:
+                pass
+        for job_id in job_ids:
+            try:
+                self.remove(job_id)
+            except OSError as exc:  # the startup scan removes what is left
+                log.warning("could not remove blob of job %d: %s", job_id, exc)
+
     def _add(self, job_id: int, size: int) -> None:
         old = self.sizes.get(job_id)
         if old is not None:

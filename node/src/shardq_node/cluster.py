@@ -9,7 +9,10 @@ In a topology with shards (DESIGN §9) the node serves the slots of its shard on
 while it is the shard's primary; a follower answers ``MOVED <epoch> NOTPRIMARY
 <primary>``. The role itself (primary, follower, learner) is ``replication.py``'s.
 
-Internal commands (they need the cluster token when tokens are configured):
+Internal commands need the cluster token (``--cluster-token``), never a client
+token: a node with client tokens and no cluster token refuses them all, and only
+a node with no token of either kind (an open node, trusting its network) runs
+them for anyone.
 
   SETTOPOLOGY {topology}   adopt a newer topology (older epochs are ignored)
   EXPORT {slots}           the slots' whole state as records (blob payloads inline)
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shardq.errors import InvalidRequest, Moved, TryAgain, Unavailable
+from shardq.errors import AuthenticationRequired, InvalidRequest, Moved, TryAgain, Unavailable
 from shardq.wire import protocol as P
 from shardq.wire.slots import SLOTS, slot_of
 from shardq.wire.topology import Topology
@@ -67,6 +70,8 @@ ID_COMMANDS = frozenset({
 IDS_COMMANDS = frozenset({"ACKB", "RELEASE"})
 INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS", "WATCH", "PARENTEND",
                       "STATUS", "FENCE", "FOLLOW", "HANDOFF"})
+#: Internal commands a client token may run too: they only read.
+READ_BY_CLIENTS = frozenset({"STATUS"})
 #: What a node that is not its shard's primary still answers itself.
 NOT_PRIMARY_OK = frozenset({
     "AUTH", "TOPOLOGY", "SETTOPOLOGY", "STATUS", "FENCE", "FOLLOW", "HANDOFF", "STATS",
@@ -99,9 +104,11 @@ class Cluster:
         data_dir = node.settings.storage.data_dir
         self.path = os.path.join(data_dir, "topology.json") if data_dir else None
         token = node.settings.cluster_token
-        self.tokens = (token,) if token else node.settings.tokens
+        self.tokens: tuple[str, ...] = (token,) if token else ()
+        #: Neither client nor cluster tokens: every caller may run internal commands.
+        self.open = not token and not node.settings.tokens
         #: the token this node uses with its peers (a primary with its followers)
-        self.token = token or (node.settings.tokens[0] if node.settings.tokens else None)
+        self.token = token
         self._slot_cache: dict[str, int] = {}
 
 
@@ -229,10 +236,19 @@ class Cluster:
     def serves(self, slot: int) -> bool:
         return self.state[slot] == OWNED
 
-    def cluster_authed(self, caller: Caller) -> bool:
+    def check_internal(self, cmd: str, caller: Caller) -> None:
+        """Raise AuthenticationRequired unless ``caller`` may run the internal ``cmd``.
+        ``STATUS`` only reads (role, term, lag): any authenticated client may (a gateway's
+        dashboard shows it with a client token)."""
+        if self.open or getattr(caller, "cluster", False):
+            return
+        if cmd in READ_BY_CLIENTS and caller.authed:
+            return
         if not self.tokens:
-            return True
-        return bool(getattr(caller, "cluster", False))
+            raise AuthenticationRequired(
+                f"{cmd} is an internal command and this node has client tokens but no "
+                "cluster token (--cluster-token), so it runs no internal command")
+        raise AuthenticationRequired(f"{cmd} is an internal command: AUTH with the cluster token")
 
     def authenticate(self, token: str) -> bool:
         given = token.encode()

@@ -70,7 +70,12 @@ class Commands:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.engine = node.engine
-        self.max_payload = node.settings.storage.max_payload
+        self.max_payload = max_payload = node.settings.storage.max_payload
+        limits = node.settings.request_limits
+        self.max_result = limits.max_result or max_payload
+        self.max_message = limits.max_message or max_payload
+        self.max_cron_payload = min(limits.max_cron_payload, max_payload)
+        self.max_list_queues = limits.max_list_queues
         self.tokens = tuple(t.encode() for t in node.settings.tokens)
         self.table: dict[str, Handler] = {
             name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
@@ -78,7 +83,7 @@ class Commands:
         self.table["RELEASE"] = self.release
         self.cluster = node.cluster
         for name, fn in node.cluster.handlers().items():
-            self.table[name] = self._internal(fn)
+            self.table[name] = self._internal(name, fn)
 
     def authenticate(self, token: object) -> bool:
         if not self.tokens:
@@ -91,10 +96,9 @@ class Commands:
             ok |= hmac.compare_digest(given, known)
         return ok
 
-    def _internal(self, fn: Handler) -> Handler:
+    def _internal(self, name: str, fn: Handler) -> Handler:
         def guarded(req: P.Request, caller: Caller) -> Answer:
-            if not self.cluster.cluster_authed(caller):
-                raise AuthenticationRequired()
+            self.cluster.check_internal(name, caller)
             return fn(req, caller)
 
         return guarded
@@ -114,6 +118,25 @@ class Commands:
         if len(blob) > self.max_payload:
             raise PayloadTooLarge(len(blob), self.max_payload)
         return blob
+
+    def result(self, value: Any) -> bytes | None:
+        """An ACK's ``result`` as the raw JSON kept for GETRESULT, within ``max_result``."""
+        if value is None:
+            return None
+        blob = raw(value)
+        if len(blob) > self.max_result:
+            raise PayloadTooLarge(len(blob), self.max_result, "Result")
+        return blob
+
+    def text(self, req: P.Request, name: str, what: str) -> str | None:
+        """An optional string field (PROGRESS ``message``, FAIL ``error``) within
+        ``max_message`` bytes of UTF-8."""
+        value = P.opt_str(req, name)
+        if value is not None and len(value) * 4 > self.max_message:  # else it surely fits
+            size = len(value) if value.isascii() else len(value.encode(errors="replace"))
+            if size > self.max_message:
+                raise PayloadTooLarge(size, self.max_message, what)
+        return value
 
     def push(self, req: P.Request, caller: Caller) -> Answer:
         queue = req.get("queue")
@@ -161,8 +184,7 @@ class Commands:
     def ack(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
-        result = req.get("result")
-        self.engine.ack(job_id, None if result is None else raw(result), _lease(lease))
+        self.engine.ack(job_id, self.result(req.get("result")), _lease(lease), caller.owner)
         return OK
 
     def ackb(self, req: P.Request, caller: Caller) -> Answer:
@@ -172,26 +194,26 @@ class Commands:
         if results is not None:
             if type(results) is not list or len(results) != len(ids):
                 raise InvalidRequest("field 'results' must be an array as long as 'ids'")
-            blobs = [None if r is None else raw(r) for r in results]
+            blobs = [self.result(r) for r in results]
         leases = None
         if req.get("leases") is not None:
             leases = P.check_ids(req, "leases")
             if len(leases) != len(ids):
                 raise InvalidRequest("field 'leases' must be an array as long as 'ids'")
-        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs, leases)]}
+        return {"ok": True, "ids": [self.engine.ack_batch(ids, blobs, leases, caller.owner)]}
 
     def fail(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
-        error = P.opt_str(req, "error")
+        error = self.text(req, "error", "Error")
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
-        self.engine.fail(job_id, error, _lease(lease))
+        self.engine.fail(job_id, error, _lease(lease), caller.owner)
         return OK
 
     def touch(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
         extend = P.opt_int(req, "extend", 1, P.MAX_MS, default=0)
-        deadline = self.engine.touch(job_id, _lease(lease), extend or None)
+        deadline = self.engine.touch(job_id, _lease(lease), extend or None, caller.owner)
         return {"ok": True, "deadline": deadline}
 
     def cancel(self, req: P.Request, caller: Caller) -> Answer:
@@ -201,9 +223,9 @@ class Commands:
     def progress(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
         value = P.check_progress(req)
-        message = P.opt_str(req, "message")
+        message = self.text(req, "message", "Message")
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
-        self.engine.progress(job_id, value, message, _lease(lease))
+        self.engine.progress(job_id, value, message, _lease(lease), caller.owner)
         return OK
 
     def getprogress(self, req: P.Request, caller: Caller) -> Answer:
@@ -287,7 +309,9 @@ class Commands:
     def cron(self, req: P.Request, caller: Caller) -> Answer:
         name = P.check_str(req, "name")
         queue = P.check_queue(req)
-        data = self.payload(P.check_data(req))
+        data = raw(P.check_data(req))
+        if len(data) > self.max_cron_payload:
+            raise PayloadTooLarge(len(data), self.max_cron_payload)
         schedule = P.check_str(req, "schedule", 256)
         priority = P.opt_int(req, "priority", P.MIN_PRIORITY, P.MAX_PRIORITY)
         self.engine.crons.add(name, queue, data, schedule, priority)
@@ -317,7 +341,17 @@ class Commands:
         return {"ok": True, "metrics": self.node.metrics()}
 
     def listqueues(self, req: P.Request, caller: Caller) -> Answer:
-        return {"ok": True, "queues": self.node.list_queues()}
+        """Up to ``count`` (at most ``max_list_queues``) queues by name, after ``after``;
+        ``next`` names the last when more remain."""
+        after = req.get("after")
+        if after is not None:
+            after = P.check_queue(req, "after")
+        limit = min(P.check_count(req, required=False, default=self.max_list_queues),
+                    self.max_list_queues)
+        queues, more = self.node.list_queues(after, limit)
+        if more:
+            return {"ok": True, "queues": queues, "next": queues[-1]["name"]}
+        return {"ok": True, "queues": queues}
 
     def topology(self, req: P.Request, caller: Caller) -> Answer:
         return {"ok": True, "topology": self.node.topology()}
@@ -330,24 +364,22 @@ class Commands:
         if not cluster and not self.authenticate(token):
             raise InvalidToken()
         caller.authed = True
-        if cluster:
-            caller.cluster = True
+        caller.cluster = bool(cluster)  # a later AUTH with a client token drops cluster rights
         return OK
 
     def release(self, req: P.Request, caller: Caller) -> Answer:
         """RELEASE {ids, leases?}: hand leased jobs back to their queues (a gateway whose
-        client left). With ``leases`` (one token per id) only those attempts are released,
-        never a later attempt of the same job."""
+        client left, a worker giving up). Only by the holder: the attempts ``leases`` names
+        (one token per id, never a later attempt of the same job) or, without them, those
+        this connection holds; the cluster token may release any."""
         ids = P.check_ids(req)
-        leases = req.get("leases")
-        if leases is not None:
+        tokens = None
+        if req.get("leases") is not None:
             tokens = P.check_ids(req, "leases")
             if len(tokens) != len(ids):
                 raise InvalidRequest("field 'leases' must be as long as 'ids'")
-            jobs = self.engine.jobs
-            ids = [i for i, t in zip(ids, tokens, strict=True)
-                   if (job := jobs.get(i)) is not None and job.started_at == t]
-        return {"ok": True, "ids": [self.engine.release(ids, "worker disconnected")]}
+        owner = None if caller.cluster else caller.owner
+        return {"ok": True, "ids": [self.engine.release_held(ids, tokens, owner)]}
 
 
 def _timeout(req: P.Request) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shardq.errors import InvalidRequest
+from shardq.errors import InvalidRequest, LimitReached
 from shardq.wire.protocol import JobSpec
 
 from . import records as R
@@ -73,11 +73,15 @@ class Crons:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.entries: dict[str, dict[str, Any]] = {}  # name -> CRONSPEC (records.py)
+        self.skipped = 0  # ticks that pushed nothing: the memory budget was spent
 
     def add(self, name: str, queue: str, data: bytes, schedule: str, priority: int) -> None:
-        """Create or replace a cron."""
+        """Create or replace a cron (at most ``max_crons``)."""
         e = self.engine
         now = e.clock()
+        limit = e.config.max_crons
+        if name not in self.entries and len(self.entries) >= limit:
+            raise LimitReached(f"this node holds {limit} crons (max_crons, --max-crons)")
         validate(schedule)
         try:
             next_run = next_after(schedule, now)
@@ -104,16 +108,23 @@ class Crons:
         self.entries.pop(rec[2], None)
 
     def fire_due(self, now: int) -> None:
-        """Fire every cron that is due, once: one record holds the new next run and the job."""
+        """Fire every cron that is due, once: one record holds the new next run and the job.
+        Past the node's memory budget a tick pushes nothing (counted in ``skipped``): a
+        cron's jobs cannot spill to disk as a client's pushes do."""
         e = self.engine
+        budget = e.memory_budget
         for name, entry in [(n, c) for n, c in self.entries.items() if c["next_run"] <= now]:
             try:
                 next_run = next_after(entry["schedule"], now)
             except (ValueError, ArithmeticError):
                 next_run = NEVER
-            queue = entry["queue"]
-            spec = JobSpec(None, entry["priority"])
-            rows = e.job_rows(e.queue(queue), [spec], [entry["data"]], now)
+            queue, data = entry["queue"], entry["data"]
+            rows: list[Any] = []
+            if budget is None or e.payload_bytes + len(data) <= budget:
+                spec = JobSpec(None, entry["priority"])
+                rows = e.job_rows(e.queue(queue), [spec], [data], now)
+            else:
+                self.skipped += 1
             e.log_apply((R.CRONFIRE, now, name, next_run, queue, rows))
 
     def apply_fire(self, rec: R.Record) -> None:
@@ -121,7 +132,8 @@ class Crons:
         entry = self.entries.get(name)
         if entry is not None:
             entry["next_run"] = next_run
-        self.engine.apply((R.PUSH, now, queue, rows))
+        if rows:
+            self.engine.apply((R.PUSH, now, queue, rows))
 
     def next_due(self) -> int | None:
         if not self.entries:

@@ -28,12 +28,13 @@ from shardq.errors import (
     JobNotActive,
     JobNotFound,
     LeaseExpired,
+    ShardqError,
 )
 from shardq.wire.protocol import JobSpec
 from shardq.wire.slots import SLOT_BITS, SLOTS, slot_of
 
 from . import records as R
-from . import slotmove, snapshot
+from . import retention, slotmove, snapshot
 from .cron import Crons
 from .dependencies import Dependencies
 from .jobs import (
@@ -43,6 +44,7 @@ from .jobs import (
     DEAD,
     DELAYED,
     ID_MASK,
+    NOBODY,
     PLAIN,
     WAITING,
     WAITING_CHILDREN,
@@ -70,9 +72,17 @@ class EngineConfig:
     default_lease_ms: int = 30 * 60 * 1000
     #: Retry delays are ``backoff * 2**(n-1)``, capped here (or at ``backoff`` if larger).
     max_backoff_ms: int = 60 * 60 * 1000
-    #: Results (and the final state) of finished jobs are kept this many / this long.
+    #: Results (and the final state) of finished jobs are kept this many / this long, and
+    #: while their results hold at most ``results_max_bytes`` (the oldest go first).
     results_max: int = 100_000
     results_ttl_ms: int = 24 * 60 * 60 * 1000
+    results_max_bytes: int = 256 * 1024 * 1024
+    #: Queues a node holds at once: a push or setting that would make one more is refused.
+    max_queues: int = 100_000
+    #: A queue empty, with no settings, for this long is forgotten (counters with it).
+    queue_idle_ms: int = 60_000
+    #: Crons a node holds (each fires at most once a second).
+    max_crons: int = 1_000
 
 
 class Finished:
@@ -94,11 +104,17 @@ class Engine:
         self.config = config or EngineConfig()
         self.jobs: dict[int, Job] = {}  # every live job: waiting/delayed/children/active/dead
         self.queues: dict[str, QueueState] = {}
+        self.queues_peak = 0  # most queues held since ``queues`` was last rebuilt
         self.slot_queues: dict[int, set[str]] = {}  # slot -> names of its queues
         self.seqs = [0] * SLOTS  # last seq handed out per slot
         self.active: dict[int, Lease] = {}
         self.owned: dict[int, set[int]] = {}  # lease owner -> ids it holds
         self.finished: OrderedDict[int, Finished] = OrderedDict()
+        self.result_bytes = 0  # bytes of the results in ``finished``
+        #: queues that were left empty: name -> when, oldest first (``reclaim_queues``)
+        self.emptied: OrderedDict[str, int] = OrderedDict()
+        #: payload bytes in memory past which a cron tick pushes nothing (the runtime sets it)
+        self.memory_budget: int | None = None
         self.timers = Timers(self)  # the delayed, ttl and lease-deadline heaps
         self.deps = Dependencies(self)  # the waiting-children index
         self.crons = Crons(self)
@@ -154,7 +170,13 @@ class Engine:
         if q is None:
             q = self.queues[name] = QueueState(name, slot_of(name))
             self.slot_queues.setdefault(q.slot, set()).add(name)
+            if len(self.queues) > self.queues_peak:
+                self.queues_peak = len(self.queues)
         return q
+
+    def reclaim_queues(self) -> int:
+        """Forget queues left empty for ``queue_idle_ms`` (retention.py); how many."""
+        return retention.reclaim_queues(self)
 
     def _job(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
@@ -162,14 +184,22 @@ class Engine:
             raise JobNotFound(job_id)
         return job
 
-    def _active(self, job_id: int, lease: int | None, not_found: type[JobNotFound]) -> Job:
+    def _active(
+        self, job_id: int, lease: int | None, not_found: type[JobNotFound], owner: int | None
+    ) -> Job:
+        """The active job an ACK/FAIL/PROGRESS/TOUCH settles: the attempt its ``lease`` token
+        names, or without one, the attempt ``owner`` holds (None: anyone's, for engine callers
+        that are not a client). Token 0 names no attempt (a gateway's client that holds no
+        lease of the job): refused as from a connection that does not hold it."""
         job = self.jobs.get(job_id)
-        if lease is not None and job is not None:
+        if lease and job is not None:
             if job.state is not ACTIVE or job.started_at != lease:
                 raise LeaseExpired(job_id)
             return job
         if job is None or job.state is not ACTIVE:
             raise not_found(job_id)
+        if lease == 0 or (owner is not None and self.active[job_id].owner != owner):
+            raise LeaseExpired(job_id)  # another connection holds the current attempt
         return job
 
     # -- push -------------------------------------------------------------------------------
@@ -182,13 +212,24 @@ class Engine:
         if not specs:
             return []
         now = self.clock()
-        q = self.queues.get(queue) or self.queue(queue)
+        q = self.queues.get(queue) or retention.new_queue(self, queue)
         if len(specs) > 1 or specs[0].unique_key is not None or specs[0].depends_on:
-            self._check_push(q, specs)
+            try:
+                self._check_push(q, specs)
+            except ShardqError:
+                if q.is_empty():
+                    retention.note_emptied(self, q, now)
+                raise
         rec = (R.PUSH, now, queue, self.job_rows(q, specs, payloads, now))
         jobs = self._a_push(rec)
         self.journal.append(rec)
         return jobs
+
+    def next_ids(self, queue: str, count: int) -> list[int]:
+        """The ids the next push of ``count`` jobs to ``queue`` gets (nothing changes)."""
+        slot = q.slot if (q := self.queues.get(queue)) is not None else slot_of(queue)
+        seq = self.seqs[slot]
+        return [(seq + n) * SLOTS + slot for n in range(1, count + 1)]
 
     def _check_push(self, q: QueueState, specs: list[JobSpec]) -> None:
         """Refuse the whole push on a duplicate key (also within it) or an unknown parent."""
@@ -312,13 +353,17 @@ class Engine:
         if q.rate is not None:
             q.rate.take(len(picked))
         self.log_apply((R.START, now, [j.id for j in picked]))
-        if owner:
+        active = self.active
+        if owner > 0:  # a connection: what it holds goes back when it closes
             held = self.owned.get(owner)
             if held is None:
                 held = self.owned[owner] = set()
             for job in picked:
-                self.active[job.id].owner = owner
+                active[job.id].owner = owner
                 held.add(job.id)
+        else:
+            for job in picked:
+                active[job.id].owner = owner
         return picked
 
     def _a_start(self, rec: R.Record) -> None:
@@ -335,7 +380,7 @@ class Engine:
             job.state = ACTIVE
             job.started_at = now if now > job.started_at else job.started_at + 1
             deadline = job.started_at + (job.opts.timeout or default_lease)
-            self.active[jid] = Lease(0, deadline)
+            self.active[jid] = Lease(NOBODY, deadline)  # pull() names the holder
             self.timers.deadline(deadline, jid)
 
     def blocked_until(self, queue: str) -> int | None:
@@ -351,7 +396,7 @@ class Engine:
 
     def _end_attempt(self, job: Job) -> None:
         lease = self.active.pop(job.id)
-        if lease.owner:
+        if lease.owner > 0:
             held = self.owned.get(lease.owner)
             if held is not None:
                 held.discard(job.id)
@@ -362,8 +407,9 @@ class Engine:
         if q.concurrency:
             self.wakeups.add(q.name)
 
-    def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None) -> None:
-        self._active(job_id, lease, JobNotFound)
+    def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None,
+            owner: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound, owner)
         self.log_apply((R.ACK, self.clock(), [job_id], None if result is None else [result]))
 
     def ack_batch(
@@ -371,16 +417,19 @@ class Engine:
         ids: list[int],
         results: list[bytes | None] | None = None,
         leases: list[int] | None = None,
+        owner: int | None = None,
     ) -> int:
-        """Ack every id that is active (in the attempt ``leases[i]`` names, when given);
-        returns how many were."""
+        """Ack every id that is active in the attempt ``leases[i]`` names or, without
+        ``leases``, that ``owner`` holds (None: anyone); returns how many were."""
         picked: list[int] = []
         seen: set[int] = set()
         picked_results = []
+        active = self.active
         for i, jid in enumerate(ids):
             job = self.jobs.get(jid)
             if job is not None and job.state is ACTIVE and jid not in seen and (
-                    leases is None or job.started_at == leases[i]):
+                    job.started_at == leases[i] if leases is not None
+                    else owner is None or active[jid].owner == owner):
                 seen.add(jid)
                 picked.append(jid)
                 picked_results.append(results[i] if results else None)
@@ -425,15 +474,16 @@ class Engine:
         key = job.opts.unique_key
         if key is not None and job.queue.unique.get(key) == job.id:
             del job.queue.unique[key]
-        finished = self.finished
-        if not finished:
+        q = job.queue
+        if not (q.n_waiting or q.n_active or q.n_delayed or q.n_children):
+            retention.note_emptied(self, q, now)
+        if not self.finished:
             self.timers.dirty = True  # results now expire: a deadline to keep
-        finished[job.id] = Finished(state, now, result)
-        if len(finished) > self.config.results_max:
-            finished.popitem(last=False)
+        retention.remember(self, job.id, Finished(state, now, result))
 
-    def fail(self, job_id: int, error: str | None = None, lease: int | None = None) -> None:
-        self._active(job_id, lease, JobNotFound)
+    def fail(self, job_id: int, error: str | None = None, lease: int | None = None,
+             owner: int | None = None) -> None:
+        self._active(job_id, lease, JobNotFound, owner)
         self.log_apply((R.FAIL, self.clock(), job_id, error))
 
     def _a_fail(self, rec: R.Record) -> None:
@@ -483,9 +533,10 @@ class Engine:
         q.dead_total += 1
         self.emit("dead", job)
 
-    def touch(self, job_id: int, lease: int | None = None, extend: int | None = None) -> int:
+    def touch(self, job_id: int, lease: int | None = None, extend: int | None = None,
+              owner: int | None = None) -> int:
         """Extend an active job's lease; returns the new deadline (not logged)."""
-        job = self._active(job_id, lease, JobNotActive)
+        job = self._active(job_id, lease, JobNotActive, owner)
         return self._extend(job, extend)
 
     def _extend(self, job: Job, extend: int | None) -> int:
@@ -503,6 +554,19 @@ class Engine:
         if not held:
             return 0
         return self.release(sorted(held), reason)
+
+    def release_held(self, ids: list[int], tokens: list[int] | None, owner: int | None) -> int:
+        """RELEASE from a client: hand back the attempts it holds, the one ``tokens[i]`` names
+        or, without tokens, those ``owner`` holds (None: any, for the cluster token)."""
+        jobs, active = self.jobs, self.active
+        if tokens is not None:
+            held = [i for i, t in zip(ids, tokens, strict=True)
+                    if (job := jobs.get(i)) is not None and job.started_at == t]
+        elif owner is not None:
+            held = [i for i in ids if (lease := active.get(i)) is not None and lease.owner == owner]
+        else:
+            held = ids
+        return self.release(held, "worker disconnected")
 
     def release(self, ids: list[int], reason: str) -> int:
         ids = [j for j in ids if j in self.active]
@@ -555,9 +619,10 @@ class Engine:
             del q.dlq[job.id]
 
     def progress(
-        self, job_id: int, progress: int, message: str | None, lease: int | None = None
+        self, job_id: int, progress: int, message: str | None, lease: int | None = None,
+        owner: int | None = None,
     ) -> None:
-        job = self._active(job_id, lease, JobNotActive)
+        job = self._active(job_id, lease, JobNotActive, owner)
         self.log_apply((R.PROGRESS, self.clock(), job_id, progress, message))
         self._extend(job, None)
 
@@ -621,8 +686,12 @@ class Engine:
     # -- queue settings -----------------------------------------------------------------------
 
     def set_queue(self, queue: str, **changes: Any) -> None:
-        """Pause/resume and limits: ``paused``, ``rate_limit``, ``concurrency_limit``."""
-        settings = self.queue(queue).settings()
+        """Pause/resume and limits: ``paused``, ``rate_limit``, ``concurrency_limit``. On a
+        queue the node does not hold, clearing them changes nothing and creates nothing."""
+        q = self.queues.get(queue)
+        if q is None and not any(changes.values()):
+            return
+        settings = (q or retention.new_queue(self, queue)).settings()
         settings.update(changes)
         self.log_apply((R.QUEUE, self.clock(), queue, settings))
 
@@ -637,6 +706,8 @@ class Engine:
             q.rate = TokenBucket(rate, now)
         q.concurrency = settings.get("concurrency_limit") or 0
         self.wakeups.add(queue)
+        if q.is_empty():
+            retention.note_emptied(self, q, now)
 
     # -- dependencies across slots (dependencies.py) -------------------------------------------
 

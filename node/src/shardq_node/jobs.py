@@ -244,6 +244,13 @@ class QueueState:
         }
 
 
+#: Lease owners: a TCP connection is 1, 2, ...; ``HTTP`` holds what was pulled over HTTP
+#: (no connection); ``NOBODY`` holds a lease that came from a snapshot or a slot move (only
+#: its token can settle it).
+HTTP = 0
+NOBODY = -1
+
+
 class Lease:
     """The lease of an active job: who holds it and until when."""
 

@@ -35,9 +35,9 @@ class Peers:
         self.conns: dict[str, Connection] = {}
         self.inflight: set[tuple[str, int, int]] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        token = node.settings.cluster_token or (node.settings.tokens[0]
-                                                if node.settings.tokens else None)
-        self.token = token
+        # a client token only gets the node's clear refusal of WATCH/PARENTEND back
+        self.token = node.settings.cluster_token or (node.settings.tokens[0]
+                                                     if node.settings.tokens else None)
 
     def pump(self) -> None:
         engine = self.node.engine

@@ -31,7 +31,8 @@ WAL records (one per state change, appended before the reply is sent):
   CRONDEL   [14, t, name]                   cron deleted
   CRONFIRE  [15, t, name, next_run, queue, [JOBSPEC]]
                                             cron fired at t: its next run and the job it pushed,
-                                            in one record (so a tick fires exactly once)
+                                            in one record (so a tick fires exactly once); no
+                                            JOBSPEC when the memory budget was spent
   DROP      [16, t, [slot, ...]]            every trace of these slots removed (after a move away;
                                             before an import, so a repeated import starts clean)
   PARENTEND [17, t, parent, child, state]   a parent in another slot ended (completed, dead,

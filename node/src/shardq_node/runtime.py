@@ -12,6 +12,7 @@ Must not: change engine state except through engine methods, or block the loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from shardq.wire.slots import SLOTS
 from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands, Encoded
 from .engine import Engine
+from .failure import StorageFailure
 from .jobs import DELAYED, BlobRef, Job
 from .membership import Membership
 from .metrics import Measures
@@ -109,6 +111,7 @@ class Node:
         self.clock = clock
         self.engine = engine or Engine(clock, settings.engine)
         self.membership = Membership(settings.storage.data_dir)
+        self.engine.memory_budget = settings.storage.memory_budget
         self.storage: Storage | None = None
         self.log: Any = MemoryLog()
         if settings.storage.data_dir:
@@ -130,7 +133,7 @@ class Node:
             if self.storage is not None:
                 self.storage.wal.observe_fsync = self.measures.fsync.observe
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
-        self._probe: asyncio.TimerHandle | None = None
+        self.failure: StorageFailure | None = None
         self.cluster = Cluster(self)
         self.replication = Replication(self)
         self.peers = Peers(self)
@@ -143,6 +146,7 @@ class Node:
         self._next_owner = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: int | None = None
+        self._reclaim: asyncio.TimerHandle | None = None
         self._rate_timers: dict[str, asyncio.TimerHandle] = {}
         self._outbox: list[tuple[Session, list[bytes]]] = []
         self.servers: list[asyncio.AbstractServer] = []
@@ -159,6 +163,10 @@ class Node:
         if self.storage is not None:
             self._recover()
         self.cluster.take_role()
+        if s.tokens and not s.cluster_token:
+            log.warning("client tokens but no cluster token: internal commands (slot moves, "
+                        "cross-node dependencies, replication) are refused; set "
+                        "--cluster-token to join a cluster")
         self.servers.append(await start_tcp(self, s.host, s.port))
         if s.http_port:
             from . import server_http
@@ -166,13 +174,15 @@ class Node:
             self._http, self.http_port = await server_http.start(self)
         self.ready = True
         self.after_batch()
+        self._reclaim_queues()
 
     def _recover(self) -> None:
         assert self.storage is not None
         wal = self.storage.wal
         report = self.recovery = self.storage.recover(self.engine)
         wal.on_durable = self.log_durable
-        wal.on_failure = self._storage_failed
+        self.failure = StorageFailure(self, self.storage)
+        wal.on_failure = self.failure.failed
         wal.on_flushed = self._maybe_snapshot
         if not self.cluster.replicated_member():
             # a single copy: its workers' connections died with it. A member of a replicated
@@ -205,10 +215,12 @@ class Node:
             await server.wait_closed()
         if self._timer:
             self._timer.cancel()
+        if self._reclaim is not None:
+            self._reclaim.cancel()
         for handle in self._rate_timers.values():
             handle.cancel()
-        if self._probe is not None:
-            self._probe.cancel()
+        if self.failure is not None:
+            self.failure.close()
         if self.storage is not None:
             self.storage.close()
 
@@ -296,20 +308,34 @@ class Node:
             on_disk += size
             spill.append((i, data))
             stored[i] = BlobRef(size)
-        jobs = self.engine.push(queue, specs, stored)
-        if spill:
-            assert storage is not None
-            try:
-                for i, data in spill:
-                    fd = storage.blobs.write(jobs[i].id, data)
-                    self.replication.note_blob(jobs[i].id, data)
-                    if storage.wal.policy == "always":
-                        storage.wal.extra_fsync.append(fd)
-                    else:
-                        storage.files.close(fd)
-            except OSError as exc:
-                storage.wal._fail(f"write to blob store failed: {exc.strerror or exc}")
-                raise StorageFailed(str(storage.wal.failed)) from None
+        if not spill:
+            return self.engine.push(queue, specs, stored)
+        assert storage is not None
+        return self._push_spilled(storage, queue, specs, stored, spill)
+
+    def _push_spilled(self, storage: Storage, queue: str, specs: list[JobSpec],
+                      stored: list[bytes | BlobRef], spill: list[tuple[int, bytes]]) -> list[Job]:
+        """Blobs first, then the jobs: a blob that cannot be written (ENOSPC, EMFILE, EIO)
+        fails the storage before any job exists or is counted."""
+        ids = self.engine.next_ids(queue, len(specs))
+        try:
+            fds = storage.blobs.write_all([(ids[i], data) for i, data in spill])
+        except OSError as exc:
+            storage.wal.fail(f"write to blob store failed: {exc.strerror or exc}")
+            raise StorageFailed(str(storage.wal.failed)) from None
+        try:
+            jobs = self.engine.push(queue, specs, stored)
+        except BaseException:  # refused (a duplicate key, ...): no blob stays behind
+            storage.blobs.discard([ids[i] for i, _ in spill], fds)
+            raise
+        assert [j.id for j in jobs] == ids
+        for i, data in spill:  # a replicated primary sends them with their records
+            self.replication.note_blob(ids[i], data)
+        for fd in fds:
+            if storage.wal.policy == "always":
+                storage.wal.extra_fsync.append(fd)
+            else:
+                storage.files.close(fd)
         return jobs
 
     def _check_parents(self, specs: list[JobSpec]) -> None:
@@ -390,33 +416,26 @@ class Node:
         if self.storage is not None and self.storage.snapshot_due():
             self.storage.start_snapshot(self.engine)
 
-    # -- storage failure ------------------------------------------------------------------------
+    # -- storage failure (failure.py) -----------------------------------------------------------
 
-    def _storage_failed(self, reason: str) -> None:
-        """Answer what was not persisted with an error, reload what is on disk, serve reads."""
-        assert self.storage is not None
-        text = StorageFailed(reason).text
-        wal = self.storage.wal
+    def answer_unpersisted(self, durable: int, text: str) -> None:
+        """Storage failed: every answer that waited for a write past ``durable``, and every
+        blocked pull, gets ``text``; pending blob deletions are forgotten (the reload scans)."""
         for session in [*self.sessions, *self.inline_held]:
-            session.fail_held(wal.durable, text)
+            session.fail_held(durable, text)
         for waiters in list(self.waiters.values()):
             for waiter in list(waiters):
                 self._finish_waiter(waiter, {"ok": False, "error": text})
         self.waiters.clear()
         self._outbox_flush()
         self._blob_deletes.clear()
-        fresh = self._fresh_engine()
-        self.storage.recover(fresh, open_wal=False, stop_at=wal.durable_pos)
-        self.engine = self.commands.engine = fresh
-        loop = asyncio.get_running_loop()
-        retry = self.settings.storage.retry_seconds
-        self._probe = loop.call_later(retry, self._probe_storage)
 
     def _fresh_engine(self) -> Engine:
         fresh = Engine(self.clock, self.settings.engine)
         fresh.watch = self.engine.watch
         fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
         fresh.emitting = self.engine.emitting
+        fresh.memory_budget = self.engine.memory_budget
         return fresh
 
     def fail_unconfirmed(self, durable: int, text: str) -> None:
@@ -496,18 +515,6 @@ class Node:
             if session.transport is not None and not session.closing:
                 session.transport.write(b"".join(lines))
 
-    def _probe_storage(self) -> None:
-        """Every ``retry_seconds`` while failed: try to resume writing."""
-        self._probe = None
-        assert self.storage is not None
-        if self.storage.wal.try_recover():
-            if not self.replication.follows:
-                self.engine.release(sorted(self.engine.active), "storage recovered")
-            self.after_batch()
-        else:
-            retry = self.settings.storage.retry_seconds
-            self._probe = asyncio.get_running_loop().call_later(retry, self._probe_storage)
-
     # -- blocked pulls ------------------------------------------------------------------------
 
     def wait(
@@ -568,7 +575,11 @@ class Node:
             if not jobs:
                 break
             waiters.popleft()
-            wire = [self.job_wire(j) for j in jobs]
+            try:
+                wire = [self.job_wire(j) for j in jobs]
+            except ShardqError as exc:  # a blob that cannot be read
+                self._finish_waiter(waiter, {"ok": False, "error": exc.text})
+                continue
             answer = {"ok": True, "job": wire[0]} if waiter.single else {"ok": True, "jobs": wire}
             self._finish_waiter(waiter, answer)
         if not waiters:
@@ -651,6 +662,13 @@ class Node:
             log.warning("timer work postponed: %s", exc)
         self.after_batch()
 
+    def _reclaim_queues(self) -> None:
+        """Forget queues left empty for ``queue_idle_ms`` (Engine.reclaim_queues), every
+        quarter of that (at least every 50 ms, at most every 5 s)."""
+        self.engine.reclaim_queues()
+        every = min(5.0, max(0.05, self.settings.engine.queue_idle_ms / 4000))
+        self._reclaim = asyncio.get_running_loop().call_later(every, self._reclaim_queues)
+
     # -- connections --------------------------------------------------------------------------
 
     def closed(self, session: Session) -> None:
@@ -685,19 +703,29 @@ class Node:
             "blobs": storage.blobs.count if storage else 0,
             "blob_bytes": storage.blobs.used if storage else 0,
             "storage_failed": self.log.failed is not None,
+            "queues": len(engine.queues), "crons": len(engine.crons.entries),
+            "cron_ticks_skipped": engine.crons.skipped,
         }
 
-    def list_queues(self) -> list[dict[str, Any]]:
+    def list_queues(
+        self, after: str | None = None, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The first ``limit`` queues by name (after ``after``; default ``max_list_queues``);
+        and whether more remain."""
+        limit = limit or self.settings.request_limits.max_list_queues
+        queues = self.engine.queues
+        names = (n for n in queues if after is None or n > after)
+        page = heapq.nsmallest(limit + 1, names)
         out = []
-        for name in sorted(self.engine.queues):
-            q = self.engine.queues[name]
+        for name in page[:limit]:
+            q = queues[name]
             out.append({
                 "name": name, "pending": q.pending, "processing": q.n_active, "dlq": len(q.dlq),
                 "paused": q.paused, "rate_limit": q.rate.limit if q.rate else None,
                 "concurrency_limit": q.concurrency or None, "waiting": q.n_waiting,
                 "delayed": q.n_delayed, "waiting_children": q.n_children,
             })
-        return out
+        return out, len(page) > limit
 
     def metrics(self) -> dict[str, Any]:
         e = self.engine
@@ -717,7 +745,7 @@ class Node:
                     "name": q["name"], "pending": q["pending"], "processing": q["processing"],
                     "dlq": q["dlq"], "rate_limit": q["rate_limit"],
                 }
-                for q in self.list_queues()
+                for q in self.list_queues()[0]
             ],
         }
 
@@ -741,8 +769,14 @@ class Node:
         self.after_batch()
 
     def read_blob(self, job_id: int) -> bytes:
+        """A payload from the blob store; StorageFailed names why it cannot be read (EMFILE,
+        EIO). A pulled job whose blob cannot be read stays leased to its puller (its lease
+        ends as any other: disconnect, timeout)."""
         assert self.storage is not None
-        return self.storage.blobs.read(job_id)
+        try:
+            return self.storage.blobs.read(job_id)
+        except OSError as exc:
+            raise StorageFailed(f"read from blob store failed: {exc.strerror or exc}") from None
 
 
 def _skip_frames(frames: bytes, n: int) -> bytes:

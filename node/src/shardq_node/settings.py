@@ -44,6 +44,24 @@ class StorageSettings:
 
 
 @dataclass
+class RequestLimits:
+    """What one request may make a node keep or send back (docs/limits.md). The engine's
+    own limits (queues, crons, retained results) are in ``EngineConfig``."""
+
+    #: The largest ACK/ACKB ``result`` (bytes of JSON); None = ``storage.max_payload``.
+    max_result: int | None = None
+    #: The longest PROGRESS ``message`` and FAIL ``error`` (bytes of UTF-8); None =
+    #: ``storage.max_payload``. Kept on the job, outside the memory budget.
+    max_message: int | None = None
+    #: The largest cron ``data`` (at most ``storage.max_payload``): kept in memory, and
+    #: pushed again at every tick.
+    max_cron_payload: int = 64 * 1024
+    #: Queues in one LISTQUEUES answer (and in METRICS), by name; past it the answer's
+    #: ``next`` names the last one, and ``after`` asks for the ones after it.
+    max_list_queues: int = 10_000
+
+
+@dataclass
 class NodeSettings:
     """Everything ``shardq node`` takes (DESIGN §8)."""
 
@@ -54,7 +72,9 @@ class NodeSettings:
     http_port: int = 6790
     #: Client tokens; empty = no authentication.
     tokens: tuple[str, ...] = ()
-    #: Token for the internal cluster commands (slot moves); None = same as ``tokens``.
+    #: Token for the internal cluster commands (slot moves, cross-node dependencies), never
+    #: a client token. None with client ``tokens`` set: internal commands are refused; None
+    #: with no client tokens either: an open node, anyone may run them (docs/security.md).
     cluster_token: str | None = None
     #: A request line longer than this is refused and its connection closed.
     max_line: int = DEFAULT_MAX_LINE
@@ -70,3 +90,4 @@ class NodeSettings:
     failure_timeout: float = 2.0
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    request_limits: RequestLimits = field(default_factory=RequestLimits)

@@ -87,7 +87,7 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
     for job in found.values():
         engine.jobs.pop(job.id, None)
         lease = engine.active.pop(job.id, None)
-        if lease is not None and lease.owner:
+        if lease is not None and lease.owner > 0:
             held = engine.owned.get(lease.owner)
             if held is not None:
                 held.discard(job.id)
@@ -103,7 +103,9 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
         del deps[parent]
     engine.deps.drop(slots)
     for jid in [j for j in engine.finished if j % SLOTS in slots]:
-        del engine.finished[jid]
+        result = engine.finished.pop(jid).result
+        if result is not None:
+            engine.result_bytes -= len(result)
     for name in _queues(engine, slots):
         del engine.queues[name]
     for s in slots:

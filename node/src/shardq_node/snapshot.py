@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 from shardq.wire.job import State
 
 from . import records as R
+from . import retention
 from .jobs import (
     ACTIVE,
     DEAD,
     DELAYED,
+    NOBODY,
     PLAIN,
     WAITING,
     WAITING_CHILDREN,
@@ -139,7 +141,7 @@ def _index(engine: Engine, job: Job, pending: list[int]) -> None:
     elif state is ACTIVE:
         q.n_active += 1
         deadline = job.started_at + (job.opts.timeout or engine.config.default_lease_ms)
-        engine.active[job.id] = Lease(0, deadline)
+        engine.active[job.id] = Lease(NOBODY, deadline)
         engine.timers.deadline(deadline, job.id)
     elif state is DEAD:
         q.dlq[job.id] = job
@@ -149,6 +151,6 @@ def load_finished(engine: Engine, rec: R.Record) -> None:
     from .engine import Finished
 
     _, at, jid, state, result = rec
-    engine.finished[jid] = Finished(_STATES[state], at, result)
+    retention.remember(engine, jid, Finished(_STATES[state], at, result))
     seq, slot = divmod(jid, 1024)
     engine.seqs[slot] = max(engine.seqs[slot], seq)

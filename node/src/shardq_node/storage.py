@@ -369,6 +369,8 @@ class Storage:
         if self.wal.failed is not None:
             return
         number = self.wal.rotate()
+        if self.wal.failed is not None:
+            return
         target = self.wal.written
         tmp = os.path.join(self.dir, f"{snapshot_name(number)}.{os.getpid()}.tmp")
         started = time.perf_counter()

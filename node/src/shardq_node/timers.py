@@ -12,6 +12,7 @@ import heapq
 from typing import TYPE_CHECKING
 
 from . import records as R
+from . import retention
 from .jobs import DELAYED, EXPIRED, ID_MASK, WAITING, WAITING_CHILDREN, timer_key
 
 if TYPE_CHECKING:
@@ -21,26 +22,63 @@ heappush = heapq.heappush
 heappop = heapq.heappop
 
 
+#: A heap is cleaned of stale entries once it holds more than twice the live ones it held
+#: after its last cleaning, plus this (each entry is then cleaned once: amortised O(1)).
+SLACK = 4096
+
+
 class Timers:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.delayed: list[int] = []  # run_at of delayed jobs
         self.expiries: list[int] = []  # created_at + ttl of jobs never pulled
         self.deadlines: list[int] = []  # lease deadlines of active jobs
+        #: past these sizes a heap is cleaned (every acked job leaves a stale deadline, which
+        #: would otherwise wait out its lease, 30 minutes by default, before it is popped)
+        self._limits = {"delayed": SLACK, "expiries": SLACK, "deadlines": SLACK}
         #: something may now be due earlier than the runtime's timer is set for
         self.dirty = True
 
     def delay(self, at: int, job_id: int) -> None:
         heappush(self.delayed, timer_key(at, job_id))
         self.dirty = True
+        if len(self.delayed) > self._limits["delayed"]:
+            self._clean("delayed")
 
     def expire_at(self, at: int, job_id: int) -> None:
         heappush(self.expiries, timer_key(at, job_id))
         self.dirty = True
+        if len(self.expiries) > self._limits["expiries"]:
+            self._clean("expiries")
 
     def deadline(self, at: int, job_id: int) -> None:
         heappush(self.deadlines, timer_key(at, job_id))
         self.dirty = True
+        if len(self.deadlines) > self._limits["deadlines"]:
+            self._clean("deadlines")
+
+    def _clean(self, name: str) -> None:
+        """Drop the entries of ``name`` that no longer stand for a job's due time."""
+        e = self.engine
+        jobs, active = e.jobs, e.active
+
+        def live(key: int) -> bool:
+            jid = key & ID_MASK
+            if name == "deadlines":
+                lease = active.get(jid)
+                return lease is not None and timer_key(lease.deadline, jid) == key
+            job = jobs.get(jid)
+            if job is None:
+                return False
+            if name == "delayed":
+                return job.state is DELAYED and timer_key(job.run_at, jid) == key
+            return bool(job.started_at == 0 and job.opts.ttl
+                        and timer_key(job.created_at + job.opts.ttl, jid) == key)
+
+        heap = [key for key in getattr(self, name) if live(key)]
+        heapq.heapify(heap)
+        setattr(self, name, heap)
+        self._limits[name] = 2 * len(heap) + SLACK
 
     def next_deadline(self) -> int | None:
         """The earliest time ``tick`` has something to do (may be a stale entry)."""
@@ -70,7 +108,7 @@ class Timers:
             first = next(iter(finished.values()))
             if first.at + ttl > now:
                 break
-            finished.popitem(last=False)
+            retention.forget_oldest(e)
 
     @staticmethod
     def _due(heap: list[int], now: int) -> list[int]:
@@ -101,6 +139,8 @@ class Timers:
         for heap in (self.delayed, self.expiries, self.deadlines,
                      *(q.ready for q in e.queues.values())):
             heapq.heapify(heap)
+        for name in self._limits:
+            self._limits[name] = 2 * len(getattr(self, name)) + SLACK
 
     # -- delayed -> waiting ---------------------------------------------------------------------
 

@@ -312,15 +312,19 @@ class Wal:
         if spare is None:
             return None
         n, path, fut = spare
-        if n == number and fut.done() and fut.exception() is None:
-            return path
+        if n == number and fut.done() and fut.exception() is None and os.path.exists(path):
+            return path  # (a reload after a storage failure removes spares)
         if fut.done() and os.path.exists(path):
             os.unlink(path)
         return None
 
     def rotate(self) -> int:
-        """Start the next segment; returns its number. Call with nothing buffered."""
-        self.open_segment(self.segment + 1)
+        """Start the next segment; returns its number. Call with nothing buffered. A segment
+        that cannot be opened (ENOSPC, EMFILE) fails the log like a failed write."""
+        try:
+            self.open_segment(self.segment + 1)
+        except OSError as exc:
+            self._fail(f"new WAL segment failed: {exc.strerror or exc}")
         return self.segment
 
     def _retire(self) -> None:
@@ -518,6 +522,10 @@ class Wal:
                 self._note_fsync(f.result())
 
         fut.add_done_callback(done)
+
+    def fail(self, reason: str) -> None:
+        """A write outside the log failed (the blob store): fail as if the log's had."""
+        self._fail(reason)
 
     def _fail(self, reason: str) -> None:
         if self.failed is not None:

@@ -272,9 +272,12 @@ async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
                      members: list[NodeInfo], pods: list[Any], cfg: OperatorConfig,
                      body: kopf.Body, st: _Status) -> Any:
     token = None
-    if spec.auth_secret:
-        token = (await kube.secret_value(namespace, spec.auth_secret, spec.cluster_token_key)
-                 or await kube.secret_value(namespace, spec.auth_secret, spec.token_key))
+    if spec.auth_secret:  # the cluster token: a client token runs no internal command
+        token = await kube.secret_value(namespace, spec.auth_secret, spec.cluster_token_key)
+        if token is None:
+            raise kopf.TemporaryError(
+                f"Secret {spec.auth_secret} has no key {spec.cluster_token_key}: slot moves "
+                "need the cluster token", delay=30)
     last = [0.0]
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()

@@ -9,7 +9,20 @@ socket named after that port (``control_path``): ``shardq scale N`` and
 ``shardq topology`` use it. Scaling up starts nodes, then moves slots to them;
 scaling down moves every slot off the leaving nodes, then stops them.
 
-Must not: move slots itself; shardq_operator.rebalance does.
+With ``replicas`` R > 1 (DESIGN §9) each of the N owners is a shard of R node processes
+(``shard-I-J``), the topology's truth is a locked file (``topology.store.json``,
+``store.FileStore``), and the failover controller (``controller.py``) runs in this
+process: it replaces a silent primary, and ``shardq failover SHARD`` asks it for a
+planned switchover. Scaling adds or removes whole shards.
+
+Every run generates a cluster token: the nodes and the rebalancer get it, the
+gateway and clients never do (they get the client tokens, when ``--token`` is
+given), so no client can run a node's internal commands (docs/security.md).
+Tokens reach the processes in their environment, not on their command lines
+(which every local user can read in ``/proc``).
+
+Must not: move slots itself; rebalance.py does; nor choose primaries:
+controller.py does.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -83,7 +97,8 @@ class LocalCluster:
     fsync: str = "always"
     tokens: tuple[str, ...] = ()
     replicas: int = 1
-    cluster_token: str | None = None
+    #: For the nodes' internal commands (slot moves, replication); generated for each run.
+    cluster_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     failure_timeout: float = 2.0
     nodes: list[LocalNode] = field(default_factory=list)
     gateway: subprocess.Popen[bytes] | None = None
@@ -184,13 +199,9 @@ class LocalCluster:
             "--port", str(node.port), "--http-port", str(node.http_port),
             "--data-dir", os.path.join(self.data_dir, node.name), "--fsync", self.fsync,
         ]
-        if self.tokens:
-            argv += ["--token", ",".join(self.tokens)]
-        if self.cluster_token:
-            argv += ["--cluster-token", self.cluster_token]
         if self.replicas > 1:
             argv += ["--failure-timeout-ms", str(int(self.failure_timeout * 1000))]
-        return self._spawn(argv, node.name)
+        return self._spawn(argv, node.name, SHARDQ_CLUSTER_TOKEN=self.cluster_token)
 
     def _spawn_gateway(self) -> subprocess.Popen[bytes]:
         seeds = ",".join(f"{self.host}:{n.port}" for n in self.nodes)
@@ -198,16 +209,15 @@ class LocalCluster:
             sys.executable, "-m", "shardq.cli", "gateway", "--host", self.host,
             "--port", str(self.port), "--http-port", str(self.http_port), "--seed", seeds,
         ]
-        if self.tokens:
-            argv += ["--token", ",".join(self.tokens)]
-        if self.cluster_token:
-            argv += ["--cluster-token", self.cluster_token]
-        return self._spawn(argv, "gateway")
+        return self._spawn(argv, "gateway")  # it speaks to the nodes with a client token
 
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, argv: list[str], name: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("SHARDQ_TOKEN", "SHARDQ_CLUSTER_TOKEN")}
+        env.update(extra_env, SHARDQ_TOKEN=",".join(self.tokens))
         logfile = open(os.path.join(self.data_dir, f"{name}.log"), "ab")  # noqa: SIM115
         try:
-            return subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT,
+            return subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_die_with_parent)
         finally:
             logfile.close()
@@ -222,8 +232,7 @@ class LocalCluster:
     async def _converge(
         self, members: list[LocalNode], progress: Callable[[int, int], None] | None
     ) -> Topology:
-        token = self.tokens[0] if self.tokens else None
-        reb = Rebalancer(token=token, on_progress=progress)
+        reb = Rebalancer(token=self.cluster_token, on_progress=progress)
         try:
             seeds = [f"{self.host}:{n.port}" for n in self.nodes]
             return await reb.converge([n.info(self.host) for n in members], seeds)
@@ -328,8 +337,7 @@ class LocalCluster:
 
     async def _converge_shards(self, count: int, progress: Callable[[int, int], None] | None
                                ) -> Topology:
-        token = self.cluster_token or (self.tokens[0] if self.tokens else None)
-        reb = Rebalancer(token=token, on_progress=progress, store=self.store)
+        reb = Rebalancer(token=self.cluster_token, on_progress=progress, store=self.store)
         try:
             return await reb.converge_shards([f"shard-{i}" for i in range(count)])
         finally:

@@ -106,15 +106,20 @@ def _service_ports() -> list[Manifest]:
     ]
 
 
-def _auth_env(spec: Spec) -> list[Manifest]:
+def _auth_env(spec: Spec, cluster_token: bool) -> list[Manifest]:
+    """The client token for every pod; the cluster token only for nodes (they run slot moves
+    with it), and required: a client token never runs internal commands, so a node without
+    one could never take part in a move. Gateways need client rights only."""
     if not spec.auth_secret:
         return []
-    return [
+    env: list[Manifest] = [
         {"name": "SHARDQ_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": spec.auth_secret, "key": spec.token_key}}},
-        {"name": "SHARDQ_CLUSTER_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": spec.auth_secret, "key": spec.cluster_token_key, "optional": True}}},
     ]
+    if cluster_token:
+        env.append({"name": "SHARDQ_CLUSTER_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": spec.auth_secret, "key": spec.cluster_token_key}}})
+    return env
 
 
 def _probe(path: str) -> Manifest:
@@ -195,7 +200,7 @@ def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int,
         "args": ["--name", "$(POD_NAME)", "--host", "0.0.0.0", "--port", str(TCP_PORT),
                  "--http-port", str(HTTP_PORT), "--data-dir", "/data", "--fsync", spec.fsync],
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                *_auth_env(spec)],
+                *_auth_env(spec, cluster_token=True)],
         "ports": _ports(),
         "readinessProbe": _probe("/ready"),
         "livenessProbe": {**_probe("/health"), "failureThreshold": 6},
@@ -246,7 +251,8 @@ def gateway_deployment(cluster: str, namespace: str, spec: Spec, seeds: list[str
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["shardq", "gateway"],
         "args": ["--host", "0.0.0.0", "--port", str(TCP_PORT), "--http-port", str(HTTP_PORT)],
-        "env": [{"name": "SHARDQ_SEED", "value": ",".join(seeds)}, *_auth_env(spec)],
+        "env": [{"name": "SHARDQ_SEED", "value": ",".join(seeds)},
+                *_auth_env(spec, cluster_token=False)],
         "ports": _ports(),
         "readinessProbe": _probe("/ready"),
         "livenessProbe": {**_probe("/health"), "failureThreshold": 6},

@@ -19,6 +19,7 @@ from shardq.errors import (
     JobNotActive,
     JobNotFound,
     LeaseExpired,
+    LimitReached,
     Moved,
     PayloadTooLarge,
     QueueFull,
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient", "AsyncQueue", "AsyncWorker", "AuthenticationRequired", "Client",
     "CronNotFound", "DuplicateJob", "InvalidRequest", "InvalidToken", "Job", "JobContext",
-    "JobNotActive", "JobNotFound", "LeaseExpired", "Moved", "PayloadTooLarge", "Queue",
-    "QueueFull", "RateLimited", "ShardqConnectionError", "ShardqError", "State",
+    "JobNotActive", "JobNotFound", "LeaseExpired", "LimitReached", "Moved", "PayloadTooLarge",
+    "Queue", "QueueFull", "RateLimited", "ShardqConnectionError", "ShardqError", "State",
     "StorageFailed", "TryAgain", "Unavailable", "Worker",
 ]

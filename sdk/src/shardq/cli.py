@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--no-metrics", dest="metrics", action="store_false",
                       help="no per-request metrics on the hot path (to measure their cost)")
     _storage_flags(node)
+    _limit_flags(node)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) of ShardqCluster")
     _flag(op, "--kubeconfig", None, help="kubeconfig file (default: in-cluster service account)")
@@ -160,8 +161,25 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--blob-threshold", 64 * 1024, int, "payloads above this go to the blob store")
     _flag(p, "--memory-budget", 1024**3, int, "bytes of payloads kept in memory")
     _flag(p, "--disk-budget", 10 * 1024**3, int, "bytes of payloads in the blob store")
+    _flag(p, "--storage-retry-seconds", 2.0, float,
+          "after a storage failure, how often to try the disk again")
     p.add_argument("--no-group-commit", dest="group_commit", action="store_false",
                    help="fsync every command on its own (benchmark baseline only)")
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    """What client input may make a node hold (docs/limits.md)."""
+    _flag(p, "--max-queues", 100_000, int, "queues a node holds; more are refused")
+    _flag(p, "--queue-idle-ms", 60_000, int,
+          "ms after which an empty queue without settings is forgotten")
+    _flag(p, "--max-crons", 1_000, int, "crons a node holds; more are refused")
+    _flag(p, "--max-cron-payload", 64 * 1024, int, "largest cron data (bytes)")
+    _flag(p, "--max-result", None, int, "largest ACK result (bytes; default: --max-payload)")
+    _flag(p, "--max-message", None, int,
+          "longest PROGRESS message / FAIL error (bytes; default: --max-payload)")
+    _flag(p, "--results-max", 100_000, int, "finished jobs (and results) kept for GETRESULT")
+    _flag(p, "--results-max-bytes", 256 * 1024**2, int, "bytes of results kept for GETRESULT")
+    _flag(p, "--max-list-queues", 10_000, int, "queues in one LISTQUEUES answer")
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -179,7 +197,7 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 
 def _node_settings(args: argparse.Namespace) -> Any:
     from shardq_node.engine import EngineConfig
-    from shardq_node.settings import NodeSettings, StorageSettings
+    from shardq_node.settings import NodeSettings, RequestLimits, StorageSettings
 
     return NodeSettings(
         name=args.name,
@@ -197,8 +215,17 @@ def _node_settings(args: argparse.Namespace) -> Any:
             segment_bytes=args.segment_bytes, snapshot_bytes=args.snapshot_bytes,
             blob_threshold=args.blob_threshold, memory_budget=args.memory_budget,
             disk_budget=args.disk_budget, group_commit=args.group_commit,
+            retry_seconds=args.storage_retry_seconds,
         ),
-        engine=EngineConfig(default_lease_ms=args.default_lease_ms),
+        engine=EngineConfig(
+            default_lease_ms=args.default_lease_ms, max_queues=args.max_queues,
+            queue_idle_ms=args.queue_idle_ms, max_crons=args.max_crons,
+            results_max=args.results_max, results_max_bytes=args.results_max_bytes,
+        ),
+        request_limits=RequestLimits(
+            max_result=args.max_result, max_message=args.max_message,
+            max_cron_payload=args.max_cron_payload, max_list_queues=args.max_list_queues,
+        ),
     )
 
 

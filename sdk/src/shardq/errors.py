@@ -66,8 +66,12 @@ class CronNotFound(ShardqError):
 
 
 class AuthenticationRequired(ShardqError):
-    def __init__(self) -> None:
-        super().__init__("Authentication required")
+    """No (or not enough) authentication for the command; ``reason`` says what is missing
+    (an internal command without the cluster token)."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__("Authentication required" + (f": {reason}" if reason else ""))
+        self.reason = reason
 
 
 class InvalidToken(ShardqError):
@@ -76,10 +80,23 @@ class InvalidToken(ShardqError):
 
 
 class PayloadTooLarge(ShardqError):
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"Payload too large: {size} bytes (max {limit})")
+    """A value over its size limit: ``what`` names it (``Payload``, ``Result``, ``Message``,
+    ``Error``: a job's data, an ACK's result, a PROGRESS message, a FAIL error)."""
+
+    def __init__(self, size: int, limit: int, what: str = "Payload") -> None:
+        super().__init__(f"{what} too large: {size} bytes (max {limit})")
         self.size = size
         self.limit = limit
+        self.what = what
+
+
+class LimitReached(ShardqError):
+    """A node holds as many of something clients create (queues, crons) as it may; ``what``
+    says which limit, and the setting that raises it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"Limit reached: {what}")
+        self.what = what
 
 
 class QueueFull(ShardqError):
@@ -138,12 +155,14 @@ _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], ShardqError]]] 
     (re.compile(r"^Lease expired for job (\d+)$"), lambda m: LeaseExpired(int(m[1]))),
     (re.compile(r"^Duplicate job with key: (.*)$", re.S), lambda m: DuplicateJob(m[1])),
     (re.compile(r"^Cron job not found$"), lambda m: CronNotFound()),
-    (re.compile(r"^Authentication required$"), lambda m: AuthenticationRequired()),
+    (re.compile(r"^Authentication required(?:: (.*))?$", re.S),
+     lambda m: AuthenticationRequired(m[1])),
     (re.compile(r"^Invalid token$"), lambda m: InvalidToken()),
     (
-        re.compile(r"^Payload too large: (\d+) bytes \(max (\d+)\)$"),
-        lambda m: PayloadTooLarge(int(m[1]), int(m[2])),
+        re.compile(r"^(Payload|Result|Message|Error) too large: (\d+) bytes \(max (\d+)\)$"),
+        lambda m: PayloadTooLarge(int(m[2]), int(m[3]), m[1]),
     ),
+    (re.compile(r"^Limit reached: (.*)$", re.S), lambda m: LimitReached(m[1])),
     (re.compile(r"^Queue full: memory and disk budget spent$"), lambda m: QueueFull()),
     (re.compile(r"^Rate limited$"), lambda m: RateLimited()),
     (re.compile(r"^Storage failed: (.*)$", re.S), lambda m: StorageFailed(m[1])),

@@ -83,7 +83,7 @@ STREAMS = web.AppKey("streams", Streams)
 STATUS: list[tuple[type[E.ShardqError], int]] = [
     (E.InvalidRequest, 400), (E.AuthenticationRequired, 401), (E.InvalidToken, 401),
     (E.JobNotFound, 404), (E.CronNotFound, 404), (E.DuplicateJob, 409), (E.LeaseExpired, 409),
-    (E.PayloadTooLarge, 413), (E.RateLimited, 429), (E.QueueFull, 429),
+    (E.PayloadTooLarge, 413), (E.RateLimited, 429), (E.QueueFull, 429), (E.LimitReached, 429),
     (E.StorageFailed, 503), (E.Moved, 503), (E.TryAgain, 503), (E.Unavailable, 503),
 ]
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
@@ -200,7 +200,14 @@ routes = web.RouteTableDef()
 
 @routes.get("/queues")
 async def list_queues(request: web.Request) -> web.Response:
-    return envelope((await run(request, {"cmd": "LISTQUEUES"}))["queues"])
+    """A page of queues by name (``?after=&count=``); ``next`` says where the next begins."""
+    req: Req = {"cmd": "LISTQUEUES", "count": int_param(request, "count")}
+    if request.query.get("after"):
+        req["after"] = request.query["after"]
+    answer = await run(request, req)
+    if answer.get("next") is None:
+        return envelope(answer["queues"])
+    return _json({"ok": True, "data": answer["queues"], "next": answer["next"]})
 
 
 @routes.post("/queues/{queue}/jobs")

@@ -53,7 +53,10 @@ def _env(data: dict[str, Any]) -> dict[str, Any]:
 
 # (method, path, summary, parameters, request body schema, success schema)
 ROUTES: list[tuple[str, str, str, list[dict[str, Any]], dict[str, Any] | None, dict[str, Any]]] = [
-    ("get", "/queues", "List queues", [], None, _env({"type": "array"})),
+    ("get", "/queues", "List queues by name, a page at a time (`next`: the last of this page)",
+     [_q("after", {"type": "string", "minLength": 1, "maxLength": 512}),
+      _q("count", {"type": "integer", "minimum": 1, "maximum": 100_000})],
+     None, _env({"type": "array"})),
     ("post", "/queues/{queue}/jobs", "Push a job", [_QUEUE], _PUSH_BODY, _env(_JOB)),
     ("get", "/queues/{queue}/jobs", "Pull jobs (waits for at least one, up to timeout ms)",
      [_QUEUE, _q("count", {"type": "integer", "minimum": 1, "maximum": 100_000}),
