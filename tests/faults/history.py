@@ -47,10 +47,16 @@ DEFINITE_REFUSALS = (
 DEFINITE_UNAVAILABLE = ("has no quorum",)
 
 
+#: Said of a write the node ran but could not confirm: it may or may not have happened.
+MAYBE_APPLIED = "may have been applied"
+
+
 def outcome_of_error(text: str) -> str:
     """``fail`` when an error text says the request was not applied, else ``info``."""
     if text.startswith(DEFINITE_REFUSALS):
         return FAIL
+    if MAYBE_APPLIED in text:
+        return INFO
     if text.startswith("Unavailable:") and any(s in text for s in DEFINITE_UNAVAILABLE):
         return FAIL
     return INFO

@@ -179,6 +179,8 @@ def test_error_texts_map_to_fail_only_when_nothing_was_applied() -> None:
     assert outcome_of_error("Lease expired for job 3") == FAIL
     assert outcome_of_error("Job 3 not found") == FAIL
     assert outcome_of_error("Unavailable: shard s-1 has no quorum") == FAIL
+    assert outcome_of_error(
+        "Unavailable: shard s-1 has no quorum (the write may have been applied)") == INFO
     assert outcome_of_error("Unavailable: node n at a:1 is not reachable (lost)") == INFO
     assert outcome_of_error("Unavailable: primary changed") == INFO
     assert outcome_of_error("connection to 127.0.0.2:1 lost") == INFO
