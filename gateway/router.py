@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from shardq.errors import ShardqError, Unavailable
+from shardq.running import Causes
 from shardq.slots import SLOTS, slot_of
 from shardq.topology import NodeInfo, Topology
 
@@ -57,6 +58,8 @@ class Router:
         self._poller: asyncio.Task[None] | None = None
         self.closing = False
         self.metrics = GatewayMetrics()
+        #: unexpected exceptions: one ``Internal: …`` answer each, each cause logged once
+        self.causes = Causes(log, "the gateway")
 
     @property
     def epoch(self) -> int:
@@ -83,6 +86,7 @@ class Router:
             link = self.links[address] = NodeLink(name, address, self.settings, self.flusher)
             link.on_down = self._node_down
             link.on_error = self.metrics.upstream_error
+            link.causes = self.causes
         link.name = name
         return link
 

@@ -25,7 +25,7 @@ from shardq.errors import (
 )
 from shardq.job import EVENTS
 
-from .jobs import Job, kept_json
+from .jobs import Job, client_json
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -57,9 +57,6 @@ class Caller(Protocol):
     cluster: bool
 
 
-raw = kept_json
-
-
 def wire_result(result: bytes | None) -> Any:
     return None if result is None else Fragment(result)
 
@@ -71,6 +68,10 @@ class Commands:
         self.node = node
         self.engine = node.engine
         self.max_payload = node.settings.storage.max_payload
+        limits = node.settings.limits
+        self.max_depth = limits.max_depth
+        #: PULLB and DLQ answers stop adding jobs once their payloads pass this.
+        self.max_answer = limits.max_output
         self.tokens = tuple(t.encode() for t in node.settings.tokens)
         self.table: dict[str, Handler] = {
             name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
@@ -109,8 +110,12 @@ class Commands:
 
     # -- jobs in ----------------------------------------------------------------------------
 
+    def raw(self, value: Any) -> bytes:
+        """The JSON the node keeps of a client's value; refused if it nests too deep."""
+        return client_json(value, self.max_depth)
+
     def payload(self, data: Any) -> bytes:
-        blob = raw(data)
+        blob = client_json(data, self.max_depth)
         if len(blob) > self.max_payload:
             raise PayloadTooLarge(len(blob), self.max_payload)
         return blob
@@ -120,7 +125,7 @@ class Commands:
         if type(queue) is not str or not 0 < len(queue) <= P.MAX_QUEUE_NAME:
             queue = P.check_queue(req)
         spec = P.job_spec(req)
-        data = kept_json(spec.data)
+        data = client_json(spec.data, self.max_depth)
         if len(data) > self.max_payload:
             raise PayloadTooLarge(len(data), self.max_payload)
         job = self.node.push(queue, [spec], [data])[0]
@@ -151,7 +156,7 @@ class Commands:
         queue = P.check_queue(req)
         count = P.check_count(req, required=True)
         timeout = _timeout(req)
-        jobs = self.engine.pull(queue, caller.owner, count)
+        jobs = self.engine.pull(queue, caller.owner, count, self.max_answer)
         if jobs:
             return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
         if timeout == 0:
@@ -162,7 +167,7 @@ class Commands:
         job_id = P.check_id(req)
         lease = P.opt_int(req, "lease", 0, 2**63, default=-1)
         result = req.get("result")
-        self.engine.ack(job_id, None if result is None else raw(result), _lease(lease))
+        self.engine.ack(job_id, None if result is None else self.raw(result), _lease(lease))
         return OK
 
     def ackb(self, req: P.Request, caller: Caller) -> Answer:
@@ -172,6 +177,7 @@ class Commands:
         if results is not None:
             if type(results) is not list or len(results) != len(ids):
                 raise InvalidRequest("field 'results' must be an array as long as 'ids'")
+            raw = self.raw
             blobs = [None if r is None else raw(r) for r in results]
         leases = None
         if req.get("leases") is not None:
@@ -235,7 +241,8 @@ class Commands:
     def dlq(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
         count = P.check_count(req, required=False, default=100)
-        return {"ok": True, "jobs": [self.node.job_wire(j) for j in self.engine.dlq(queue, count)]}
+        jobs = self.engine.dlq(queue, count, self.max_answer)
+        return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
 
     def retrydlq(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)

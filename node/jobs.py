@@ -14,7 +14,7 @@ from typing import Any
 from orjson import Fragment, dumps
 
 from shardq.job import State
-from shardq.protocol import MAX_PRIORITY
+from shardq.protocol import MAX_DEPTH, MAX_PRIORITY, nesting_within, too_deep
 
 WAITING = State.WAITING
 DELAYED = State.DELAYED
@@ -51,6 +51,21 @@ def kept_json(value: Any) -> bytes:
     return bytes(memoryview(out)) if len(out) < 4000 else out
 
 
+def client_json(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
+    """``kept_json`` of a value a client sent, refused (``Invalid: nesting deeper than N``)
+    if it nests deeper than ``max_depth``: nothing is stored that an answer cannot carry.
+
+    Depth ``d`` takes at least ``2d`` bytes, so short values (most) cost one comparison.
+    """
+    try:
+        out = dumps(value)
+    except TypeError:  # deeper than orjson encodes (parsed JSON has no other cause)
+        raise too_deep(max_depth) from None
+    if len(out) > 2 * max_depth and not nesting_within(value, max_depth):
+        raise too_deep(max_depth)
+    return bytes(memoryview(out)) if len(out) < 4000 else out
+
+
 class BlobRef:
     """A payload kept in the blob store on disk instead of memory (see node/blobs.py)."""
 
@@ -58,6 +73,12 @@ class BlobRef:
 
     def __init__(self, size: int) -> None:
         self.size = size
+
+
+def payload_size(job: Job) -> int:
+    """Bytes of the job's payload, in memory or in the blob store."""
+    data = job.data
+    return len(data) if type(data) is bytes else data.size if type(data) is BlobRef else 0
 
 
 class JobOpts:

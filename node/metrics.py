@@ -25,6 +25,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from shardq.buckets import Buckets
+from shardq.limits import DROP_REASONS
 
 if TYPE_CHECKING:
     from .jobs import QueueState
@@ -169,6 +170,12 @@ class NodeCollector(Collector):
                                 value=float(topo.epoch if topo else 0))
         yield GaugeMetricFamily("shardq_connections", "Open client connections",
                                 value=float(len(node.sessions)))
+        dropped = CounterMetricFamily(
+            "shardq_connections_dropped", "Connections closed or refused for a limit, by reason "
+            "(docs/limits.md)", labels=["reason"])
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], float(node.drops.get(reason, 0)))
+        yield dropped
         yield GaugeMetricFamily("shardq_jobs", "Live jobs on this node",
                                 value=float(len(node.engine.jobs)))
 

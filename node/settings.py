@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shardq.limits import Limits
 from shardq.protocol import DEFAULT_MAX_LINE
 
 from .engine import EngineConfig
@@ -65,5 +66,7 @@ class NodeSettings:
     #: False: no per-request counting or latency histograms on the hot path (the gauges and
     #: counters the engine keeps anyway are still exported); for measuring their cost.
     metrics: bool = True
+    #: Output budgets, backlogs, connection caps, HTTP timeouts, nesting (docs/limits.md).
+    limits: Limits = field(default_factory=Limits)
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -27,6 +27,10 @@ MIN_PRIORITY = -(2**31)
 MAX_MS = 10 * 365 * 24 * 3600 * 1000
 MAX_COUNT = 100_000
 MAX_ATTEMPTS = 2**31 - 1
+#: Levels of arrays and objects a value the node keeps (``data``, ``result``) may nest. The
+#: answers that carry such a value wrap it in up to 4 more levels, and orjson encodes at
+#: most ``ENCODER_DEPTH`` (254): 128 leaves room, and nobody needs more.
+MAX_DEPTH = 128
 
 OK_LINE = b'{"ok":true}\n'
 
@@ -68,6 +72,94 @@ def req_id_of(req: Request) -> str | int | None:
     if rid is None or type(rid) is str or type(rid) is int:
         return rid
     raise InvalidRequest(f"field 'reqId' must be a string, got {json_type(rid)}")
+
+
+# -- nesting ----------------------------------------------------------------------------------
+
+
+def _encodes(depth: int) -> bool:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _encoder_depth() -> int:
+    """The deepest nesting orjson encodes (254 in every release so far), found by bisection."""
+    lo, hi = 1, 4096  # encodes lo levels, not hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _encodes(mid) else (lo, mid)
+    return lo
+
+
+ENCODER_DEPTH = _encoder_depth()
+#: Values examined by the Python walk of ``nesting_within`` before orjson's encoder counts.
+_WALK_BUDGET = 256
+_wrappers: dict[int, tuple[list[Any], list[Any]]] = {}
+
+
+def too_deep(limit: int = MAX_DEPTH) -> InvalidRequest:
+    return InvalidRequest(f"nesting deeper than {limit}")
+
+
+def nesting_within(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Does ``value`` nest at most ``limit`` levels of arrays and objects (``[]`` is 1)?
+
+    A walk level by level, for the few containers of most values; a value with many
+    containers is handed to orjson's encoder inside ``ENCODER_DEPTH - limit`` levels
+    of lists, which then fails exactly when the value is too deep (C speed).
+    """
+    if type(value) is not dict and type(value) is not list:
+        return True
+    level = [value]
+    depth = 1
+    budget = _WALK_BUDGET
+    while depth <= limit:
+        deeper = []
+        for container in level:
+            budget -= len(container)
+            if budget < 0:
+                return _encoder_within(value, limit)
+            for item in container.values() if type(container) is dict else container:
+                if type(item) is dict or type(item) is list:
+                    deeper.append(item)
+        if not deeper:
+            return True
+        level = deeper
+        depth += 1
+    return False
+
+
+def _encoder_within(value: Any, limit: int) -> bool:
+    wrap = _wrappers.get(limit)
+    if wrap is None:
+        if not 0 < limit < ENCODER_DEPTH:
+            raise ValueError(f"a nesting limit must be between 1 and {ENCODER_DEPTH - 1}")
+        inner: list[Any] = []
+        outer = inner
+        for _ in range(ENCODER_DEPTH - limit - 1):
+            outer = [outer]
+        wrap = _wrappers[limit] = (outer, inner)
+    outer, inner = wrap
+    inner.append(value)
+    try:
+        orjson.dumps(outer)
+    except TypeError:
+        return False
+    finally:
+        inner.clear()
+    return True
+
+
+def check_nesting(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise ``Invalid: nesting deeper than LIMIT`` if ``value`` nests deeper."""
+    if not nesting_within(value, limit):
+        raise too_deep(limit)
 
 
 # -- field checks -----------------------------------------------------------------------------
