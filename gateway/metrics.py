@@ -100,6 +100,10 @@ class GatewayCollector(Collector):
                                 value=float(max(0, self.gateway.router.epoch)))
         yield GaugeMetricFamily("shardq_gateway_connections", "Open client connections",
                                 value=float(len(self.gateway.sessions)))
+        yield GaugeMetricFamily(
+            "shardq_gateway_connection_buffered_bytes", "Bytes held for client connections: "
+            "lines waiting, requests in flight, answers not yet sent",
+            value=float(sum(s.backlog_bytes + s.unsent() for s in self.gateway.sessions)))
         dropped = CounterMetricFamily(
             "shardq_gateway_connections_dropped", "Client connections closed or refused for a "
             "limit, by reason (docs/limits.md)", labels=["reason"])

@@ -170,6 +170,11 @@ class NodeCollector(Collector):
                                 value=float(topo.epoch if topo else 0))
         yield GaugeMetricFamily("shardq_connections", "Open client connections",
                                 value=float(len(node.sessions)))
+        yield GaugeMetricFamily(
+            "shardq_connection_buffered_bytes", "Bytes held for client connections: lines "
+            "waiting behind a blocked command, answers not yet sent",
+            value=float(sum(s.backlog_bytes + s.unsent() for s in node.sessions
+                            if s.transport is not None)))
         dropped = CounterMetricFamily(
             "shardq_connections_dropped", "Connections closed or refused for a limit, by reason "
             "(docs/limits.md)", labels=["reason"])
