@@ -41,7 +41,7 @@ from orjson import JSONDecodeError, loads
 
 from shardq.errors import AuthenticationRequired, InvalidRequest, ShardqError
 from shardq.framing import LineSplitter
-from shardq.limits import Stall, too_many_connections
+from shardq.limits import PeerWatch, Stall, too_many_connections
 from shardq.protocol import parse_line, req_id_of
 
 from .calls import BLOCKING, FanOut, Forward, Merge, Pending, Split, error_line
@@ -96,6 +96,7 @@ class ClientSession(asyncio.Protocol):
         self.hint = FIRST_HINT  # the size of this client's recent READS answers
         self.read_wait = False  # a READS line waits for one of those to be written
         self.stall = Stall(limits.output_timeout, self.unsent, self._stalled)
+        self.peer = PeerWatch(self._peer_gone)
         self.refused = False  # over max_connections: never served
         self.splitter = LineSplitter(self.max_line)
         self.blocking = 0  # pulls in flight that may wait
@@ -132,6 +133,7 @@ class ClientSession(asyncio.Protocol):
         if self.refused:
             return
         self.stall.stop()
+        self.peer.stop()
         self.gateway.sessions.discard(self)
         for conn in self.pulls.values():
             conn.close()  # the node hands back what it leased on them
@@ -478,8 +480,15 @@ class ClientSession(asyncio.Protocol):
             self.read_paused = want_pause
             if want_pause:
                 self.transport.pause_reading()
+                self.peer.start(self.transport)
             else:
                 self.transport.resume_reading()
+                self.peer.stop()
+
+    def _peer_gone(self) -> None:
+        """The client left while reading was paused: drop what it left behind now."""
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:

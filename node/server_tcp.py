@@ -30,7 +30,7 @@ import orjson
 
 from shardq.errors import InvalidRequest
 from shardq.framing import LineSplitter
-from shardq.limits import Stall, too_many_connections
+from shardq.limits import PeerWatch, Stall, too_many_connections
 from shardq.protocol import error_answer
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class Session(asyncio.Protocol):
         self.held_bytes = 0
         self.output_full = False  # unsent answers passed max_output: lines wait in backlog
         self.stall = Stall(limits.output_timeout, self.unsent, self._stalled)
+        self.peer = PeerWatch(self._peer_gone)
         self.refused = False  # over max_connections: never served
         self.owner = node.new_owner()
         self.authed = not node.settings.tokens
@@ -98,6 +99,7 @@ class Session(asyncio.Protocol):
         if self.refused:
             return
         self.stall.stop()
+        self.peer.stop()
         self.backlog.clear()  # what the client sent and will never read: free it now
         self.backlog_bytes = 0
         self.splitter.drop()
@@ -300,9 +302,17 @@ class Session(asyncio.Protocol):
         if want_pause and not self.read_paused:
             self.transport.pause_reading()
             self.read_paused = True
+            self.peer.start(self.transport)
         elif not want_pause and self.read_paused:
             self.transport.resume_reading()
             self.read_paused = False
+            self.peer.stop()
+
+    def _peer_gone(self) -> None:
+        """The client left while reading was paused: drop what it left behind now."""
+        if self.transport is not None and not self.closing:
+            self.closing = True
+            self.transport.abort()
 
     def close(self) -> None:
         if self.closing:

@@ -579,9 +579,11 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     limits = app[SETTINGS].limits
     # a handler whose client left is cancelled (SSE streams and waiting pulls end at once);
     # a connection with no complete request head after header_timeout is closed (aiohttp's
-    # keep-alive timer runs from the connection's start and after each response)
+    # keep-alive timer runs from the connection's start and after each response); after an
+    # answer that left a body unread (413, 408), the rest is drained for body_timeout at most
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           keepalive_timeout=limits.http_header_timeout)
+                           keepalive_timeout=limits.http_header_timeout,
+                           lingering_time=limits.http_body_timeout)
     await runner.setup()
     site = LimitedSite(runner, host, port, limits.http_max_connections, app[SETTINGS].on_drop)
     await site.start()

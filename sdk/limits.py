@@ -1,16 +1,19 @@
 """The limits a server's connections live within, shared by nodes and gateways (docs/limits.md).
 
 ``Limits`` is a settings group, documented field by field and built from CLI
-flags that are also ``SHARDQ_…`` environment variables. ``Stall`` is the one
-piece of bookkeeping both TCP servers share: it watches a connection that has
-stopped for its output budget and closes it when its client reads nothing.
+flags that are also ``SHARDQ_…`` environment variables. What both TCP servers
+share beyond it: ``Stall`` watches a connection that has stopped for its output
+budget and closes it when its client reads nothing; ``PeerWatch`` notices that
+a client whose reading is paused has gone (a paused socket is not read, so its
+end would go unseen, and what it left behind would be kept).
 
-Must not: read the environment, or do I/O beyond the timer it arms.
+Must not: read the environment, or touch a socket beyond polling it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,3 +109,51 @@ class Stall:
             self.cut()
             return
         self.start()
+
+
+#: How often a connection whose reading is paused is checked for its client having left.
+PEER_CHECK_SECONDS = 1.0
+_GONE = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
+
+
+def peer_gone(transport: asyncio.BaseTransport) -> bool:
+    """Has the client closed (or reset) this connection? Answered without reading from it:
+    the data it sent before closing may still wait unread."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), _GONE)
+    return bool(poller.poll(0))
+
+
+class PeerWatch:
+    """While a connection's reading is paused, look every ``PEER_CHECK_SECONDS`` whether its
+    client left; ``gone`` is called once if it did."""
+
+    __slots__ = ("gone", "handle", "transport")
+
+    def __init__(self, gone: Callable[[], None]) -> None:
+        self.gone = gone
+        self.transport: asyncio.BaseTransport | None = None
+        self.handle: asyncio.TimerHandle | None = None
+
+    def start(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if self.handle is None:
+            self.handle = asyncio.get_running_loop().call_later(PEER_CHECK_SECONDS, self._look)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _look(self) -> None:
+        self.handle = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if peer_gone(transport):
+            self.gone()
+            return
+        self.start(transport)
