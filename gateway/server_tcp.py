@@ -303,6 +303,7 @@ class ClientSession(asyncio.Protocol):
         log.warning("disconnecting client %s: %s",
                     self.transport.get_extra_info("peername"), why)
         self.router.metrics.dropped(reason)
+        self.closed = True  # nothing more is written or counted (connection_lost cleans up)
         self.transport.abort()
 
     # -- what commands.py and calls.py use ------------------------------------------------------
@@ -488,6 +489,7 @@ class ClientSession(asyncio.Protocol):
     def _peer_gone(self) -> None:
         """The client left while reading was paused: drop what it left behind now."""
         if not self.closed and self.transport is not None:
+            self.closed = True
             self.transport.abort()
 
     def close(self) -> None:

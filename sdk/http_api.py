@@ -162,7 +162,7 @@ def json_body(raw: bytes, max_depth: int, request_object: bool) -> Any:
     except orjson.JSONDecodeError as exc:
         raise Refused(f"Invalid: body is not valid JSON ({exc.msg} at byte {exc.pos})") from None
     depth = max_depth + request_object
-    if len(raw) > 2 * depth and not nesting_within(obj, depth):
+    if len(raw) > 2 * depth and not nesting_within(obj, depth, raw):
         raise Refused(too_deep(max_depth).text)
     return obj
 

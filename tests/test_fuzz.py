@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from shardq import protocol as P
 from shardq.errors import InvalidRequest
 from shardq.node.engine import Engine
+from shardq.node.jobs import client_json
 from shardq.node.runtime import Node
 from shardq.node.settings import NodeSettings
 from shardq.slots import SLOTS, slot_of
@@ -330,7 +331,15 @@ def nested(draw: st.DrawFn, max_depth: int = 300) -> Nested:
 @given(value=nested(), limit=st.integers(1, 200))
 def test_nesting_check_agrees_with_a_recursive_depth(value: Nested, limit: int) -> None:
     assert value.depth == depth_of(value.value)
-    assert P.nesting_within(value.value, limit) == (value.depth <= limit)
+    within = value.depth <= limit
+    assert P.nesting_within(value.value, limit) == within
+    assert P.nesting_within(value.value, limit, value.text) == within
+    try:  # the node's path: the JSON it keeps, or the refusal
+        kept = client_json(value.value, limit)
+    except InvalidRequest as exc:
+        assert not within and str(exc) == f"Invalid: nesting deeper than {limit}"
+    else:
+        assert within and kept == orjson.dumps(value.value)
 
 
 #: Where a node keeps a client's JSON: the fields a deep value is put in.
