@@ -25,7 +25,7 @@ from shardq.errors import (
 )
 from shardq.job import EVENTS
 
-from .jobs import Job, client_json
+from .jobs import Job, client_encoder
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -69,7 +69,8 @@ class Commands:
         self.engine = node.engine
         self.max_payload = node.settings.storage.max_payload
         limits = node.settings.limits
-        self.max_depth = limits.max_depth
+        #: The JSON the node keeps of a client's value; refused if it nests too deep.
+        self.raw = client_encoder(limits.max_depth)
         #: PULLB and DLQ answers stop adding jobs once their payloads pass this.
         self.max_answer = limits.max_output
         self.tokens = tuple(t.encode() for t in node.settings.tokens)
@@ -110,12 +111,8 @@ class Commands:
 
     # -- jobs in ----------------------------------------------------------------------------
 
-    def raw(self, value: Any) -> bytes:
-        """The JSON the node keeps of a client's value; refused if it nests too deep."""
-        return client_json(value, self.max_depth)
-
     def payload(self, data: Any) -> bytes:
-        blob = client_json(data, self.max_depth)
+        blob = self.raw(data)
         if len(blob) > self.max_payload:
             raise PayloadTooLarge(len(blob), self.max_payload)
         return blob
@@ -125,7 +122,7 @@ class Commands:
         if type(queue) is not str or not 0 < len(queue) <= P.MAX_QUEUE_NAME:
             queue = P.check_queue(req)
         spec = P.job_spec(req)
-        data = client_json(spec.data, self.max_depth)
+        data = self.raw(spec.data)
         if len(data) > self.max_payload:
             raise PayloadTooLarge(len(data), self.max_payload)
         job = self.node.push(queue, [spec], [data])[0]
@@ -136,8 +133,13 @@ class Commands:
     def pushb(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
         specs = P.check_jobs(req)
-        payload = self.payload
-        jobs = self.node.push(queue, specs, [payload(s.data) for s in specs])
+        raw = self.raw
+        payloads = [raw(s.data) for s in specs]
+        limit = self.max_payload
+        for blob in payloads:
+            if len(blob) > limit:
+                raise PayloadTooLarge(len(blob), limit)
+        jobs = self.node.push(queue, specs, payloads)
         return {"ok": True, "ids": [j.id for j in jobs]}
 
     # -- jobs out -----------------------------------------------------------------------------

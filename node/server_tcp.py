@@ -58,6 +58,8 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.splitter = LineSplitter(node.settings.max_line)
         self.limits = limits = node.settings.limits
+        self.max_output = limits.max_output
+        self.max_output_hard = limits.max_output_hard
         self.backlog: deque[bytes] = deque()
         self.backlog_bytes = 0
         self.waiter: Waiter | None = None
@@ -146,7 +148,9 @@ class Session(asyncio.Protocol):
         rest waits in ``backlog``."""
         node = self.node
         execute = node.execute
-        room = self.room()
+        transport = self.transport
+        assert transport is not None
+        room = self.max_output - self.held_bytes - transport.get_write_buffer_size()
         size = 0
         out = []
         for n, line in enumerate(lines, 1):
@@ -195,7 +199,7 @@ class Session(asyncio.Protocol):
         return self.transport.get_write_buffer_size() + self.held_bytes
 
     def room(self) -> int:
-        return self.limits.max_output - self.unsent() if self.transport is not None else 0
+        return self.max_output - self.unsent() if self.transport is not None else 0
 
     def _stop(self) -> None:
         """The answers passed ``max_output``: run no more lines until the client reads."""
@@ -213,7 +217,7 @@ class Session(asyncio.Protocol):
 
     def _over_hard_limit(self) -> bool:
         unsent = self.unsent()
-        if unsent <= self.limits.max_output_hard:
+        if unsent <= self.max_output_hard:
             return False
         self._cut("output_limit", f"{unsent} bytes of answers unread "
                   f"(max_output_hard {self.limits.max_output_hard})")
@@ -238,12 +242,14 @@ class Session(asyncio.Protocol):
     def send(self, lines: list[bytes], tag: int, size: int = -1) -> None:
         if self.closing or self.transport is None:
             return
+        transport = self.transport
         if not self.held and tag <= self.node.log.durable:
-            self.transport.write(lines[0] if len(lines) == 1 else b"".join(lines))
+            transport.write(lines[0] if len(lines) == 1 else b"".join(lines))
         else:
             self.held.append((tag, lines))
             self.held_bytes += size if size >= 0 else sum(map(len, lines))
-        self._over_hard_limit()
+        if transport.get_write_buffer_size() + self.held_bytes > self.max_output_hard:
+            self._over_hard_limit()
 
     def release(self, durable: int) -> None:
         held = self.held
