@@ -112,12 +112,13 @@ async def settles(read: Callable[[], Awaitable[float]], polls: int = 5) -> float
 
 
 class Silent:
-    """A client that sends and then reads nothing (a small receive buffer, no reader task):
-    an asyncio stream would read ahead into its own buffer."""
+    """A client that sends and then reads nothing (a plain socket: an asyncio stream would read
+    ahead into its own buffer). Its receive buffer is small, but not under loopback's segment
+    size (64 KiB): a window smaller than one segment stalls the connection in TCP itself."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         self.sock.connect(("127.0.0.1", port))
         self.sock.setblocking(False)
         self.buffer = b""
@@ -549,7 +550,7 @@ async def test_an_answer_past_the_hard_limit_disconnects_at_once(
     node = await make_node(small_node(max_output=512 * 1024, max_output_hard=MiB))
     other = await RawClient.connect(node.tcp_port)
     big = await other.call({"cmd": "PUSH", "queue": "q", "data": "x" * (7 * MiB)})
-    client = Silent(node.tcp_port)  # the kernel holds at most ~4 MiB of the 7 MiB answer
+    client = Silent(node.tcp_port)  # the kernels hold at most ~4.2 MiB of the 7 MiB answer
     await client.send(b'{"cmd":"GETJOB","id":%d}\n' % big["id"])
     await until(lambda: node.drops.get("output_limit") == 1, what="the hard limit")
     await until(lambda: len(node.sessions) == 1, what="only the other client left")

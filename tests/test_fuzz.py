@@ -523,8 +523,9 @@ def budgeted() -> Iterator[tuple[NodeThread, LineClient]]:
 
     settings = NodeSettings(port=0, http_port=0, limits=Limits(max_output=BUDGET))
     with NodeThread(settings) as node:
-        # the kernel holds little: the node's budget, not socket buffers, takes what is unread
-        client = LineClient(node.port, rcvbuf=4096)
+        # the kernel holds little (not under loopback's 64 KiB segment: TCP would stall): the
+        # node's budget, not socket buffers, takes what is unread
+        client = LineClient(node.port, rcvbuf=65536)
         try:
             yield node, client
         finally:
