@@ -101,6 +101,8 @@ STATUS: list[tuple[type[E.ShardqError], int]] = [
     (E.InternalError, 500),
 ]
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
+#: After an answer that left a body unread, the rest is read and dropped this long at most.
+LINGER_SECONDS = 10.0
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -580,10 +582,11 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     # a handler whose client left is cancelled (SSE streams and waiting pulls end at once);
     # a connection with no complete request head after header_timeout is closed (aiohttp's
     # keep-alive timer runs from the connection's start and after each response); after an
-    # answer that left a body unread (413, 408), the rest is drained for body_timeout at most
+    # answer that left a body unread (413, 408), the rest is drained for at most 10 s
+    # (aiohttp's default), or body_timeout if shorter
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                            keepalive_timeout=limits.http_header_timeout,
-                           lingering_time=limits.http_body_timeout)
+                           lingering_time=min(LINGER_SECONDS, limits.http_body_timeout))
     await runner.setup()
     site = LimitedSite(runner, host, port, limits.http_max_connections, app[SETTINGS].on_drop)
     await site.start()
