@@ -1,11 +1,14 @@
 """Property tests of the wire protocol: parsing, validation, and a live node under fuzz.
 
 (a) ``parse_line`` and the request validators raise nothing but
-``InvalidRequest``, whatever bytes or JSON objects they are given.
+``InvalidRequest``, whatever bytes or JSON objects they are given; the nesting
+check agrees with a plain recursive depth for any value and limit.
 (b) A real node, over one socket, answers every fuzzed line with exactly one
 line, refuses malformed input with ``Invalid: …`` (or a documented text),
 never closes the connection on a line under the maximum, never hangs, and
-still answers afterwards.
+still answers afterwards; values of any depth (to past what the parser takes)
+are kept or refused with ``Invalid: nesting deeper than 128``; pipelines of
+large answers past a small output budget all come back, in order, once read.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from shardq.errors import InvalidRequest
 from shardq.wire import protocol as P
 from shardq.wire.slots import SLOTS, slot_of
 from shardq_node.engine import Engine
+from shardq_node.jobs import client_json
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings
 
@@ -274,6 +278,80 @@ def test_engine_refuses_any_bad_cron_schedule_with_invalid_request(schedule: str
         assert "fuzz" not in engine.crons.entries
 
 
+def depth_of(value: Any) -> int:
+    """Levels of arrays and objects, the plain recursive way (``[]`` is 1)."""
+    if type(value) is list:
+        return 1 + max(map(depth_of, value), default=0)
+    if type(value) is dict:
+        return 1 + max(map(depth_of, value.values()), default=0)
+    return 0
+
+
+class Nested:
+    """A value nested along one path, built from the inside out: the value (when it is not
+    deeper than Python's recursion lets a checker go), its JSON text, and its depth."""
+
+    def __init__(self, leaf: Any) -> None:
+        self.value: Any = leaf
+        self.text = orjson.dumps(leaf)
+        self.depth = depth_of(leaf)
+
+    def wrap(self, siblings: list[Any], in_array: bool, at: int) -> None:
+        texts = [orjson.dumps(v) for v in siblings]
+        self.depth = 1 + max([self.depth, *map(depth_of, siblings)])
+        if in_array:
+            at = min(at, len(siblings))
+            self.value = [*siblings[:at], self.value, *siblings[at:]]
+            self.text = b"[" + b",".join([*texts[:at], self.text, *texts[at:]]) + b"]"
+        else:
+            self.value = {**{f"s{i}": v for i, v in enumerate(siblings)}, "k": self.value}
+            keys = [b'"s%d":' % i + t for i, t in enumerate(texts)]
+            self.text = b"{" + b",".join([*keys, b'"k":' + self.text]) + b"}"
+
+
+@st.composite
+def nested(draw: st.DrawFn, max_depth: int = 300) -> Nested:
+    """Up to ``max_depth`` levels, arrays or objects, small siblings at a few levels, and now
+    and then a level wide enough that the check lets the encoder count."""
+    out = Nested(draw(json_values))
+    depth = draw(st.integers(0, max_depth))
+    kinds = draw(st.binary(min_size=depth, max_size=depth))
+    extras = draw(st.dictionaries(st.integers(0, max(0, depth - 1)),
+                                  st.lists(json_values, min_size=1, max_size=2), max_size=4))
+    wide = draw(st.none() | st.tuples(st.integers(0, max(0, depth - 1)), st.integers(100, 400)))
+    for level in range(depth):
+        siblings = list(extras.get(level, []))
+        if wide is not None and wide[0] == level:
+            siblings += [{"w": [1]}] * wide[1]
+        out.wrap(siblings, bool(kinds[level] & 1), kinds[level] >> 1)
+    return out
+
+
+@FUZZ
+@given(value=nested(), limit=st.integers(1, 200))
+def test_nesting_check_agrees_with_a_recursive_depth(value: Nested, limit: int) -> None:
+    assert value.depth == depth_of(value.value)
+    within = value.depth <= limit
+    assert P.nesting_within(value.value, limit) == within
+    assert P.nesting_within(value.value, limit, value.text) == within
+    try:  # the node's path: the JSON it keeps, or the refusal
+        kept = client_json(value.value, limit)
+    except InvalidRequest as exc:
+        assert not within and str(exc) == f"Invalid: nesting deeper than {limit}"
+    else:
+        assert within and kept == orjson.dumps(value.value)
+
+
+#: Where a node keeps a client's JSON: the fields a deep value is put in.
+KEPT = {
+    "PUSH": b'{"cmd":"PUSH","queue":"fuzz","data":@}',
+    "PUSHB": b'{"cmd":"PUSHB","queue":"fuzz","jobs":[{"data":1},{"data":@}]}',
+    "CRON": b'{"cmd":"CRON","name":"deep","queue":"fuzz","schedule":"*/60","data":@}',
+    "ACK": b'{"cmd":"ACK","id":1025,"result":@}',
+    "ACKB": b'{"cmd":"ACKB","ids":[1025],"results":[@]}',
+}
+
+
 # -- (b) a live node ------------------------------------------------------------------------------
 
 
@@ -316,8 +394,12 @@ class NodeThread:
 class LineClient:
     """One blocking socket; every read is bounded by a timeout, so a hang fails the test."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+    def __init__(self, port: int, rcvbuf: int = 0) -> None:
+        self.sock = socket.socket()
+        if rcvbuf:  # before connecting: a window shrunk later can stall a loopback connection
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5.0)
+        self.sock.connect(("127.0.0.1", port))
         self.reader = self.sock.makefile("rb")
         self.sent = 0
 
@@ -407,3 +489,81 @@ def test_node_answers_every_fuzzed_json_object_exactly_once(
     assert node.errors == []
     stats = client.answers(b'{"cmd":"STATS"}')[0]
     assert stats["ok"] is True and {"queued", "processing", "delayed", "dlq"} <= stats.keys()
+
+
+def test_node_keeps_or_refuses_values_of_any_depth(live: tuple[NodeThread, LineClient]) -> None:
+    node, client = live
+
+    @settings(FUZZ, max_examples=120)
+    @given(value=nested(max_depth=1100), where=st.sampled_from(sorted(KEPT)))
+    def one_value(value: Nested, where: str) -> None:
+        answer, _ = client.answers(KEPT[where].replace(b"@", value.text))
+        depth = value.depth
+        if depth > 1020:  # with the request around it, past what orjson decodes (1024)
+            assert answer["ok"] is False and answer["error"].startswith("Invalid: "), answer
+        elif depth > P.MAX_DEPTH:
+            assert answer == {"ok": False, "error": "Invalid: nesting deeper than 128"}, (
+                where, depth, answer)
+        else:
+            check_refusal(answer, (where, depth))
+            assert "nesting" not in answer.get("error", ""), (where, depth, answer)
+
+    one_value()
+    assert node.errors == []
+
+
+#: The output budget of ``budgeted``: most answers of the pipelines pass it.
+BUDGET = 16 * 1024
+
+
+@pytest.fixture
+def budgeted() -> Iterator[tuple[NodeThread, LineClient]]:
+    """A node whose connections have a small output budget."""
+    from shardq_server.limits import Limits
+
+    settings = NodeSettings(port=0, http_port=0, limits=Limits(max_output=BUDGET))
+    with NodeThread(settings) as node:
+        # the kernel holds little (not under loopback's 64 KiB segment: TCP would stall): the
+        # node's budget, not socket buffers, takes what is unread
+        client = LineClient(node.port, rcvbuf=65536)
+        try:
+            yield node, client
+        finally:
+            client.close()
+        assert node.errors == [], node.errors
+
+
+def test_node_answers_pipelines_of_large_answers_past_its_budget_in_order(
+    budgeted: tuple[NodeThread, LineClient],
+) -> None:
+    _node, client = budgeted
+    seq = [0]
+
+    @FUZZ
+    @given(sizes=st.lists(st.integers(0, 48 * 1024), min_size=1, max_size=6),
+           reads=st.lists(st.tuples(st.sampled_from(["GETJOB", "PULLB", "DLQ", "GETRESULT"]),
+                                    st.integers(0, 5)), min_size=1, max_size=40))
+    def pipeline(sizes: list[int], reads: list[tuple[str, int]]) -> None:
+        seq[0] += 1
+        queue = f"big{seq[0]}"
+        pushes = [orjson.dumps({"cmd": "PUSH", "queue": queue, "data": "x" * n}) for n in sizes]
+        client.sock.sendall(b"\n".join(pushes) + b"\n")
+        ids = [client.read()["id"] for _ in sizes]
+        lines = []
+        for n, (cmd, pick) in enumerate(reads):
+            req: dict[str, Any] = {"cmd": cmd, "reqId": n}
+            if cmd in ("GETJOB", "GETRESULT"):
+                req["id"] = ids[pick % len(ids)]
+            else:
+                req.update(queue=queue, count=pick + 1, timeout=0)
+            lines.append(orjson.dumps(req))
+        client.sock.sendall(b"\n".join(lines) + b"\n")  # all sent before any is read
+        for n, (cmd, _) in enumerate(reads):
+            raw = client.reader.readline()
+            answer = orjson.loads(raw)
+            assert answer.get("reqId") == n and answer["ok"] is True, (cmd, answer)
+            if cmd == "PULLB":  # stops adding jobs past the budget (at least one)
+                assert len(raw) <= BUDGET + max(sizes) + 4096, (len(raw), sizes)
+
+    pipeline()
+    assert client.answers(b'{"cmd":"STATS"}')[0]["ok"] is True

@@ -81,7 +81,10 @@ def _pull(s: ClientSession, req: P.Request, line: bytes, rid: Rid, queue: str) -
     if timeout == 0:
         s.forward(line, slot, rid, TRACK)
     elif timeout is None:
-        chunked = orjson.dumps({**req, "timeout": s.settings.pull_chunk_ms})
+        try:
+            chunked = orjson.dumps({**req, "timeout": s.settings.pull_chunk_ms})
+        except TypeError:  # a field nested deeper than the encoder goes (parsed JSON: no other)
+            raise P.too_deep(s.limits.max_depth) from None
         s.forward(chunked, slot, rid, BLOCKING | FOREVER | TRACK)
     else:
         s.forward(line, slot, rid, BLOCKING | TRACK)

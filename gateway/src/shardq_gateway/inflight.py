@@ -95,14 +95,16 @@ def moving(slot: int) -> str:
 class Pending:
     """One answer a client waits for, in its session's FIFO (``answer`` has no newline).
 
-    ``cmd`` and ``started`` are set by the session for the gateway's metrics."""
+    ``cmd`` and ``started`` are set by the session for the gateway's metrics, ``cost``
+    (the request line's bytes, held while it is in flight) for its output budget."""
 
-    __slots__ = ("answer", "cmd", "started")
+    __slots__ = ("answer", "cmd", "cost", "started")
 
     def __init__(self, answer: bytes | None = None) -> None:
         self.answer = answer
         self.cmd: str | None = None
         self.started = 0.0
+        self.cost = 0
 
 
 class Retry:

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from shardq.wire.protocol import COMMANDS
 from shardq_server.buckets import Buckets
+from shardq_server.limits import DROP_REASONS
 
 if TYPE_CHECKING:
     from .main import Gateway
@@ -38,6 +39,8 @@ class GatewayMetrics:
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.retries: dict[str, int] = {}
         self.refreshes = 0
+        #: client connections closed or refused for a limit, by reason (docs/limits.md)
+        self.drops: dict[str, int] = {}
 
     def request(self, cmd: str | None, ok: bool, started: float) -> None:
         name = cmd if cmd in _KNOWN else "other"
@@ -54,6 +57,9 @@ class GatewayMetrics:
 
     def retry(self, reason: str) -> None:
         self.retries[reason] = self.retries.get(reason, 0) + 1
+
+    def dropped(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
 class GatewayCollector(Collector):
@@ -94,6 +100,19 @@ class GatewayCollector(Collector):
                                 value=float(max(0, self.gateway.router.epoch)))
         yield GaugeMetricFamily("shardq_gateway_connections", "Open client connections",
                                 value=float(len(self.gateway.sessions)))
+        yield GaugeMetricFamily(
+            "shardq_gateway_connection_buffered_bytes", "Bytes held for client connections: "
+            "lines waiting, requests in flight, answers not yet sent",
+            value=float(sum(s.backlog_bytes + s.unsent() for s in self.gateway.sessions)))
+        dropped = CounterMetricFamily(
+            "shardq_gateway_connections_dropped", "Client connections closed or refused for a "
+            "limit, by reason (docs/limits.md)", labels=["reason"])
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], float(m.drops.get(reason, 0)))
+        yield dropped
+        yield CounterMetricFamily("shardq_gateway_internal_errors",
+                                  "Requests answered Internal: an unexpected exception (a bug)",
+                                  value=float(self.gateway.router.causes.count))
 
 
 def registry_for(gateway: Gateway) -> CollectorRegistry:

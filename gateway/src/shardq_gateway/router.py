@@ -27,6 +27,7 @@ from collections.abc import Callable
 from shardq.errors import ShardqError, Unavailable
 from shardq.wire.slots import SLOTS, slot_of
 from shardq.wire.topology import NodeInfo, Topology
+from shardq_server.running import Causes
 
 from .metrics import GatewayMetrics
 from .settings import GatewaySettings
@@ -61,6 +62,8 @@ class Router:
         self._poller: asyncio.Task[None] | None = None
         self.closing = False
         self.metrics = GatewayMetrics()
+        #: unexpected exceptions: one ``Internal: …`` answer each, each cause logged once
+        self.causes = Causes(log, "the gateway")
 
     @property
     def epoch(self) -> int:
@@ -90,6 +93,7 @@ class Router:
             link = self.links[address] = NodeLink(name, address, self.settings, self.flusher)
             link.on_down = self._node_down
             link.on_error = self.metrics.upstream_error
+            link.causes = self.causes
         link.name = name
         return link
 

@@ -174,6 +174,8 @@ async def start(gateway: Gateway) -> tuple[web.AppRunner, int, GatewayBackend]:
     extra: list[web.AbstractRouteDef] = [web.get("/", dashboard), shards_route(backend)]
     if STATIC.is_dir():
         extra.append(web.static("/static", STATIC))
-    settings = HttpSettings(tokens=s.tokens, max_body=s.max_line + 64 * 1024, extra=extra)
+    settings = HttpSettings(tokens=s.tokens, max_body=s.max_line + 64 * 1024, extra=extra,
+                            limits=s.limits, server="the gateway",
+                            on_drop=gateway.router.metrics.dropped)
     runner, port = await start_http(make_app(backend, settings), s.host, s.http_port)
     return runner, port, backend

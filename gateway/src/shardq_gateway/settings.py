@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardq.wire.protocol import DEFAULT_MAX_LINE
+from shardq_server.limits import Limits
 
 
 @dataclass
@@ -49,6 +50,8 @@ class GatewaySettings:
     max_line: int = DEFAULT_MAX_LINE
     #: Requests of one client in flight at once; past this, reading from it pauses.
     max_inflight: int = 20_000
+    #: Output budgets, backlogs, connection caps, HTTP timeouts, nesting (docs/limits.md).
+    limits: Limits = field(default_factory=Limits)
 
     def node_token(self) -> str | None:
         """The token sent to nodes: ``cluster_token``, else the first client token."""

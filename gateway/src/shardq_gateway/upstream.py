@@ -35,6 +35,7 @@ import orjson
 from shardq.connection import parse_address
 from shardq.errors import Unavailable
 from shardq.wire.protocol import error_answer
+from shardq_server.running import Causes
 
 from .settings import GatewaySettings
 
@@ -228,23 +229,33 @@ class Upstream(asyncio.Protocol):
             self.parts.append(last)
         waiting = self.waiting
         on_event = self.on_event
-        try:
-            if on_event is None:
-                self.written -= len(lines)
-                for line in lines:
-                    waiting.popleft().done(line)
+        for line in lines:
+            if on_event is not None and line.startswith(EVENT_PREFIX):
+                call: Any = None
+            elif waiting:
+                call = waiting.popleft()
+                self.written -= 1
             else:
-                for line in lines:
-                    if line.startswith(EVENT_PREFIX):
-                        on_event(line)
-                    else:
-                        self.written -= 1
-                        waiting.popleft().done(line)
-        except IndexError:
-            if waiting:
-                raise  # not ours: a bug in a call's callback
-            log.error("node %s sent an answer nobody asked for; closing", self.link.name)
-            self.close()
+                log.error("node %s sent an answer nobody asked for; closing", self.link.name)
+                self.close()
+                return
+            try:
+                if call is None:
+                    on_event(line)  # type: ignore[misc] # checked above
+                else:
+                    call.done(line)
+            except Exception as exc:  # a bug in one call's callback: the others go on
+                self._callback_failed(call, exc)
+
+    def _callback_failed(self, call: Call | None, exc: Exception) -> None:
+        """One answer's callback raised: its request gets ``Internal: …``, the connection
+        (shared by many clients) lives on."""
+        error = self.link.causes.error("an answer from node " + self.link.name, exc)
+        if call is not None:
+            try:
+                call.unavailable(error.text)
+            except Exception:  # the call is broken twice: nothing more to do for it
+                log.exception("answering a failed call failed too")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED:
@@ -301,6 +312,7 @@ class NodeLink:
         #: Called when a connection attempt fails (the router then re-reads the topology).
         self.on_down: Callable[[NodeLink], None] | None = None
         self.closed = False
+        self.causes = Causes(log, "the gateway")  # the router's, once it adopts this link
 
     def send(self, call: Call, index: int) -> None:
         """Send on the shared connection number ``index`` (modulo their count)."""

@@ -25,7 +25,7 @@ from shardq.errors import (
 from shardq.wire import protocol as P
 from shardq.wire.job import EVENTS
 
-from .jobs import Job, kept_json
+from .jobs import Job, client_encoder
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -57,9 +57,6 @@ class Caller(Protocol):
     cluster: bool
 
 
-raw = kept_json
-
-
 def wire_result(result: bytes | None) -> Any:
     return None if result is None else Fragment(result)
 
@@ -71,11 +68,16 @@ class Commands:
         self.node = node
         self.engine = node.engine
         self.max_payload = max_payload = node.settings.storage.max_payload
-        limits = node.settings.request_limits
-        self.max_result = limits.max_result or max_payload
-        self.max_message = limits.max_message or max_payload
-        self.max_cron_payload = min(limits.max_cron_payload, max_payload)
-        self.max_list_queues = limits.max_list_queues
+        request_limits = node.settings.request_limits
+        self.max_result = request_limits.max_result or max_payload
+        self.max_message = request_limits.max_message or max_payload
+        self.max_cron_payload = min(request_limits.max_cron_payload, max_payload)
+        self.max_list_queues = request_limits.max_list_queues
+        limits = node.settings.limits
+        #: The JSON the node keeps of a client's value; refused if it nests too deep.
+        self.raw = client_encoder(limits.max_depth)
+        #: PULLB and DLQ answers stop adding jobs once their payloads pass this.
+        self.max_answer = limits.max_output
         self.tokens = tuple(t.encode() for t in node.settings.tokens)
         self.table: dict[str, Handler] = {
             name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
@@ -114,7 +116,7 @@ class Commands:
     # -- jobs in ----------------------------------------------------------------------------
 
     def payload(self, data: Any) -> bytes:
-        blob = raw(data)
+        blob = self.raw(data)
         if len(blob) > self.max_payload:
             raise PayloadTooLarge(len(blob), self.max_payload)
         return blob
@@ -123,7 +125,7 @@ class Commands:
         """An ACK's ``result`` as the raw JSON kept for GETRESULT, within ``max_result``."""
         if value is None:
             return None
-        blob = raw(value)
+        blob = self.raw(value)
         if len(blob) > self.max_result:
             raise PayloadTooLarge(len(blob), self.max_result, "Result")
         return blob
@@ -143,7 +145,7 @@ class Commands:
         if type(queue) is not str or not 0 < len(queue) <= P.MAX_QUEUE_NAME:
             queue = P.check_queue(req)
         spec = P.job_spec(req)
-        data = kept_json(spec.data)
+        data = self.raw(spec.data)
         if len(data) > self.max_payload:
             raise PayloadTooLarge(len(data), self.max_payload)
         job = self.node.push(queue, [spec], [data])[0]
@@ -154,8 +156,13 @@ class Commands:
     def pushb(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
         specs = P.check_jobs(req)
-        payload = self.payload
-        jobs = self.node.push(queue, specs, [payload(s.data) for s in specs])
+        raw = self.raw
+        payloads = [raw(s.data) for s in specs]
+        limit = self.max_payload
+        for blob in payloads:
+            if len(blob) > limit:
+                raise PayloadTooLarge(len(blob), limit)
+        jobs = self.node.push(queue, specs, payloads)
         return {"ok": True, "ids": [j.id for j in jobs]}
 
     # -- jobs out -----------------------------------------------------------------------------
@@ -174,7 +181,7 @@ class Commands:
         queue = P.check_queue(req)
         count = P.check_count(req, required=True)
         timeout = _timeout(req)
-        jobs = self.engine.pull(queue, caller.owner, count)
+        jobs = self.engine.pull(queue, caller.owner, count, self.max_answer)
         if jobs:
             return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
         if timeout == 0:
@@ -257,7 +264,8 @@ class Commands:
     def dlq(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
         count = P.check_count(req, required=False, default=100)
-        return {"ok": True, "jobs": [self.node.job_wire(j) for j in self.engine.dlq(queue, count)]}
+        jobs = self.engine.dlq(queue, count, self.max_answer)
+        return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
 
     def retrydlq(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
@@ -309,7 +317,7 @@ class Commands:
     def cron(self, req: P.Request, caller: Caller) -> Answer:
         name = P.check_str(req, "name")
         queue = P.check_queue(req)
-        data = raw(P.check_data(req))
+        data = self.raw(P.check_data(req))
         if len(data) > self.max_cron_payload:
             raise PayloadTooLarge(len(data), self.max_cron_payload)
         schedule = P.check_str(req, "schedule", 256)

@@ -54,6 +54,7 @@ from .jobs import (
     Lease,
     QueueState,
     TokenBucket,
+    payload_size,
     ready_key,
 )
 from .timers import Timers
@@ -324,8 +325,9 @@ class Engine:
 
     # -- pull -------------------------------------------------------------------------------
 
-    def pull(self, queue: str, owner: int, count: int = 1) -> list[Job]:
-        """Lease up to ``count`` ready jobs to ``owner``; [] if none may start now."""
+    def pull(self, queue: str, owner: int, count: int = 1, max_bytes: int = 0) -> list[Job]:
+        """Lease up to ``count`` ready jobs to ``owner``; [] if none may start now. With
+        ``max_bytes``, no more jobs once their payloads pass it (at least one job)."""
         q = self.queues.get(queue)
         if q is None or not q.n_waiting or q.paused:
             return []
@@ -342,17 +344,27 @@ class Engine:
         heap = q.ready
         jobs = self.jobs
         picked: list[Job] = []
+        budget = max_bytes if n > 1 else 0
         while heap and len(picked) < n:
             key = heappop(heap)
             job = jobs.get(key & ID_MASK)
             if job is not None and job.state is WAITING and job.ready_key() == key:
                 job.state = ACTIVE  # taken: a duplicate entry of the same key must not match
                 picked.append(job)
+                if budget:
+                    budget -= payload_size(job)
+                    if budget <= 0:
+                        break
         if not picked:
             return []
         if q.rate is not None:
             q.rate.take(len(picked))
         self.log_apply((R.START, now, [j.id for j in picked]))
+        self._hold(owner, picked)
+        return picked
+
+    def _hold(self, owner: int, picked: list[Job]) -> None:
+        """Note who holds the attempts just started (not logged: leases of connections)."""
         active = self.active
         if owner > 0:  # a connection: what it holds goes back when it closes
             held = self.owned.get(owner)
@@ -364,7 +376,6 @@ class Engine:
         else:
             for job in picked:
                 active[job.id].owner = owner
-        return picked
 
     def _a_start(self, rec: R.Record) -> None:
         _, now, ids = rec
@@ -647,15 +658,22 @@ class Engine:
 
     # -- DLQ ----------------------------------------------------------------------------------
 
-    def dlq(self, queue: str, count: int = 100) -> list[Job]:
+    def dlq(self, queue: str, count: int = 100, max_bytes: int = 0) -> list[Job]:
+        """The oldest ``count`` dead jobs; with ``max_bytes``, no more once their payloads
+        pass it (at least one job)."""
         q = self.queues.get(queue)
         if q is None:
             return []
         out: list[Job] = []
+        budget = max_bytes
         for job in q.dlq.values():
             if len(out) >= count:
                 break
             out.append(job)
+            if budget:
+                budget -= payload_size(job)
+                if budget <= 0:
+                    break
         return out
 
     def retry_dlq(self, queue: str, job_id: int | None = None) -> int:

@@ -9,12 +9,21 @@ JSON bytes it arrived as (never re-parsed by the node) and sent back with
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from orjson import Fragment, dumps
 
+from shardq.errors import InvalidRequest
 from shardq.wire.job import State
-from shardq.wire.protocol import MAX_PRIORITY
+from shardq.wire.protocol import (
+    COUNT_BELOW,
+    MAX_DEPTH,
+    MAX_PRIORITY,
+    encode_within,
+    is_flat,
+    too_deep,
+)
 
 WAITING = State.WAITING
 DELAYED = State.DELAYED
@@ -51,6 +60,45 @@ def kept_json(value: Any) -> bytes:
     return bytes(memoryview(out)) if len(out) < 4000 else out
 
 
+def client_json(value: Any, max_depth: int = MAX_DEPTH) -> bytes:
+    """``kept_json`` of a value a client sent, refused (``Invalid: nesting deeper than N``)
+    if it nests deeper than ``max_depth``: nothing is stored that an answer cannot carry."""
+    return client_encoder(max_depth)(value)
+
+
+def client_encoder(max_depth: int) -> Callable[[Any], bytes]:
+    """``client_json`` for one ``max_depth``, its constants bound (the PUSH hot path).
+
+    Depth ``d`` takes at least ``2d`` bytes, so short values (most) cost one comparison;
+    longer ones, cheapest first (all loops in C): a text with no bracket after its first
+    (memchr), one under 8 KiB with few brackets, a large flat value; a nested one is
+    encoded again, inside the levels that make orjson count for us.
+    """
+    shallow = 2 * max_depth  # no value this short nests deeper (and it is under 4000)
+    refusal = too_deep(max_depth)
+
+    def encode(value: Any) -> bytes:
+        try:
+            out = dumps(value)
+        except TypeError:  # deeper than orjson encodes (parsed JSON has no other cause)
+            raise too_deep(max_depth) from None
+        size = len(out)
+        if size <= shallow:  # most payloads
+            return bytes(memoryview(out))
+        if (out.find(b"[", 1) < 0 and out.find(b"{", 1) < 0) or (
+                size < COUNT_BELOW and out.count(b"[") + out.count(b"{") <= max_depth):
+            return bytes(memoryview(out)) if size < 4000 else out
+        if size >= COUNT_BELOW and is_flat(value):
+            return out
+        del out  # two large outputs alive at once make orjson's allocations slow
+        checked = encode_within(value, max_depth)
+        if checked is None:
+            raise InvalidRequest(refusal.what)
+        return checked
+
+    return encode
+
+
 class BlobRef:
     """A payload kept in the blob store on disk instead of memory (see shardq_node.blobs)."""
 
@@ -58,6 +106,12 @@ class BlobRef:
 
     def __init__(self, size: int) -> None:
         self.size = size
+
+
+def payload_size(job: Job) -> int:
+    """Bytes of the job's payload, in memory or in the blob store."""
+    data = job.data
+    return len(data) if type(data) is bytes else data.size if type(data) is BlobRef else 0
 
 
 class JobOpts:

@@ -29,6 +29,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from shardq_server.buckets import Buckets
+from shardq_server.limits import DROP_REASONS
 
 from . import replication as RP
 
@@ -178,6 +179,17 @@ class NodeCollector(Collector):
                                 value=float(topo.epoch if topo else 0))
         yield GaugeMetricFamily("shardq_connections", "Open client connections",
                                 value=float(len(node.sessions)))
+        yield GaugeMetricFamily(
+            "shardq_connection_buffered_bytes", "Bytes held for client connections: lines "
+            "waiting behind a blocked command, answers not yet sent",
+            value=float(sum(s.backlog_bytes + s.unsent() for s in node.sessions
+                            if s.transport is not None)))
+        dropped = CounterMetricFamily(
+            "shardq_connections_dropped", "Connections closed or refused for a limit, by reason "
+            "(docs/limits.md)", labels=["reason"])
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], float(node.drops.get(reason, 0)))
+        yield dropped
         yield GaugeMetricFamily("shardq_jobs", "Live jobs on this node",
                                 value=float(len(node.engine.jobs)))
 

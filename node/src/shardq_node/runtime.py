@@ -23,10 +23,11 @@ import orjson
 from orjson import JSONDecodeError
 from orjson import loads as _loads
 
-from shardq.errors import InvalidRequest, QueueFull, ShardqError, StorageFailed
+from shardq.errors import InternalError, InvalidRequest, QueueFull, ShardqError, StorageFailed
 from shardq.wire import protocol as P
 from shardq.wire.protocol import JobSpec
 from shardq.wire.slots import SLOTS
+from shardq_server.running import Causes
 
 from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands, Encoded
@@ -126,6 +127,9 @@ class Node:
         #: requests answered, by command; refusals by (command, error class)
         self.requests: dict[str, int] = {}
         self.refusals: dict[tuple[str, str], int] = {}
+        #: connections closed or refused for a limit, by reason (docs/limits.md)
+        self.drops: dict[str, int] = {}
+        self.causes = Causes(log, f"node {settings.name}")
         self.count_requests = settings.metrics
         if settings.metrics:
             self.engine.observe_wait = self.measures.wait.observe
@@ -259,16 +263,30 @@ class Node:
             if not self.cluster.standalone:
                 self.cluster.check(str(cmd), req)
             answer = handler(req, caller)
+            if self.count_requests:
+                counts = self.requests
+                counts[cmd] = counts.get(cmd, 0) + 1  # type: ignore[index,arg-type] # cmd: str
+            if answer is PENDING:
+                caller.pending_rid = rid
+                return None
+            return _encode(answer, rid)
         except ShardqError as exc:
             self.refused(req.get("cmd"), exc)
             return P.error_answer(exc.text, rid)
-        if self.count_requests:
-            counts = self.requests
-            counts[cmd] = counts.get(cmd, 0) + 1  # type: ignore[index,arg-type] # cmd: str
-        if answer is PENDING:
-            caller.pending_rid = rid
-            return None
-        return _encode(answer, rid)
+        except Exception as exc:  # a bug: this line gets an answer, the connection lives on
+            error = self.internal(req.get("cmd"), exc)
+            return P.error_answer(error.text, rid)
+
+    def internal(self, cmd: object, exc: Exception) -> InternalError:
+        """An unexpected exception while running one request: its ``Internal: …`` answer."""
+        name = cmd if type(cmd) is str and cmd in self.handlers else "a request"
+        error = self.causes.error(name, exc)
+        self.refused(cmd, error)
+        return error
+
+    def dropped(self, reason: str) -> None:
+        """Count a connection closed or refused for a limit (``shardq_connections_dropped``)."""
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     def refused(self, cmd: object, exc: ShardqError) -> None:
         """Count a refusal by command and kind (``shardq_requests_refused_total``)."""
@@ -569,9 +587,10 @@ class Node:
     def _serve(self, queue: str) -> None:
         waiters = self.waiters[queue]
         engine = self.engine
+        max_bytes = self.settings.limits.max_output
         while waiters:
             waiter = waiters[0]
-            jobs = engine.pull(queue, waiter.caller.owner, waiter.count)
+            jobs = engine.pull(queue, waiter.caller.owner, waiter.count, max_bytes)
             if not jobs:
                 break
             waiters.popleft()

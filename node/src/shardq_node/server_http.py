@@ -77,6 +77,7 @@ async def start(node: Node) -> tuple[web.AppRunner, int]:
     settings = HttpSettings(
         tokens=s.tokens, max_body=s.storage.max_payload + 64 * 1024,
         memory_budget=s.storage.memory_budget, max_pull_wait_ms=s.http_max_pull_wait_ms,
+        limits=s.limits, server=f"node {s.name}", on_drop=node.dropped,
     )
     app = make_app(NodeBackend(node, s.max_queue_labels), settings)
     return await start_http(app, s.host, s.http_port)

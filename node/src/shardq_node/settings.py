@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardq.wire.protocol import DEFAULT_MAX_LINE
+from shardq_server.limits import Limits
 
 from .engine import EngineConfig
 
@@ -88,6 +89,8 @@ class NodeSettings:
     #: A replicated primary that has had fewer live members than a majority for this many
     #: seconds refuses writes (``Unavailable: shard S has no quorum``) instead of holding them.
     failure_timeout: float = 2.0
+    #: Output budgets, backlogs, connection caps, HTTP timeouts, nesting (docs/limits.md).
+    limits: Limits = field(default_factory=Limits)
     storage: StorageSettings = field(default_factory=StorageSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
     request_limits: RequestLimits = field(default_factory=RequestLimits)

@@ -14,6 +14,7 @@ from shardq.errors import (
     AuthenticationRequired,
     CronNotFound,
     DuplicateJob,
+    InternalError,
     InvalidRequest,
     InvalidToken,
     JobNotActive,
@@ -39,8 +40,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient", "AsyncQueue", "AsyncWorker", "AuthenticationRequired", "Client",
-    "CronNotFound", "DuplicateJob", "InvalidRequest", "InvalidToken", "Job", "JobContext",
-    "JobNotActive", "JobNotFound", "LeaseExpired", "LimitReached", "Moved", "PayloadTooLarge",
+    "CronNotFound", "DuplicateJob", "InternalError", "InvalidRequest", "InvalidToken", "Job",
+    "JobContext", "JobNotActive", "JobNotFound", "LeaseExpired", "LimitReached", "Moved",
+    "PayloadTooLarge",
     "Queue", "QueueFull", "RateLimited", "ShardqConnectionError", "ShardqError", "State",
     "StorageFailed", "TryAgain", "Unavailable", "Worker",
 ]

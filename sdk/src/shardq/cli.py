@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run one storage node")
     _server_flags(node)
+    _limit_flags(node)
     _flag(node, "--name", "node-0", help="node name in the topology")
     _flag(node, "--data-dir", None, help="directory for WAL, snapshots, blobs (none = memory)")
     _flag(node, "--fsync", "always", help="always | everysec | never",
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--no-metrics", dest="metrics", action="store_false",
                       help="no per-request metrics on the hot path (to measure their cost)")
     _storage_flags(node)
-    _limit_flags(node)
+    _request_limit_flags(node)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf) of ShardqCluster")
     _flag(op, "--kubeconfig", None, help="kubeconfig file (default: in-cluster service account)")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gw = sub.add_parser("gateway", help="run a gateway (routes by slot to the nodes)")
     _server_flags(gw)
+    _limit_flags(gw)
     _flag(gw, "--seed", "127.0.0.1:6800", help="node addresses host:port[,host:port…]")
     _flag(gw, "--cluster-token", None, help="token the gateway uses with the nodes")
 
@@ -167,7 +169,7 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
                    help="fsync every command on its own (benchmark baseline only)")
 
 
-def _limit_flags(p: argparse.ArgumentParser) -> None:
+def _request_limit_flags(p: argparse.ArgumentParser) -> None:
     """What client input may make a node hold (docs/limits.md)."""
     _flag(p, "--max-queues", 100_000, int, "queues a node holds; more are refused")
     _flag(p, "--queue-idle-ms", 60_000, int,
@@ -190,6 +192,48 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--log-level", "INFO", help="logging level")
 
 
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``shardq_server.limits.Limits`` (docs/limits.md), one per field."""
+    from shardq_server.limits import Limits
+
+    d = Limits()
+    _flag(p, "--max-output", d.max_output, int,
+          "unsent answer bytes of a connection past which it stops running lines and reading")
+    _flag(p, "--max-output-hard", d.max_output_hard, int,
+          "unsent answer bytes past which a connection is closed")
+    _flag(p, "--output-timeout", d.output_timeout, float,
+          "seconds a connection over --max-output may read nothing before it is closed (0 = never)")
+    _flag(p, "--max-backlog-bytes", d.max_backlog_bytes, int,
+          "bytes of lines waiting behind a blocked command before reading pauses")
+    _flag(p, "--max-backlog-lines", d.max_backlog_lines, int,
+          "lines waiting behind a blocked command before reading pauses")
+    _flag(p, "--max-connections", d.max_connections, int, "open TCP connections")
+    _flag(p, "--http-max-connections", d.http_max_connections, int, "open HTTP connections")
+    _flag(p, "--http-header-timeout", d.http_header_timeout, float,
+          "seconds to receive a request's head (also the idle keep-alive time)")
+    _flag(p, "--http-body-timeout", d.http_body_timeout, float,
+          "seconds to receive a request's body once its head came")
+    _flag(p, "--max-depth", d.max_depth, int,
+          "levels of arrays/objects a kept value (data, result) may nest (1-200)")
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from shardq_server.limits import Limits
+
+    try:
+        return Limits(
+            max_output=args.max_output, max_output_hard=args.max_output_hard,
+            output_timeout=args.output_timeout, max_backlog_bytes=args.max_backlog_bytes,
+            max_backlog_lines=args.max_backlog_lines, max_connections=args.max_connections,
+            http_max_connections=args.http_max_connections,
+            http_header_timeout=args.http_header_timeout,
+            http_body_timeout=args.http_body_timeout, max_depth=args.max_depth,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _client_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--address", "127.0.0.1:6789", help="gateway or node address host:port")
     _flag(p, "--token", None, help="client token")
@@ -210,6 +254,7 @@ def _node_settings(args: argparse.Namespace) -> Any:
         max_queue_labels=args.max_queue_labels,
         metrics=args.metrics,
         failure_timeout=args.failure_timeout_ms / 1000,
+        limits=_limits(args),
         storage=StorageSettings(
             data_dir=args.data_dir, fsync=args.fsync, max_payload=args.max_payload,
             segment_bytes=args.segment_bytes, snapshot_bytes=args.snapshot_bytes,
@@ -259,7 +304,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     run(GatewaySettings(
         host=args.host, port=args.port, http_port=args.http_port,
         seeds=[s for s in args.seed.split(",") if s], tokens=_tokens(args.token),
-        cluster_token=args.cluster_token,
+        cluster_token=args.cluster_token, limits=_limits(args),
     ))
     return 0
 

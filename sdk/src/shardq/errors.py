@@ -144,6 +144,15 @@ class Unavailable(ShardqError):
         self.reason = reason
 
 
+class InternalError(ShardqError):
+    """A server failed on one request for a reason of its own (a bug); it logged the cause.
+    The request's outcome is unknown, as after a lost connection."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"Internal: {what}")
+        self.what = what
+
+
 class ShardqConnectionError(ShardqError):
     """The client lost or could not open its connection (client-side only)."""
 
@@ -170,6 +179,7 @@ _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], ShardqError]]] 
     (re.compile(r"^MOVED (\d+) NOTPRIMARY ?(\S*)$"), lambda m: Moved(int(m[1]), m[2])),
     (re.compile(r"^TRYAGAIN$"), lambda m: TryAgain()),
     (re.compile(r"^Unavailable: (.*)$", re.S), lambda m: Unavailable(m[1])),
+    (re.compile(r"^Internal: (.*)$", re.S), lambda m: InternalError(m[1])),
 ]
 
 

@@ -6,23 +6,36 @@ Every route turns into one protocol request (the same dicts as on TCP) handed to
 share validation, error texts and semantics; this module only maps routes to
 requests and error texts to status codes. Imported by node and gateway (it needs
 aiohttp, a server dependency); the SDK's client code never imports it.
+
+Bounds (docs/limits.md, "HTTP"): a body over ``max_body`` is a 413 naming its
+size (before it is read when it has a Content-Length), a body nested deeper than
+``max_depth`` a 400, a body slower than ``body_timeout`` a 408; a connection
+that sends no complete request head within ``header_timeout`` (or idles that
+long) is closed, and past ``max_connections`` a new one gets a 503. Any other
+exception is a 500 ``Internal: …`` with its cause logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import re
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from aiohttp import web
 
 from shardq import errors as E
 from shardq.wire.job import EVENTS
+from shardq.wire.protocol import nesting_within, too_deep
+
+from .limits import Limits, too_many_connections
+from .running import Causes
+
+log = logging.getLogger("shardq_server.http")
 
 Req = dict[str, Any]
 
@@ -60,6 +73,12 @@ class HttpSettings:
     memory_budget: int = 1024**3
     #: Extra routes (the gateway's dashboard).
     extra: list[web.AbstractRouteDef] = field(default_factory=list)
+    #: Connection cap, timeouts and nesting (``http_*`` and ``max_depth`` are used here).
+    limits: Limits = field(default_factory=Limits)
+    #: Who answers, for ``Internal: …`` texts ("node node-0", "the gateway").
+    server: str = "the server"
+    #: Counts a connection closed or refused for a limit, by reason (metrics).
+    on_drop: Callable[[str], None] = lambda reason: None
 
 
 class Streams:
@@ -79,14 +98,18 @@ class Streams:
 BACKEND = web.AppKey("backend", Backend)
 SETTINGS = web.AppKey("settings", HttpSettings)
 STREAMS = web.AppKey("streams", Streams)
+CAUSES = web.AppKey("causes", Causes)
 
 STATUS: list[tuple[type[E.ShardqError], int]] = [
     (E.InvalidRequest, 400), (E.AuthenticationRequired, 401), (E.InvalidToken, 401),
     (E.JobNotFound, 404), (E.CronNotFound, 404), (E.DuplicateJob, 409), (E.LeaseExpired, 409),
     (E.PayloadTooLarge, 413), (E.RateLimited, 429), (E.QueueFull, 429), (E.LimitReached, 429),
     (E.StorageFailed, 503), (E.Moved, 503), (E.TryAgain, 503), (E.Unavailable, 503),
+    (E.InternalError, 500),
 ]
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
+#: After an answer that left a body unread, the rest is read and dropped this long at most.
+LINGER_SECONDS = 10.0
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -113,16 +136,55 @@ async def run(request: web.Request, req: Req) -> Req:
     return answer
 
 
-async def body(request: web.Request, required: bool = False) -> Req:
-    raw = await request.read()
-    if not raw.strip():
-        if required:
-            raise Refused("Invalid: request body must be a JSON object")
-        return {}
+class BodyTimeout(Exception):
+    """The body did not arrive within ``body_timeout``."""
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body, bounded: 413 naming its size past ``max_body`` (its Content-Length, read
+    before any byte of it; a chunked body: the bytes received when it passed the limit),
+    ``BodyTimeout`` past ``body_timeout``."""
+    settings = request.app[SETTINGS]
+    limit = settings.max_body
+    length = request.content_length
+    if length is not None and length > limit:
+        raise Refused(E.PayloadTooLarge(length, limit).text)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(settings.limits.http_body_timeout):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise Refused(E.PayloadTooLarge(size, limit).text)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout() from None
+    return b"".join(chunks)
+
+
+def json_body(raw: bytes, max_depth: int, request_object: bool) -> Any:
+    """Parse a body; refuse it if it is not JSON or if a value in it nests deeper than
+    ``max_depth`` (a request object's own level not counted, as on TCP)."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise Refused(f"Invalid: body is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+    depth = max_depth + request_object
+    if len(raw) > 2 * depth and not nesting_within(obj, depth, raw):
+        raise Refused(too_deep(max_depth).text)
+    return obj
+
+
+async def body(request: web.Request, required: bool = False) -> Req:
+    """A request object: its fields' values may nest ``max_depth`` levels (the object
+    itself one more, as a TCP line)."""
+    raw = await read_body(request)
+    if not raw.strip():
+        if required:
+            raise Refused("Invalid: request body must be a JSON object")
+        return {}
+    obj = json_body(raw, request.app[SETTINGS].limits.max_depth, request_object=True)
     if type(obj) is not dict:
         raise Refused("Invalid: request body must be a JSON object")
     return obj
@@ -162,9 +224,8 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
         return await handler(request)
     except Refused as exc:
         return error_response(exc.text)
-    except web.HTTPRequestEntityTooLarge as exc:
-        sizes = [int(n) for n in re.findall(r"\d+", exc.text or "")] + [0, 0]
-        return error_response(f"Payload too large: {sizes[1]} bytes (max {sizes[0]})")
+    except BodyTimeout:
+        return _body_timeout(request)
     except web.HTTPException as exc:
         if exc.status == 404:
             return _json({"ok": False, "error": f"Not found: {request.method} {request.path}"},
@@ -173,6 +234,22 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
             reason = f"Invalid: {exc.reason}" if exc.status < 500 else exc.reason
             return _json({"ok": False, "error": reason}, exc.status)
         raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as exc:  # a bug: this request gets an answer, the server goes on
+        resource = request.match_info.route.resource
+        what = f"{request.method} {resource.canonical if resource else request.path}"
+        return error_response(request.app[CAUSES].error(what, exc).text)
+
+
+def _body_timeout(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    settings.on_drop("http_body_timeout")
+    seconds = settings.limits.http_body_timeout
+    resp = _json({"ok": False, "error": f"Invalid: request body not received within "
+                  f"{seconds:g}s (http_body_timeout)"}, 408)
+    resp.force_close()  # what is left of the body is not read
+    return resp
 
 
 @web.middleware
@@ -361,11 +438,8 @@ async def metrics_json(request: web.Request) -> web.Response:
 
 @routes.post("/publish")
 async def publish(request: web.Request) -> web.Response:
-    raw = await request.read()
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise Refused(f"Invalid: body is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+    raw = await read_body(request)
+    message = json_body(raw, request.app[SETTINGS].limits.max_depth, request_object=False)
     queue = request.query.get("queue") or "default"
     priority = int_param(request, "priority")
     if priority is None and type(message) is dict and type(message.get("priority")) is int:
@@ -457,20 +531,75 @@ def make_app(backend: Backend, settings: HttpSettings) -> web.Application:
     app[BACKEND] = backend
     app[SETTINGS] = settings
     app[STREAMS] = streams = Streams()
+    app[CAUSES] = Causes(log, settings.server)
     app.on_shutdown.append(streams.end)
     app.add_routes(routes)
     app.add_routes(settings.extra)
     return app
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection past ``http_max_connections``: one 503, then closed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = orjson.dumps({"ok": False, "error": too_many_connections(self.limit)})
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        cast(asyncio.Transport, transport).write(head.encode() + body)
+        transport.close()
+
+
+class LimitedSite(web.BaseSite):
+    """A TCP site that serves at most ``limit`` connections at once; more get a 503."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limit: int,
+                 on_drop: Callable[[str], None]) -> None:
+        super().__init__(runner)
+        self.host = host
+        self.port = port
+        self.limit = limit
+        self.on_drop = on_drop
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            if len(server.connections) >= self.limit:
+                self.on_drop("http_too_many_connections")
+                return _Refuse(self.limit)
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(connection, self.host, self.port,
+                                                reuse_address=True)
+
+    @property
+    def port_bound(self) -> int:
+        sockets = getattr(self._server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else self.port
+
+
 async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve ``app``; returns the runner (for cleanup) and the bound port."""
-    # a handler whose client left is cancelled (SSE streams and waiting pulls end at once)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    limits = app[SETTINGS].limits
+    # a handler whose client left is cancelled (SSE streams and waiting pulls end at once);
+    # a connection with no complete request head after header_timeout is closed (aiohttp's
+    # keep-alive timer runs from the connection's start and after each response); after an
+    # answer that left a body unread (413, 408), the rest is drained for at most 10 s
+    # (aiohttp's default), or body_timeout if shorter
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           keepalive_timeout=limits.http_header_timeout,
+                           lingering_time=min(LINGER_SECONDS, limits.http_body_timeout))
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = LimitedSite(runner, host, port, limits.http_max_connections, app[SETTINGS].on_drop)
     await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return runner, int(bound)
+    return runner, site.port_bound

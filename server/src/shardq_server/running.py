@@ -1,4 +1,5 @@
-"""Running a server process: uvloop when installed, and waiting for SIGTERM/SIGINT.
+"""Running a server process: uvloop when installed, waiting for SIGTERM/SIGINT, and
+turning an unexpected exception in one request into that request's ``Internal: …`` answer.
 
 Shared by ``shardq node``, ``shardq gateway`` and ``shardq up``.
 """
@@ -6,7 +7,10 @@ Shared by ``shardq node``, ``shardq gateway`` and ``shardq up``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+
+from shardq.errors import InternalError
 
 
 def install_uvloop() -> bool:
@@ -30,3 +34,30 @@ async def until_signalled() -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+class Causes:
+    """Unexpected exceptions of one server: each request that hit one gets an
+    ``Internal: …`` answer; the traceback of each cause (type and place) is logged once."""
+
+    MAX_CAUSES = 1000
+
+    def __init__(self, log: logging.Logger, server: str) -> None:
+        self.log = log
+        self.server = server
+        self.seen: set[tuple[str, str, int]] = set()
+        self.count = 0
+
+    def error(self, what: str, exc: BaseException) -> InternalError:
+        """The answer for a request ``what`` (e.g. "PUSH") that raised ``exc``."""
+        self.count += 1
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("", 0)
+        cause = (type(exc).__name__, *where)
+        if cause not in self.seen and len(self.seen) < self.MAX_CAUSES:
+            self.seen.add(cause)
+            self.log.error("%s failed (each cause is logged once)", what, exc_info=exc)
+        return InternalError(f"{what} failed ({type(exc).__name__}); the cause is in the log "
+                             f"of {self.server}")

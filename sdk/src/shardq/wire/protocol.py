@@ -27,6 +27,10 @@ MIN_PRIORITY = -(2**31)
 MAX_MS = 10 * 365 * 24 * 3600 * 1000
 MAX_COUNT = 100_000
 MAX_ATTEMPTS = 2**31 - 1
+#: Levels of arrays and objects a value the node keeps (``data``, ``result``) may nest. The
+#: answers that carry such a value wrap it in up to 4 more levels, and orjson encodes at
+#: most ``ENCODER_DEPTH`` (254): 128 leaves room, and nobody needs more.
+MAX_DEPTH = 128
 
 OK_LINE = b'{"ok":true}\n'
 
@@ -68,6 +72,96 @@ def req_id_of(req: Request) -> str | int | None:
     if rid is None or type(rid) is str or type(rid) is int:
         return rid
     raise InvalidRequest(f"field 'reqId' must be a string, got {json_type(rid)}")
+
+
+# -- nesting ----------------------------------------------------------------------------------
+
+
+def _encodes(depth: int) -> bool:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _encoder_depth() -> int:
+    """The deepest nesting orjson encodes (254 in every release so far), found by bisection."""
+    lo, hi = 1, 4096  # encodes lo levels, not hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _encodes(mid) else (lo, mid)
+    return lo
+
+
+ENCODER_DEPTH = _encoder_depth()
+#: Up to this size, counting brackets in the JSON text is cheaper than encoding once more.
+COUNT_BELOW = 8192
+_CONTAINERS = frozenset((dict, list))
+_is_container = _CONTAINERS.__contains__
+_wrappers: dict[int, tuple[list[Any], list[Any]]] = {}
+
+
+def too_deep(limit: int = MAX_DEPTH) -> InvalidRequest:
+    return InvalidRequest(f"nesting deeper than {limit}")
+
+
+def nesting_within(value: Any, limit: int = MAX_DEPTH, text: bytes | None = None) -> bool:
+    """Does ``value`` nest at most ``limit`` levels of arrays and objects (``[]`` is 1)?
+
+    ``text`` is its JSON, if at hand. Cheapest first, all in C: a short text with at most
+    ``limit`` brackets cannot nest deeper; a value whose own items hold no array or object
+    is 1 level; else orjson's encoder counts (``encode_within``).
+    """
+    if text is not None and len(text) < COUNT_BELOW and \
+            text.count(b"[") + text.count(b"{") <= limit:
+        return True
+    if is_flat(value):
+        return True
+    return encode_within(value, limit) is not None
+
+
+def is_flat(value: Any) -> bool:
+    """A scalar, or an array or object of scalars (one pass in C over its items)."""
+    kind = type(value)
+    if kind is dict:
+        return not any(map(_is_container, map(type, value.values())))
+    if kind is list:
+        return not any(map(_is_container, map(type, value)))
+    return True
+
+
+def encode_within(value: Any, limit: int) -> bytes | None:
+    """``value``'s JSON, or None if it nests deeper than ``limit``: encoded inside
+    ``ENCODER_DEPTH - limit`` levels of arrays, which orjson refuses exactly then."""
+    wrap = _wrappers.get(limit)
+    if wrap is None:
+        if not 0 < limit < ENCODER_DEPTH:
+            raise ValueError(f"a nesting limit must be between 1 and {ENCODER_DEPTH - 1}")
+        inner: list[Any] = []
+        outer = inner
+        for _ in range(ENCODER_DEPTH - limit - 1):
+            outer = [outer]
+        wrap = _wrappers[limit] = (outer, inner)
+    outer, inner = wrap
+    inner.append(value)
+    try:
+        text = orjson.dumps(outer)
+    except TypeError:
+        return None
+    finally:
+        inner.clear()
+    levels = ENCODER_DEPTH - limit
+    return text[levels:-levels]
+
+
+def check_nesting(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise ``Invalid: nesting deeper than LIMIT`` if ``value`` nests deeper."""
+    if not nesting_within(value, limit):
+        raise too_deep(limit)
 
 
 # -- field checks -----------------------------------------------------------------------------
