@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardq.errors import InvalidRequest
+from shardq.wire import commands as C
 from shardq.wire import protocol as P
 from shardq.wire.slots import SLOTS, slot_of
 from shardq_node.engine import Engine
@@ -120,7 +121,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "CLEARCONCURRENCY": ("queue",), "LISTQUEUES": (), "AUTH": ("token",), "GETJOB": ("id",),
     "TOUCH": ("id", "lease", "extend"), "TOPOLOGY": (),
 }
-assert set(SCHEMA) == set(P.COMMANDS)
+assert set(SCHEMA) == set(C.COMMANDS)
 #: Commands that change jobs: drawn more often, so ids in later requests often exist.
 HOT = ("PUSH", "PUSHB", "PULL", "PULLB", "ACK", "FAIL", "PROGRESS", "CRON")
 #: Values that often pass the first checks but are wrong somewhere deeper.
@@ -129,13 +130,13 @@ plausible = (
     | GOOD["ids"] | GOOD["events"]
 )
 field_values = json_values | plausible
-commands = st.sampled_from(P.COMMANDS) | st.text(max_size=12)
+commands = st.sampled_from(C.COMMANDS) | st.text(max_size=12)
 
 
 @st.composite
 def well_formed(draw: st.DrawFn) -> dict[str, Any]:
     """A real command whose fields are mostly right, sometimes absent, null or anything."""
-    cmd = draw(st.sampled_from(P.COMMANDS + HOT * 3))
+    cmd = draw(st.sampled_from(C.COMMANDS + HOT * 3))
     obj: dict[str, Any] = {"cmd": cmd}
     for name in (*SCHEMA[cmd], "reqId"):
         how = draw(st.integers(0, 9))
@@ -482,7 +483,7 @@ def test_node_answers_every_fuzzed_json_object_exactly_once(
         check_refusal(answer, req)
         if type(req.get("reqId")) is str:
             assert answer.get("reqId") == req["reqId"], (req, answer)
-        if req.get("cmd") not in P.COMMANDS:
+        if req.get("cmd") not in C.COMMANDS:
             assert not answer["ok"] and answer["error"].startswith("Invalid: "), (req, answer)
 
     one_object()

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from shardq.errors import InvalidRequest, InvalidToken
+from shardq.wire import commands as C
 from shardq.wire import protocol as P
 from shardq.wire.slots import SLOTS
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 Rid = str | int | None
 Route = Callable[["ClientSession", P.Request, bytes, Rid], None]
 
-INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS"})
+INTERNAL = C.INTERNAL
 
 
 def to_queue(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
@@ -232,18 +233,27 @@ def unknown(req: P.Request) -> InvalidRequest:
     return InvalidRequest(f"unknown command '{cmd[:64]}'")
 
 
-ROUTES: dict[str, Route] = {
-    **dict.fromkeys(
-        ("PUSH", "PUSHB", "DLQ", "RETRYDLQ", "PAUSE", "RESUME", "RATELIMIT", "RATELIMITCLEAR",
-         "SETCONCURRENCY", "CLEARCONCURRENCY"), to_queue),
-    "CRON": cron, "PULL": pull, "PULLB": pullb,
-    **dict.fromkeys(("GETRESULT", "GETPROGRESS", "GETJOB"), by_id),
-    **dict.fromkeys(("PROGRESS", "TOUCH"), leased),
-    **dict.fromkeys(("ACK", "FAIL"), settle), "CANCEL": cancel,
-    "ACKB": ackb, "RELEASE": release,
-    "STATS": fan_out(merge.stats, "STATS"), "METRICS": fan_out(merge.metrics, "METRICS"),
-    "LISTQUEUES": listqueues,
-    "CRONLIST": fan_out(merge.cronlist, "CRONLIST"), "CRONDELETE": crondelete,
-    "TOPOLOGY": topology, "AUTH": auth, "SUBSCRIBE": subscribe, "UNSUBSCRIBE": unsubscribe,
+#: The commands that need more than their route kind's default (below).
+SPECIAL: dict[str, Route] = {
+    "CRON": cron, "PULL": pull, "PULLB": pullb, "PROGRESS": leased, "TOUCH": leased,
+    "ACK": settle, "FAIL": settle, "CANCEL": cancel, "ACKB": ackb, "RELEASE": release,
+    "LISTQUEUES": listqueues, "CRONDELETE": crondelete, "TOPOLOGY": topology, "AUTH": auth,
+    "SUBSCRIBE": subscribe, "UNSUBSCRIBE": unsubscribe,
 }
-assert set(ROUTES) == {*P.COMMANDS, "RELEASE"}
+#: How the answers of each other fan-out command are merged.
+MERGES = {"STATS": merge.stats, "METRICS": merge.metrics, "CRONLIST": merge.cronlist}
+_DEFAULT: dict[C.Route, Route] = {C.Route.QUEUE: to_queue, C.Route.ID: by_id}
+
+
+def _route(name: str, command: C.Command) -> Route:
+    """A command's route: its own, or its kind's (a fan-out one needs its merge). A row of
+    the command table the gateway cannot route fails here, at import."""
+    if name in SPECIAL:
+        return SPECIAL[name]
+    if command.route is C.Route.FANOUT:
+        return fan_out(MERGES[name], name)
+    return _DEFAULT[command.route]
+
+
+ROUTES: dict[str, Route] = {name: _route(name, c) for name, c in C.TABLE.items()
+                            if c.route is not C.Route.INTERNAL}

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from shardq.wire.protocol import COMMANDS
+from shardq.wire.commands import TABLE
 from shardq_server.buckets import Buckets
 from shardq_server.limits import DROP_REASONS
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
                    1.0, 5.0, 30.0)
-_KNOWN = frozenset(COMMANDS) | {"ACKB", "RELEASE"}
+_KNOWN = frozenset(TABLE)
 
 
 class GatewayMetrics:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from shardq.errors import AuthenticationRequired, InvalidRequest, Moved, TryAgain, Unavailable
+from shardq.wire import commands as C
 from shardq.wire import protocol as P
 from shardq.wire.slots import SLOTS, slot_of
 from shardq.wire.topology import Topology
@@ -59,29 +60,17 @@ OWNED = 1
 FROZEN = 2
 FOLLOWING = 3  # a slot of this node's shard while another member is its primary
 
-#: How each command names its slot: by "queue", by "id", by "ids", or not at all.
-QUEUE_COMMANDS = frozenset({
-    "PUSH", "PUSHB", "PULL", "PULLB", "DLQ", "RETRYDLQ", "PAUSE", "RESUME", "RATELIMIT",
-    "RATELIMITCLEAR", "SETCONCURRENCY", "CLEARCONCURRENCY", "CRON",
-})
-ID_COMMANDS = frozenset({
-    "ACK", "FAIL", "GETRESULT", "CANCEL", "PROGRESS", "GETPROGRESS", "GETJOB", "TOUCH",
-})
-IDS_COMMANDS = frozenset({"ACKB", "RELEASE"})
-INTERNAL = frozenset({"SETTOPOLOGY", "EXPORT", "IMPORT", "DROPSLOTS", "WATCH", "PARENTEND",
-                      "STATUS", "FENCE", "FOLLOW", "HANDOFF"})
+#: How each command names its slot (shardq.wire.commands): by "queue", by "id", by "ids".
+QUEUE_COMMANDS = C.QUEUE_ROUTED
+ID_COMMANDS = C.ID_ROUTED
+IDS_COMMANDS = C.IDS_ROUTED
+INTERNAL = C.INTERNAL
 #: Internal commands a client token may run too: they only read.
 READ_BY_CLIENTS = frozenset({"STATUS"})
 #: What a node that is not its shard's primary still answers itself.
-NOT_PRIMARY_OK = frozenset({
-    "AUTH", "TOPOLOGY", "SETTOPOLOGY", "STATUS", "FENCE", "FOLLOW", "HANDOFF", "STATS",
-    "METRICS", "LISTQUEUES",
-})
-#: What a primary handing its role over still answers (reads: nothing it must confirm).
-HANDOFF_OK = NOT_PRIMARY_OK | frozenset({
-    "GETRESULT", "GETJOB", "GETPROGRESS", "DLQ", "CRONLIST", "SUBSCRIBE", "UNSUBSCRIBE",
-    "TOUCH",
-})
+NOT_PRIMARY_OK = C.FOLLOWER_OK
+#: What a primary handing its role over still answers (nothing it must confirm).
+HANDOFF_OK = NOT_PRIMARY_OK | C.READ_ONLY
 
 
 def check_slots(req: P.Request) -> list[int]:
@@ -260,12 +249,9 @@ class Cluster:
     # -- internal commands ----------------------------------------------------------------------
 
     def handlers(self) -> dict[str, Callable[[P.Request, Caller], Answer]]:
-        return {
-            "SETTOPOLOGY": self.settopology, "EXPORT": self.export, "IMPORT": self.import_,
-            "DROPSLOTS": self.dropslots, "WATCH": self.watch, "PARENTEND": self.parentend,
-            "STATUS": self.status, "FENCE": self.fence, "FOLLOW": self.follow,
-            "HANDOFF": self.handoff,
-        }
+        """The internal commands of the command table, each this class's method of its name
+        (``import_`` for IMPORT)."""
+        return {name: getattr(self, handler_name(name)) for name in INTERNAL}
 
     def settopology(self, req: P.Request, caller: Caller) -> Answer:
         raw = req.get("topology")
@@ -439,3 +425,13 @@ def _raw_json(value: Any) -> Any:
 def _payloads_to_bytes(rec: list[Any]) -> list[Any]:
     """Parsed records back to the engine's form: payloads and results as raw JSON bytes."""
     return list(decode(frame(rec)[8:]))
+
+
+def handler_name(cmd: str) -> str:
+    name = cmd.lower()
+    return name + "_" if name in ("import",) else name
+
+
+_missing = sorted(n for n in INTERNAL if not hasattr(Cluster, handler_name(n)))
+if _missing:  # a row of the command table without its handler: fail at import, not at run time
+    raise ImportError(f"internal commands without a handler in Cluster: {_missing}")

@@ -22,6 +22,7 @@ from shardq.errors import (
     InvalidToken,
     PayloadTooLarge,
 )
+from shardq.wire import commands as C
 from shardq.wire import protocol as P
 from shardq.wire.job import EVENTS
 
@@ -79,10 +80,7 @@ class Commands:
         #: PULLB and DLQ answers stop adding jobs once their payloads pass this.
         self.max_answer = limits.max_output
         self.tokens = tuple(t.encode() for t in node.settings.tokens)
-        self.table: dict[str, Handler] = {
-            name: getattr(self, name.lower()) for name in P.COMMANDS if hasattr(self, name.lower())
-        }
-        self.table["RELEASE"] = self.release
+        self.table: dict[str, Handler] = {name: getattr(self, name.lower()) for name in CLIENT}
         self.cluster = node.cluster
         for name, fn in node.cluster.handlers().items():
             self.table[name] = self._internal(name, fn)
@@ -400,5 +398,12 @@ def _timeout(req: P.Request) -> int | None:
 def _lease(value: int) -> int | None:
     return None if value < 0 else value
 
+
+#: The commands of the table (shardq.wire.commands) this class answers: all but the internal
+#: ones (cluster.py). Each is the method of its name; one missing fails at import.
+CLIENT = tuple(name for name, c in C.TABLE.items() if c.route is not C.Route.INTERNAL)
+_missing = [name for name in CLIENT if not hasattr(Commands, name.lower())]
+if _missing:
+    raise ImportError(f"commands without a handler in Commands: {_missing}")
 
 __all__ = ["EVENTS", "OK", "PENDING", "Caller", "Commands"]

@@ -24,6 +24,7 @@ from orjson import JSONDecodeError
 from orjson import loads as _loads
 
 from shardq.errors import InternalError, InvalidRequest, QueueFull, ShardqError, StorageFailed
+from shardq.wire import commands as C
 from shardq.wire import protocol as P
 from shardq.wire.protocol import JobSpec
 from shardq.wire.slots import SLOTS
@@ -78,10 +79,7 @@ class MemoryLog:
 
 
 #: Commands a node still answers while its storage refuses writes.
-READ_ONLY = frozenset({
-    "STATS", "METRICS", "LISTQUEUES", "GETRESULT", "GETJOB", "GETPROGRESS", "DLQ", "CRONLIST",
-    "AUTH", "SUBSCRIBE", "UNSUBSCRIBE", "TOPOLOGY",
-})
+READ_ONLY = C.READ_ONLY
 
 
 class Waiter:

@@ -14,6 +14,7 @@ from typing import Any
 
 from shardq.connection import DEFAULT_ADDRESS, Connection
 from shardq.errors import Moved, ShardqConnectionError, TryAgain
+from shardq.wire.commands import TABLE, Route
 from shardq.wire.job import Job
 from shardq.wire.topology import Topology
 
@@ -117,9 +118,11 @@ class AsyncClient:
         topo = self.routing
         if not self.direct or topo is None:
             return self.address
-        if "queue" in req and req["cmd"] not in ("SUBSCRIBE", "UNSUBSCRIBE"):
+        command = TABLE.get(req["cmd"])
+        route = command.route if command is not None else None
+        if route is Route.QUEUE:
             owner = topo.owner_of_queue(req["queue"])
-        elif "id" in req:
+        elif route is Route.ID:
             owner = topo.owner_of_id(req["id"])
         else:
             return self.address

@@ -71,6 +71,8 @@ class Command:
     validate: Callable[[Request], None] = _nothing
     #: in MagicQueue's protocol or shardq's client additions (not internal, not RELEASE)
     public: bool = True
+    #: answered by a node that is not its shard's primary too (DESIGN §9)
+    follower: bool = False
 
 
 def _row(name: str, route: Route, writes: bool, **kw: object) -> tuple[str, Command]:
@@ -100,9 +102,9 @@ TABLE: dict[str, Command] = dict([
     _row("RETRYDLQ", Q, True),
     _row("SUBSCRIBE", SUB, False),
     _row("UNSUBSCRIBE", SUB, False),
-    _row("METRICS", F, False),
-    _row("STATS", F, False),
-    _row("LISTQUEUES", F, False),
+    _row("METRICS", F, False, follower=True),
+    _row("STATS", F, False, follower=True),
+    _row("LISTQUEUES", F, False, follower=True),
     _row("CRONLIST", F, False),
     _row("CRONDELETE", F, True, validate=_name),
     _row("CRON", Q, True, validate=_cron),
@@ -112,21 +114,21 @@ TABLE: dict[str, Command] = dict([
     _row("RESUME", Q, True),
     _row("SETCONCURRENCY", Q, True),
     _row("CLEARCONCURRENCY", Q, True),
-    _row("AUTH", L, False),
-    _row("TOPOLOGY", L, False),
+    _row("AUTH", L, False, follower=True),
+    _row("TOPOLOGY", L, False, follower=True),
     # a gateway hands back the leases of a client that left (split per owner like ACKB)
     _row("RELEASE", S, True, public=False),
     # the cluster's own (DESIGN §5, §9): the coordinator's and the nodes' among themselves
-    _row("SETTOPOLOGY", X, False, public=False),
+    _row("SETTOPOLOGY", X, False, public=False, follower=True),
     _row("EXPORT", X, False, public=False),
     _row("IMPORT", X, True, public=False),
     _row("DROPSLOTS", X, True, public=False),
     _row("WATCH", X, True, public=False),
     _row("PARENTEND", X, True, public=False),
-    _row("STATUS", X, False, public=False),
-    _row("FENCE", X, False, public=False),
-    _row("FOLLOW", X, False, public=False),
-    _row("HANDOFF", X, False, public=False),
+    _row("STATUS", X, False, public=False, follower=True),
+    _row("FENCE", X, False, public=False, follower=True),
+    _row("FOLLOW", X, False, public=False, follower=True),
+    _row("HANDOFF", X, False, public=False, follower=True),
 ])
 
 #: The client-facing commands, in the protocol's order.
@@ -137,3 +139,5 @@ IDS_ROUTED = frozenset(n for n, c in TABLE.items() if c.route is Route.IDS)
 INTERNAL = frozenset(n for n, c in TABLE.items() if c.route is Route.INTERNAL)
 #: What a node still answers while its storage refuses writes.
 READ_ONLY = frozenset(n for n, c in TABLE.items() if not c.writes)
+#: What a node answers itself when it is not its shard's primary.
+FOLLOWER_OK = frozenset(n for n, c in TABLE.items() if c.follower)

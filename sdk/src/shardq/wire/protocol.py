@@ -402,12 +402,5 @@ def error_answer(text: str, req_id: str | int | None = None) -> bytes:
     return orjson.dumps({"ok": False, "error": text, "reqId": req_id}) + b"\n"
 
 
-#: Commands every node and gateway answers (PROTOCOL.md plus shardq's additions).
-COMMANDS = (
-    "PUSH", "PUSHB", "PULL", "PULLB", "ACK", "ACKB", "FAIL", "GETRESULT", "CANCEL", "PROGRESS",
-    "GETPROGRESS", "DLQ", "RETRYDLQ", "SUBSCRIBE", "UNSUBSCRIBE", "METRICS", "STATS", "CRON",
-    "CRONDELETE", "CRONLIST", "RATELIMIT", "RATELIMITCLEAR", "PAUSE", "RESUME", "SETCONCURRENCY",
-    "CLEARCONCURRENCY", "LISTQUEUES", "AUTH", "GETJOB", "TOUCH", "TOPOLOGY",
-)
 
 Validator = Callable[[Request], None]
