@@ -26,10 +26,11 @@ from ..helpers import SteadyLoad, eventually, free_port
 QUEUES = [f"rep-{i}" for i in range(12)]
 
 
-async def _cluster(tmp_path: Path, shards: int) -> tuple[LocalCluster, int]:
+async def _cluster(tmp_path: Path, shards: int, failure_timeout: float = 1.0
+                   ) -> tuple[LocalCluster, int]:
     port = free_port()
     cluster = LocalCluster("127.0.0.1", port, 0, str(tmp_path / "data"), "always",
-                           replicas=3, failure_timeout=1.0)
+                           replicas=3, failure_timeout=failure_timeout)
     await cluster.start(shards)
     return cluster, port
 
@@ -45,7 +46,7 @@ async def _finish(load: SteadyLoad, producers: list[asyncio.Task[None]],
 @pytest.mark.slow
 async def test_a_killed_primary_is_replaced_within_seconds_and_loses_nothing(
         tmp_path: Path) -> None:
-    cluster, port = await _cluster(tmp_path, 2)
+    cluster, port = await _cluster(tmp_path, 2, failure_timeout=2.0)  # the default
     try:
         # a PULL answered by the killed primary but lost with it leaves its jobs leased to
         # nobody: they come back when their lease (the job's timeout) runs out
@@ -83,7 +84,7 @@ async def test_a_killed_primary_is_replaced_within_seconds_and_loses_nothing(
         await cluster.stop()
     lost, dup = load.lost(), load.duplicates()
     print(f"\nSIGKILL of {victim.name} (primary of shard-0): pushes to it again after "
-          f"{back:.2f}s (failure timeout 1 s); {len(load.pushed)} pushed, "
+          f"{back:.2f}s (failure timeout 2 s, the default); {len(load.pushed)} pushed, "
           f"{len(load.completed)} completed, {lost} lost, {dup} twice, "
           f"{len(load.errors)} failed requests")
     assert lost == 0 and dup == 0
