@@ -6,7 +6,7 @@ HTTP_PORT ?= 6790
 
 .PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test packages-test packages-bench
 .PHONY: dashboards rules-test dashboard-png
-.PHONY: chart-render chart-schema image
+.PHONY: chart-render chart-schema image e2e-kubelet e2e-node
 
 venv-server:
 	@scripts/bootstrap.sh server
@@ -40,6 +40,16 @@ typecheck:
 
 unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+## e2e-kubelet: the operator end to end alone: a real control plane, the test kubelet
+## (tests/test_e2e_k8s.py; ~1-4 min, ~5 min more the first time: it builds Kubernetes)
+e2e-kubelet: venv-test packages-test
+	$(VENV)/python -m pytest tests/test_e2e_k8s.py -q -s
+
+## e2e-node: the chart on a real node alone: kubelet, containerd, kube-proxy and DNS in a
+## private network namespace (tests/e2e; root; ~5 min, ~8 min more the first time)
+e2e-node: venv-test packages-test
+	$(VENV)/python -m pytest tests/e2e -q -s
 
 ## bench: every benchmark, side by side, written to BENCHMARKS.md
 bench: venv-test packages-bench
