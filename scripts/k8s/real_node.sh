@@ -48,7 +48,7 @@
 #   SHARDQ_RN_CACHE     where the pause image archive is cached (default ~/.cache/shardq/real-node)
 #
 # Needs root. One node per machine at a time (the namespace and cgroup names are fixed): callers
-# serialise with a lock (tests/e2e/conftest.py holds WORKDIR.lock for its session).
+# serialise with a lock (tests/e2e/conftest.py holds WORKDIR.lock for its run).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
