@@ -60,7 +60,7 @@ ours() {  # ours NAME -> prints the PID if WORKDIR/NAME.pid names a live process
     pid=$(cat "$f")
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$W/" || return 1
+    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -F -- "$W/" >/dev/null || return 1
     # a zombie has exited already
     [ "$(awk '/^State:/{print $2}' "/proc/$pid/status" 2>/dev/null)" != Z ] || return 1
     echo "$pid"

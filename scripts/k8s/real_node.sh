@@ -12,9 +12,9 @@
 #   scripts/k8s/real_node.sh status WORKDIR
 #
 # `up` first runs `down` on WORKDIR (a crashed run's leftovers go), then brings up an empty
-# cluster and imports each image archive (`podman save --format oci-archive`) under NAME (e.g.
-# localhost/shardq:realnode=/tmp/shardq.tar): pods use NAME with imagePullPolicy Never, since
-# nothing can be pulled. It waits for the node to be Ready and makes the default StorageClass
+# cluster and imports each image archive (`podman save --format oci-archive NAME`, which names
+# the image NAME inside, e.g. localhost/shardq:realnode=/tmp/shardq.tar): pods use NAME with
+# imagePullPolicy Never, since nothing can be pulled. It waits for the node to be Ready and makes the default StorageClass
 # `local` (no provisioner, WaitForFirstConsumer) with $SHARDQ_RN_PVS static local PVs.
 #
 # It writes WORKDIR/kubeconfig (the host's view: https://127.0.0.1:<forward port>),
@@ -36,7 +36,9 @@
 # - pods' cgroups go under /$NS in every hierarchy (the kubelet's cgroupRoot), removed by `down`;
 # - containerd's root and state are a tmpfs in that mount namespace: they vanish with it (deleting
 #   the unpacked image layers from disk took 20+ s on a busy machine);
-# - an image archive imports only with --index-name (without it, ctr silently registers nothing);
+# - ctr registers an archive's image only under a name that starts with --base-name (without it,
+#   nothing, silently); --index-name instead wraps the image in a new index, which ctr 1.6.20
+#   deletes again while it unpacks ("content digest ...: not found", 2 of ~16 ups here);
 # - teardown order: kubelet first (or it restarts pods), then every container task (shims outlive
 #   containerd), containerd, the proxy, the DNS, the control plane, the namespace, the cgroups.
 #
@@ -90,7 +92,7 @@ ours() {
     [ -f "$f" ] || return 1
     pid=$(cat "$f")
     [[ "$pid" =~ ^[0-9]+$ ]] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$W/" || return 1
+    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -F -- "$W/" >/dev/null || return 1
     [ "$(awk '/^State:/{print $2}' "/proc/$pid/status" 2>/dev/null)" != Z ] || return 1
     echo "$pid"
 }
@@ -362,6 +364,14 @@ EOF
     } | kubectl_ apply -f - >/dev/null
 }
 
+import_image() {  # import_image NAME ARCHIVE: the archive's image, which must be named NAME in it
+    local name=$1 archive=$2 repository=$1
+    [[ "${name##*/}" != *:* ]] || repository=${name%:*}   # the name without its tag
+    log "importing $archive as $name"
+    ctr_ images import --base-name "$repository" "$archive" >/dev/null
+    ctr_ images ls -q | grep -xF "$name" >/dev/null || die "$archive holds no image named $name"
+}
+
 node_ready() {
     [ "$(kubectl_ get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
@@ -395,12 +405,9 @@ up() {
     log "control plane (control_plane.sh in the node's namespaces)"
     in_node env SHARDQ_CP_NODE_IP="$NODE_IP" SHARDQ_K8S_BIN="$BIN" "$HERE/control_plane.sh" start "$W/cp" >/dev/null
 
-    ctr_ images import --index-name "$PAUSE_IMAGE" "$pause" >/dev/null
+    import_image "$PAUSE_IMAGE" "$pause"
     for image in "${images[@]}"; do
-        name=${image%%=*} archive=${image#*=}
-        log "importing $archive as $name"
-        ctr_ images import --index-name "$name" "$archive" >/dev/null
-        ctr_ images ls -q | grep -qxF "$name" || die "the import of $archive registered no $name"
+        import_image "${image%%=*}" "${image#*=}"
     done
 
     launch kubelet nsenter -t "$cpid" -m -n -- "$BIN/kubelet" \
@@ -460,7 +467,7 @@ stop_containers() {  # every task SIGKILLed and deleted, every container deleted
     [ -z "$ids" ] || log "stopping $(echo "$ids" | wc -l) container tasks"
     for id in $ids; do ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true; done
     for ((i = 0; i < 50; i++)); do
-        ctr_ tasks ls 2>/dev/null | awk 'NR > 1 && $3 != "STOPPED"' | grep -q . || break
+        ctr_ tasks ls 2>/dev/null | awk 'NR > 1 && $3 != "STOPPED"' | grep . >/dev/null || break
         sleep 0.1
     done
     for id in $ids; do ctr_ tasks delete -f "$id" >/dev/null 2>&1 || true; done
@@ -530,7 +537,7 @@ check() {
     done
     for p in /proc/[0-9]*; do
         [ "${p#/proc/}" != $$ ] || continue
-        if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -qE -- "(--config|--root-dir|--kubeconfig|-address|--env|--port-file) $W/"; then
+        if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -E -- "(--config|--root-dir|--kubeconfig|-address|--env|--port-file) $W/" >/dev/null; then
             problems+=("process ${p#/proc/}: $(tr '\0' ' ' 2>/dev/null < "$p/cmdline" | cut -c1-120)")
         fi
     done
