@@ -289,10 +289,16 @@ def test_every_pod_is_ready_as_non_root_with_a_read_only_root(release: Release) 
     """The pod specs read back, and what runc made of them, seen from the host's /proc."""
     api = release.api
     release.wait_converged(4)
-    with release.load("security") as run:
+    wanted = ["gateway"] * 2 + ["node"] * 4 + ["operator"]
+
+    def settled() -> list[Any]:  # a pod deleted by an earlier test may take a while to go
         pods = api.pods()
         components = sorted(p.metadata.labels["app.kubernetes.io/component"] for p in pods)
-        assert components == ["gateway"] * 2 + ["node"] * 4 + ["operator"]
+        return pods if components == wanted else []
+
+    with release.load("security") as run:
+        pods = eventually("2 gateway, 4 node and 1 operator pods", settled, 120,
+                          hint=release.describe)
         for pod in pods:
             check_pod(pod)
         # fsGroup: each node's volume belongs to the pods' group, and the node wrote there
