@@ -5,9 +5,9 @@ PORT  ?= 6789
 HTTP_PORT ?= 6790
 
 .PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test packages-test packages-bench
-.PHONY: faults
+.PHONY: faults e2e-kubelet e2e-node
 .PHONY: dashboards rules-test dashboard-png
-.PHONY: chart-render chart-schema image
+.PHONY: chart-render chart-schema image e2e-kubelet e2e-node
 
 venv-server:
 	@scripts/bootstrap.sh server
@@ -41,13 +41,24 @@ unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 ## faults: the long fault-injection run (tests/faults): ROUNDS rounds spread over every fault
-## kind (REPLICAS: R, default 3 once replication is switched on, else 1; SEED: the first
-## seed); prints a table per fault kind and writes it to build/faults/summary.md, the
-## histories of failed rounds to build/faults/<seed>-<kind>.jsonl
+## kind (REPLICAS: R, default 3; SEED: the first seed); prints a table per fault kind and
+## writes it to build/faults/summary.md, the histories of failed rounds to
+## build/faults/<seed>-<kind>.jsonl
 ROUNDS ?= 200
 SEED ?= 1
 faults: venv-test
 	$(VENV)/python -m tests.faults.runner --rounds $(ROUNDS) --seed $(SEED) $(if $(REPLICAS),--replicas $(REPLICAS))
+
+## e2e-kubelet: the operator end to end alone: a real control plane, the test kubelet
+## (tests/e2e/test_e2e_k8s.py; ~1-4 min, ~5 min more the first time: it builds Kubernetes)
+e2e-kubelet: venv-test packages-test
+	$(VENV)/python -m pytest tests/e2e/test_e2e_k8s.py -q -s
+
+## e2e-node: the chart on a real node alone: kubelet, containerd, kube-proxy and DNS in a
+## private network namespace (tests/e2e/test_real_node.py; root; ~5 min, ~8 min more the
+## first time)
+e2e-node: venv-test packages-test
+	$(VENV)/python -m pytest tests/e2e -m realnode -q -s
 
 ## bench: every benchmark, side by side, written to BENCHMARKS.md
 bench: venv-test packages-bench

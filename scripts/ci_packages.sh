@@ -12,9 +12,13 @@ case "${1:-test}" in
     test)
         # chromium: the dashboard test; prometheus (+ promtool): the
         # observability tier and the alert-rule tests; podman & co: the image
-        # tier and the kind-less Kubernetes end-to-end tier.
+        # tier and the kind-less Kubernetes end-to-end tier; containerd & co:
+        # the real-node tier (scripts/k8s/real_node.sh: its pods' runtime,
+        # network plugins, kube-proxy's conntrack and iptables, the control
+        # plane's etcd, and gcc for the pause image).
         packages=(chromium prometheus podman buildah runc debootstrap uidmap
-                  slirp4netns fuse-overlayfs) ;;
+                  slirp4netns fuse-overlayfs containerd containernetworking-plugins
+                  conntrack iptables etcd-server gcc libc6-dev) ;;
     bench)
         # the peers of loadtest/bench_peers.py (BullMQ runs on nodejs/npm).
         packages=(redis-server beanstalkd nodejs npm) ;;

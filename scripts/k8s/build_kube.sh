@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Build kube-apiserver and kube-controller-manager (Kubernetes v1.20.2) offline from Debian's
-# `kubernetes` source package, for shardq's end-to-end Kubernetes test tier, and cache them.
+# Build the Kubernetes v1.20.2 binaries offline from Debian's `kubernetes` source package, for
+# shardq's end-to-end Kubernetes tiers, and cache them: kube-apiserver and kube-controller-manager
+# (the test kubelet tier, tests/test_e2e_k8s.py), and kube-scheduler, kubelet, kube-proxy and
+# kubectl (the real-node tier, tests/e2e/). All of them come out of ONE `make`: they share most of
+# their packages (client-go, apimachinery, the API types), so each package compiles once.
 #
-# No registry this project can reach ships a kube-apiserver binary, but Debian's source package
-# carries the whole tree with vendor/, so it builds with Debian's Go and nothing else.
+# No registry this project can reach ships these binaries, but Debian's source package carries
+# the whole tree with vendor/, so it builds with Debian's Go and nothing else.
 #
 # Usage:  scripts/k8s/build_kube.sh            # log lines on stderr, the binary dir on stdout
 #         BIN=$(scripts/k8s/build_kube.sh)
@@ -14,7 +17,7 @@
 #   SHARDQ_K8S_KEEP_SRC  1 = keep the ~2 GB source/build tree after a successful build (default 0)
 #   SHARDQ_K8S_REBUILD   1 = ignore the cache and build again
 #
-# Cold: ~4-5 min on 2 cores (plus apt downloads the first time). Cached: well under a second.
+# Cold: ~7 min on 2 cores (plus apt downloads the first time). Cached: well under a second.
 # Needs root for apt-get (only when packages or the deb-src entry are missing).
 set -euo pipefail
 
@@ -23,13 +26,13 @@ SRC=$(realpath -m "${SHARDQ_K8S_SRC:-/var/tmp/shardq-k8s-src}")
 KEEP_SRC=${SHARDQ_K8S_KEEP_SRC:-0}
 REBUILD=${SHARDQ_K8S_REBUILD:-0}
 KUBE_VERSION=v1.20.2
-BINARIES=(kube-apiserver kube-controller-manager)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 # Bump RECIPE when the way the binaries are built changes: the cache is keyed on it.
-RECIPE="shardq-k8s-build-1 $KUBE_VERSION ${BINARIES[*]} reflect2=debian"
+RECIPE="shardq-k8s-build-2 $KUBE_VERSION ${BINARIES[*]} reflect2=debian"
 STAMP="$CACHE/BUILD_INFO"
 APT_LOCK_WAIT=300        # seconds apt waits for another apt/dpkg to finish
 APT_TIMEOUT=1200         # seconds any one apt-get call may take
-BUILD_TIMEOUT=3600       # seconds `make` may take (cold is ~5 min on 2 cores)
+BUILD_TIMEOUT=3600       # seconds `make` may take (cold is ~7 min on 2 cores)
 
 log() { printf '[build_kube %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -144,7 +147,7 @@ export KUBE_GIT_VERSION=$KUBE_VERSION KUBE_GIT_TREE_STATE=clean
 what=""
 for b in "${BINARIES[@]}"; do what="$what cmd/$b"; done
 what=${what# }
-log "make WHAT='$what' (cold: ~4-5 min on 2 cores; log: $SRC/make.log)"
+log "make WHAT='$what' (cold: ~7 min on 2 cores; log: $SRC/make.log)"
 start=$SECONDS
 if ! timeout "$BUILD_TIMEOUT" make WHAT="$what" >"$SRC/make.log" 2>&1; then
     tail -n 40 "$SRC/make.log" >&2
@@ -158,7 +161,11 @@ chmod 755 "$tmp"
 for b in "${BINARIES[@]}"; do
     [ -x "_output/bin/$b" ] || die "make did not produce _output/bin/$b"
     cp "_output/bin/$b" "$tmp/$b"
-    ver=$("$tmp/$b" --version 2>&1 | head -n1)
+    if [ "$b" = kubectl ]; then
+        ver=$("$tmp/$b" version --client --short 2>&1 | head -n1)
+    else
+        ver=$("$tmp/$b" --version 2>&1 | head -n1)
+    fi
     log "$b: $ver"
     case "$ver" in *"$KUBE_VERSION"*) ;; *) die "$b reports '$ver', expected $KUBE_VERSION" ;; esac
 done

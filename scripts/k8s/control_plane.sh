@@ -4,6 +4,12 @@
 # + kube-controller-manager (Deployment, ReplicaSet, StatefulSet, Job, endpoints, garbage
 # collector, namespace, ... controllers). No scheduler and no kubelet: Pods stay Pending.
 #
+# With SHARDQ_CP_NODE_IP set, it is the control plane of a real node instead (the real-node tier,
+# scripts/k8s/node.sh, which runs this script inside its private network namespace): the apiserver
+# listens on every address of that namespace and advertises SHARDQ_CP_NODE_IP (the endpoint of the
+# `kubernetes` Service, so pods reach it through kube-proxy), pods get service-account tokens
+# (ServiceAccount admission and the token controller on), and kube-scheduler runs too.
+#
 # Usage:
 #   scripts/k8s/control_plane.sh start  WORKDIR   # fresh cluster; prints WORKDIR/kubeconfig on stdout
 #   scripts/k8s/control_plane.sh stop   WORKDIR   # stops exactly the processes recorded in WORKDIR
@@ -18,8 +24,10 @@
 # `stop` keeps the *.log files and removes everything else.
 #
 # Environment:
-#   SHARDQ_K8S_BIN            dir with kube-apiserver + kube-controller-manager (default: the
-#                             build_kube.sh cache; built on first use if missing)
+#   SHARDQ_K8S_BIN            dir with kube-apiserver + kube-controller-manager (+ kube-scheduler
+#                             with SHARDQ_CP_NODE_IP) (default: the build_kube.sh cache; built on
+#                             first use if missing)
+#   SHARDQ_CP_NODE_IP         the real node's address: see above (default: unset, loopback only)
 #   SHARDQ_K8S_CACHE          that cache (default ~/.cache/shardq/k8s-bin)
 #   SHARDQ_ETCD_PORT, SHARDQ_ETCD_PEER_PORT, SHARDQ_APISERVER_PORT, SHARDQ_KCM_PORT
 #                             loopback ports (default: free ports picked at start)
@@ -28,7 +36,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-COMPONENTS_STOP_ORDER=(kube-controller-manager kube-apiserver etcd)
+COMPONENTS_STOP_ORDER=(kube-scheduler kube-controller-manager kube-apiserver etcd)
+NODE_IP=${SHARDQ_CP_NODE_IP:-}
 TIMEOUT=${SHARDQ_CP_TIMEOUT:-90}
 GRACE=${SHARDQ_CP_STOP_GRACE:-10}
 
@@ -51,7 +60,7 @@ ours() {  # ours NAME -> prints the PID if WORKDIR/NAME.pid names a live process
     pid=$(cat "$f")
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$W/" || return 1
+    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -F -- "$W/" >/dev/null || return 1
     # a zombie has exited already
     [ "$(awk '/^State:/{print $2}' "/proc/$pid/status" 2>/dev/null)" != Z ] || return 1
     echo "$pid"
@@ -79,12 +88,15 @@ stop_all() {
     local c
     for c in "${COMPONENTS_STOP_ORDER[@]}"; do stop_one "$c"; done
     # state that is worthless without the processes; logs stay for post-mortems
-    rm -rf "$W/etcd-data" "$W/pki" "$W/tokens.csv" "$W/kubeconfig" "$W/kcm-kubeconfig" "$W/env" "$W/kcm-certs"
+    rm -rf "$W/etcd-data" "$W/pki" "$W/tokens.csv" "$W/kubeconfig" "$W/kcm-kubeconfig" "$W/env" "$W/kcm-certs" \
+        "$W/scheduler-certs"
 }
 
 status() {
     local c rc=0 pid
-    for c in etcd kube-apiserver kube-controller-manager; do
+    local components=(etcd kube-apiserver kube-controller-manager)
+    [ -z "$NODE_IP" ] || components+=(kube-scheduler)
+    for c in "${components[@]}"; do
         if pid=$(ours "$c"); then echo "$c: running (pid $pid)"; else echo "$c: not running"; rc=1; fi
     done
     return "$rc"
@@ -187,7 +199,7 @@ make_pki() {
         "extendedKeyUsage=serverAuth" \
         "subjectKeyIdentifier=hash" \
         "authorityKeyIdentifier=keyid,issuer" \
-        "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local" \
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local${NODE_IP:+,IP:$NODE_IP}" \
         > "$p/apiserver.ext"
     openssl x509 -req -in "$p/apiserver.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial \
         -days 365 -extfile "$p/apiserver.ext" -out "$p/apiserver.crt" 2>/dev/null
@@ -229,7 +241,8 @@ start() {
     exec 9>"$W/.lock"
     flock -w 60 9 || die "another control_plane.sh holds $W/.lock"
 
-    if ours etcd >/dev/null || ours kube-apiserver >/dev/null || ours kube-controller-manager >/dev/null; then
+    if ours etcd >/dev/null || ours kube-apiserver >/dev/null || ours kube-controller-manager >/dev/null \
+        || ours kube-scheduler >/dev/null; then
         log "an earlier control plane is recorded in $W: stopping it first"
     fi
     stop_all
@@ -241,23 +254,35 @@ start() {
     local bin=${SHARDQ_K8S_BIN:-}
     if [ -z "$bin" ]; then
         bin=$(realpath -m "${SHARDQ_K8S_CACHE:-$HOME/.cache/shardq/k8s-bin}")
-        if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; then
+        if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ] \
+            || { [ -n "$NODE_IP" ] && [ ! -x "$bin/kube-scheduler" ]; }; then
             log "no cached Kubernetes binaries: running build_kube.sh (~5 min, once)"
             bin=$("$HERE/build_kube.sh")
         fi
     fi
-    local apiserver="$bin/kube-apiserver" kcm="$bin/kube-controller-manager"
+    local apiserver="$bin/kube-apiserver" kcm="$bin/kube-controller-manager" scheduler="$bin/kube-scheduler"
     [ -x "$apiserver" ] || die "no kube-apiserver in $bin (run scripts/k8s/build_kube.sh)"
     [ -x "$kcm" ] || die "no kube-controller-manager in $bin (run scripts/k8s/build_kube.sh)"
+    [ -z "$NODE_IP" ] || [ -x "$scheduler" ] || die "no kube-scheduler in $bin (run scripts/k8s/build_kube.sh)"
+
+    # Loopback only (the test kubelet tier), or a real node's control plane (see the header).
+    local bind=127.0.0.1 advertise=127.0.0.1 api_mode=(--disable-admission-plugins ServiceAccount)
+    local controllers='*,-serviceaccount-token'
+    if [ -n "$NODE_IP" ]; then
+        bind=0.0.0.0 advertise=$NODE_IP controllers='*'
+        # the kubelet's name (node1) resolves nowhere: logs and exec go to its InternalIP
+        api_mode=(--kubelet-preferred-address-types InternalIP)
+    fi
 
     # Anything going wrong from here on stops what was started.
     trap 'rc=$?; if [ $rc -ne 0 ]; then log "start failed: stopping what was started"; stop_all; fi' EXIT
 
-    local etcd_port peer_port api_port kcm_port
+    local etcd_port peer_port api_port kcm_port sched_port
     etcd_port=$(pick_port "${SHARDQ_ETCD_PORT:-}")
     peer_port=$(pick_port "${SHARDQ_ETCD_PEER_PORT:-}" "$etcd_port")
     api_port=$(pick_port "${SHARDQ_APISERVER_PORT:-}" "$etcd_port" "$peer_port")
     kcm_port=$(pick_port "${SHARDQ_KCM_PORT:-}" "$etcd_port" "$peer_port" "$api_port")
+    sched_port=$(pick_port "" "$etcd_port" "$peer_port" "$api_port" "$kcm_port")
     log "ports: etcd $etcd_port (peer $peer_port), kube-apiserver $api_port, kube-controller-manager $kcm_port"
 
     make_pki
@@ -279,7 +304,7 @@ start() {
 
     launch kube-apiserver "$apiserver" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
-        --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
+        --bind-address "$bind" --advertise-address "$advertise" \
         --secure-port "$api_port" --insecure-port 0 \
         --tls-cert-file "$W/pki/apiserver.crt" --tls-private-key-file "$W/pki/apiserver.key" \
         --client-ca-file "$W/pki/ca.crt" \
@@ -288,7 +313,7 @@ start() {
         --service-account-key-file "$W/pki/sa.pub" \
         --service-account-signing-key-file "$W/pki/sa.key" \
         --service-cluster-ip-range 10.0.0.0/24 \
-        --disable-admission-plugins ServiceAccount \
+        "${api_mode[@]}" \
         --enable-priority-and-fairness=false \
         --allow-privileged=true \
         --profiling=false
@@ -296,14 +321,15 @@ start() {
     wait_for kube-apiserver "/readyz ok" "$server/readyz" '^ok' --cacert "$W/pki/ca.crt" -H "Authorization: Bearer $token"
 
     # The controller manager serves /healthz on its own loopback port (self-signed cert; /healthz is
-    # always allowed; no delegated authn/authz: nothing but /healthz is needed there). serviceaccount-token is off, like the ServiceAccount admission plugin, so
-    # Pods need no token secrets.
+    # always allowed; no delegated authn/authz: nothing but /healthz is needed there). Off the
+    # real node, serviceaccount-token is off, like the ServiceAccount admission plugin, so Pods
+    # need no token secrets.
     launch kube-controller-manager "$kcm" \
         --kubeconfig "$W/kubeconfig" \
         --leader-elect=false \
         --port 0 --bind-address 127.0.0.1 --secure-port "$kcm_port" --cert-dir "$W/kcm-certs" \
         --service-account-private-key-file "$W/pki/sa.key" --root-ca-file "$W/pki/ca.crt" \
-        --controllers '*,-serviceaccount-token' \
+        --controllers "$controllers" \
         --profiling=false
     wait_for kube-controller-manager "/healthz ok" "https://127.0.0.1:$kcm_port/healthz" '^ok' -k
     # /healthz answers before the controllers run; the serviceaccount controller creating
@@ -311,6 +337,15 @@ start() {
     wait_for kube-controller-manager "controllers running (ServiceAccount default/default exists)" \
         "$server/api/v1/namespaces/default/serviceaccounts/default" '"kind": ?"ServiceAccount"' \
         --cacert "$W/pki/ca.crt" -H "Authorization: Bearer $token"
+
+    if [ -n "$NODE_IP" ]; then
+        launch kube-scheduler "$scheduler" \
+            --kubeconfig "$W/kubeconfig" \
+            --leader-elect=false \
+            --port 0 --bind-address 127.0.0.1 --secure-port "$sched_port" --cert-dir "$W/scheduler-certs" \
+            --profiling=false
+        wait_for kube-scheduler "/healthz ok" "https://127.0.0.1:$sched_port/healthz" '^ok' -k
+    fi
 
     cat > "$W/env" <<EOF
 export KUBECONFIG=$W/kubeconfig
