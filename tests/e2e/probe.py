@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from shardq import AsyncClient
-from shardq.slots import slot_of
+from shardq.wire.slots import slot_of
 
 TIMEOUT = 10.0
 
