@@ -43,6 +43,7 @@ unit:
 bench: venv-test packages-bench
 	$(VENV)/python loadtest/bench.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_durability.py --write BENCHMARKS.md
+	$(VENV)/python loadtest/bench_replication.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_gateway.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_publish.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_metrics.py --write BENCHMARKS.md
