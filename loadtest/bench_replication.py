@@ -250,6 +250,7 @@ class Probe:
             "cpu_us_per_job": {n: round(1e6 * u / jobs, 2) for n, u in self.cpu.items()},
             "sys_us_per_job": {n: round(1e6 * u / jobs, 2) for n, u in self.sys.items()},
             "runq_wait": {n: round(w, 3) for n, w in self.runq.items()},
+            "busy": {n: round(u / self.wall, 3) for n, u in self.cpu.items()},
             "fsync_ms": {n: round(1e3 * t / c, 3) if c else None
                          for n, (t, c) in self.fsync.items()},
             "fsyncs_per_job": {n: round(c / jobs, 4) for n, (_, c) in self.fsync.items()},
@@ -508,7 +509,7 @@ def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "r1": C.median_round(r1), "r3": C.median_round(r3),
             "r1_rounds": [x["rate"] for x in r1], "r3_rounds": [x["rate"] for x in r3],
         }
-        for k in ("cpu_us_per_job", "sys_us_per_job", "runq_wait", "fsync_ms",
+        for k in ("cpu_us_per_job", "sys_us_per_job", "runq_wait", "busy", "fsync_ms",
                   "fsyncs_per_job"):
             row[k] = {"r1": _median_of([x[k] for x in r1]), "r3": _median_of([x[k] for x in r3])}
         if s.measure == "rate":
@@ -663,8 +664,8 @@ def process_table(res: dict[str, Any]) -> list[str]:
         "/ **R = 3** primary · follower b · follower c · client. *CPU* is user + system time "
         "per job from /proc (warm-up included); *run-queue wait* is the share of the "
         "workload's wall time the process was runnable but waiting for a CPU "
-        "(/proc/PID/schedstat: what the machine's other load cost it); *fsync* is the mean "
-        "time of one WAL fsync, from each node's /metrics.",
+        "(/proc/PID/schedstat, all its threads: what the machine's other load cost it); "
+        "*fsync* is the mean time of one WAL fsync, from each node's /metrics.",
         "",
         "| Workload | fsync | CPU µs/job | run-queue wait | fsync ms (nodes only) |",
         "|---|---|---|---|---|",
@@ -674,6 +675,8 @@ def process_table(res: dict[str, Any]) -> list[str]:
         fsync = (f"{fs1['a']:.2f} / " + " · ".join(f"{fs3[n]:.2f}" for n in NAMES)
                  if fs1.get("a") is not None and all(fs3.get(n) is not None for n in NAMES)
                  else "—")
+        if row["fsync"] == "everysec":
+            fsync = "— (once a second, in a thread: not in the answers' path)"
         out.append(
             f"| {row['title']} | `{row['fsync']}` "
             f"| {_per_process(row, 'cpu_us_per_job', lambda v: f'{v:.1f}')} "
@@ -714,6 +717,8 @@ def where_the_time_goes(res: dict[str, Any]) -> list[str]:
     pipe, seq = rows["pipe"], rows["seq"]
     c1, c3 = pipe["cpu_us_per_job"]["r1"], pipe["cpu_us_per_job"]["r3"]
     w1, w3 = pipe["runq_wait"]["r1"], pipe["runq_wait"]["r3"]
+    b1, b3 = pipe["busy"]["r1"], pipe["busy"]["r3"]
+    idle1, idle3 = max(0.0, 1 - b1["a"] - w1["a"]), max(0.0, 1 - b3["a"] - w3["a"])
     other_cpu = c3["client"] + sum(c3[n] for n in NAMES[1:])
     bound1 = 1e6 / max(c1["a"], c1["client"])
     bound3 = 1e6 / max(c3["a"], other_cpu)
@@ -727,16 +732,18 @@ def where_the_time_goes(res: dict[str, Any]) -> list[str]:
         "stream, its WAL write and `Engine.apply`, the recovery path: about "
         f"{100 * c3['b'] / c1['a']:.0f}% of what the primary spends on a command). With "
         f"the client, the followers put {_us(other_cpu)} µs per job on the primary's "
-        f"neighbour CPU against {_us(c3['a'])} µs on the primary's, so on an idle machine "
-        f"CPU would allow ~{bound3:,.0f} jobs/s at R = 3 against ~{bound1:,.0f} at R = 1 "
-        f"(**{bound3 / bound1:.2f}×**). What the run measured instead is waiting for a "
-        f"CPU: R = 1's node was runnable but not running {100 * w1['a']:.0f}% of the time, "
-        f"R = 3's primary {100 * w3['a']:.0f}% and its followers "
-        + " and ".join(f"{100 * w3[n]:.0f}%" for n in NAMES[1:]) + ". Every answer at "
+        f"neighbour CPU against {_us(c3['a'])} µs on the primary's: if CPU were the only "
+        f"limit, R = 3 would reach ~{bound3:,.0f} jobs/s against R = 1's ~{bound1:,.0f} "
+        f"(**{bound3 / bound1:.2f}×**, an upper bound). What the run measured instead is "
+        f"waiting: R = 1's node ran {100 * b1['a']:.0f}% of the workload's wall time, was "
+        f"runnable but waiting for a CPU {100 * w1['a']:.0f}% and idle {100 * idle1:.0f}%; "
+        f"R = 3's primary ran {100 * b3['a']:.0f}%, waited for a CPU "
+        f"{100 * w3['a']:.0f}% and sat idle {100 * idle3:.0f}% (its followers waited "
+        + " and ".join(f"{100 * w3[n]:.0f}%" for n in NAMES[1:]) + "). Every answer at "
         "R = 3 crosses two more processes (primary → follower → primary) before the client "
-        "may refill its window, and on a machine this loaded each of those hand-offs waits "
-        "its turn behind other people's processes, so the primary spends much of the run "
-        "idle, its window held for acks.",
+        "may refill its window, and on a machine this loaded each hand-off waits its turn "
+        "behind other people's processes, so the primary idles with its window held for "
+        "acks.",
     ]
     s1, s3 = seq["cpu_us_per_job"]["r1"], seq["cpu_us_per_job"]["r3"]
     y1, y3 = seq["sys_us_per_job"]["r1"], seq["sys_us_per_job"]["r3"]
