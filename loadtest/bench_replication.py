@@ -20,13 +20,14 @@ pipelined and sequential rows (the targets; no fsync in the answer path, so the 
 what replication itself costs), ``always`` for 50 producers (the target) and again for
 the sequential and pipelined rows (for reference: the followers' fsync in the path).
 
-The shared machine and its disk are noisy, so the run is ``--rounds`` rounds, R = 1 and
-R = 3 interleaved (which goes first alternates), a fresh set of nodes for every
-(round, policy, R); rates are medians of the rounds, R = 3 vs R = 1 is the median of the
-per-round ratios (p50: of the per-round differences). Across each measured workload every
-process's CPU time (/proc/PID/stat), its time runnable but waiting for a CPU
-(/proc/PID/task/*/schedstat: what other people's processes cost it) and each node's mean
-WAL fsync time (its /metrics) are recorded. Then (unless ``--no-profile``) the primary and
+The shared machine and its disk are noisy, so the run is ``--rounds`` rounds; in each, per
+fsync policy, a fresh R = 1 node and a fresh R = 3 shard are up together and every
+workload runs on one and then at once on the other (which goes first alternates), so the
+two halves of a pair are seconds apart. Rates are medians of the rounds, R = 3 vs R = 1
+is the median of the per-round ratios (p50: of the per-round differences). Across each
+measured workload every process's CPU time (/proc/PID/stat), its time runnable but
+waiting for a CPU (/proc/PID/task/*/schedstat: what other people's processes cost it) and
+each node's mean WAL fsync time (its /metrics) are recorded. Then (unless ``--no-profile``) the primary and
 one follower run under cProfile (``node_cpuprofile.py``: a CPU-time clock) at R = 1 and
 R = 3 for the pipelined and sequential workloads, once each, for "where the time goes".
 Writes the ``replication`` section of BENCHMARKS.md; raw results go to
@@ -78,7 +79,7 @@ class Config:
     producers: int = 50
     per_producer: int = 400
     payload_bytes: int = 200
-    rounds: int = 5
+    rounds: int = 7
     cap_s: float = 30.0
     warm_fraction: float = 0.2
     profile_pipe: int = 50_000
@@ -446,39 +447,48 @@ def all_specs() -> list[Spec]:
 POLICIES = ["everysec", "always"]
 
 
-async def run_members(cfg: Config, place: Placement, work: Path, r: int, fsync: str,
-                      tag: str) -> dict[str, dict[str, Any]]:
-    """A fresh set of R nodes; every workload of this fsync policy on it, in order."""
-    out: dict[str, dict[str, Any]] = {}
-    members = await Members(r, fsync, work, tag).start()
+async def run_workload(cfg: Config, place: Placement, s: Spec, members: Members
+                       ) -> dict[str, Any]:
+    """One workload on one set of nodes, with its per-process measures."""
+    place.apply(s.cores, members)
     try:
-        for s in specs():
-            if s.fsync != fsync:
-                continue
-            place.apply(s.cores, members)
-            async with Probe(members) as probe:
-                m = await s.fn(cfg, members.port, s.count(cfg))
-            place.release()
-            summary = m.summary()
-            # per job over the whole workload, warm-up included (it ran between the reads)
-            summary.update(probe.summary(m.jobs * (1 + cfg.warm_fraction)))
-            out[s.key] = summary
-            p50 = summary.get("latency_us", {}).get("p50")
-            _progress(f"    R={r} {s.key:<12} {m.rate:>10,.0f} jobs/s"
-                      + (f"  p50 {p50:,.0f} µs" if p50 is not None else "")
-                      + "  cpu µs/job " + " ".join(
-                          f"{n}:{v:.1f}" for n, v in summary["cpu_us_per_job"].items())
-                      + "  runq " + " ".join(
-                          f"{n}:{v:.0%}" for n, v in summary["runq_wait"].items())
-                      + "  fsync ms " + " ".join(
-                          f"{n}:{v:.2f}" for n, v in summary["fsync_ms"].items()
-                          if v is not None))
-        if r > 1:
-            await members.caught_up(20.0)  # every follower still live at the end
+        async with Probe(members) as probe:
+            m = await s.fn(cfg, members.port, s.count(cfg))
     finally:
-        codes = members.stop()
-    if any(code not in (0, None) for code in codes.values()):
-        _progress(f"    note: exit codes {codes}")
+        place.release()
+    summary = m.summary()
+    # per job over the whole workload, warm-up included (it ran between the reads)
+    summary.update(probe.summary(m.jobs * (1 + cfg.warm_fraction)))
+    p50 = summary.get("latency_us", {}).get("p50")
+    _progress(f"    R={members.r} {s.key:<12} {m.rate:>10,.0f} jobs/s"
+              + (f"  p50 {p50:,.0f} µs" if p50 is not None else "")
+              + "  cpu µs/job " + " ".join(
+                  f"{n}:{v:.1f}" for n, v in summary["cpu_us_per_job"].items())
+              + "  runq " + " ".join(f"{n}:{v:.0%}" for n, v in summary["runq_wait"].items())
+              + "  fsync ms " + " ".join(f"{n}:{v:.2f}" for n, v in summary["fsync_ms"].items()
+                                         if v is not None))
+    return summary
+
+
+async def run_policy(cfg: Config, place: Placement, work: Path, fsync: str, n: int
+                     ) -> dict[str, dict[str, Any]]:
+    """A fresh R = 1 node and a fresh R = 3 shard, both up at once; every workload of this
+    fsync policy on one, then at once on the other (which goes first alternates by round
+    and by workload), so each pair is measured seconds apart."""
+    out: dict[str, dict[str, Any]] = {"r1": {}, "r3": {}}
+    sets = {r: Members(r, fsync, work, f"round{n + 1}-{fsync}-r{r}") for r in (1, 3)}
+    try:
+        for members in sets.values():
+            await members.start()
+        for i, s in enumerate(x for x in specs() if x.fsync == fsync):
+            for r in (1, 3) if (n + i) % 2 == 0 else (3, 1):
+                out[f"r{r}"][s.key] = await run_workload(cfg, place, s, sets[r])
+        await sets[3].caught_up(20.0)  # every follower still live at the end
+    finally:
+        for members in sets.values():
+            codes = members.stop()
+            if any(code not in (0, None) for code in codes.values()):
+                _progress(f"    note: exit codes {codes}")
     return out
 
 
@@ -489,11 +499,10 @@ async def measure(cfg: Config, place: Placement, work: Path) -> dict[str, Any]:
         _progress(f"round {n + 1}/{cfg.rounds} (load {load})")
         rnd: dict[str, Any] = {"loadavg": load, "r1": {}, "r3": {}}
         for fsync in POLICIES:
-            if not any(s.fsync == fsync for s in specs()):
-                continue
-            for r in (1, 3) if n % 2 == 0 else (3, 1):
-                res = await run_members(cfg, place, work, r, fsync, f"round{n + 1}-{fsync}-r{r}")
-                rnd[f"r{r}"].update(res)
+            if any(s.fsync == fsync for s in specs()):
+                res = await run_policy(cfg, place, work, fsync, n)
+                rnd["r1"].update(res["r1"])
+                rnd["r3"].update(res["r3"])
         rounds.append(rnd)
     return {"rounds": rounds, "rows": summarize(rounds)}
 
@@ -825,10 +834,11 @@ def section(res: dict[str, Any]) -> str:
         "with its own data directory on this machine's disk (ext4), and the client "
         "(`bench_client.py`, as in the other benchmarks) talks to the node or the primary "
         "directly. Each row's fsync policy is the same at R = 1 and R = 3. The run is "
-        f"{cfg['rounds']} rounds with R = 1 and R = 3 interleaved (which goes first "
-        "alternates), a fresh set of nodes for each (round, policy, R); a cell is the "
-        "median round (every round below it), **R = 3 vs R = 1 is the median of the "
-        "per-round ratios** (latency: of the per-round p50 differences)._",
+        f"{cfg['rounds']} rounds; in each, per fsync policy, a fresh R = 1 node and a fresh "
+        "R = 3 shard are up together and every workload runs on one and at once on the "
+        "other (which goes first alternates), so a pair is measured seconds apart. A cell "
+        "is the median round (every round below it), **R = 3 vs R = 1 is the median of "
+        "the per-round ratios** (latency: of the per-round p50 differences)._",
         "",
         f"- **Date:** {meta['date']} · **commit:** `{meta['commit']}` · "
         f"**shardq from:** {meta['source']}",
