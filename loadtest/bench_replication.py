@@ -27,9 +27,10 @@ two halves of a pair are seconds apart. Rates are medians of the rounds, R = 3 v
 is the median of the per-round ratios (p50: of the per-round differences). Across each
 measured workload every process's CPU time (/proc/PID/stat), its time runnable but
 waiting for a CPU (/proc/PID/task/*/schedstat: what other people's processes cost it) and
-each node's mean WAL fsync time (its /metrics) are recorded. Then (unless ``--no-profile``) the primary and
-one follower run under cProfile (``node_cpuprofile.py``: a CPU-time clock) at R = 1 and
-R = 3 for the pipelined and sequential workloads, once each, for "where the time goes".
+each node's mean WAL fsync time (its /metrics) are recorded. Then (unless
+``--no-profile``) the primary and one follower run under cProfile (``node_cpuprofile.py``:
+a CPU-time clock) at R = 1 and R = 3 for the pipelined and sequential workloads, once
+each, for "where the time goes".
 Writes the ``replication`` section of BENCHMARKS.md; raw results go to
 build/bench/replication.json.
 
