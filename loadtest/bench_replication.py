@@ -105,58 +105,71 @@ class Placement:
     """Which CPU each process runs on: bench.py's placement, extended to a shard's followers.
 
     As in ``bench.Placement``: the one-request-in-flight workload runs the client and the
-    node it talks to (R = 1: the node; R = 3: the primary) on the first CPU, the throughput
+    node it talks to (R = 1: the node; R = 3: the primary) on the first CPU; the throughput
     workloads give the client the first CPU and that node the second. So the primary sits
     exactly where the single copy sits, and R = 3 vs R = 1 is what the followers add.
 
-    ``followers="apart"`` (the default) puts both followers on the CPU the primary does
-    *not* use: with the client for the throughput workloads (the client needs a fraction of
-    its CPU; the primary, which parses, executes and answers every command and ships the
-    log, is the bottleneck and keeps a CPU to itself, as each member would on its own
-    machine), and on the otherwise idle second CPU for the sequential workload (the
-    primary's fsync, its followers' writes and fsyncs then overlap instead of queueing on
-    one CPU). ``followers="primary"`` puts them on the primary's CPU (three copies on one
-    core), ``--no-pin`` leaves everything to the scheduler. Every thread of a node is
-    pinned, not only its event loop.
+    ``followers="split"`` (the default) puts one follower on each CPU: follower c with the
+    primary, follower b on the other CPU. For the sequential workload that keeps one whole
+    path of an answer on one CPU (client → primary → c → primary → client), which is
+    bench.py's rule for one request in flight: a round trip between CPUs pays a cross-CPU
+    wake-up that depends on where the scheduler puts things, not on the code; b, on the
+    other CPU, keeps the shard from relying on one CPU. For the throughput workloads the
+    client and the primary keep their own CPUs and each also hosts a follower: the three
+    copies share the two cores, one follower beside the light client.
 
-    Tried both on 2026-12-06 (2 CPUs, load average 9-15 from other tests, 3 rounds each,
-    twice): sequential p50 +114/+162 µs apart, +416/+159 µs with the primary; pipelined
-    0.29-0.43× apart, 0.50-0.61× with the primary. The second is the load, not the shard:
-    a loaded CPU is shared per runnable process, so three nodes on one CPU take three
-    shares of it where the single copy takes one. "apart" is the placement that stands
-    for one machine per member.
+    ``followers="apart"`` puts both followers on the CPU the primary does not use,
+    ``followers="primary"`` both on the primary's; ``--no-pin`` leaves everything to the
+    scheduler. Every thread of a node is pinned, not only its event loop.
+
+    Tried on 2026-12-06 (2 CPUs, other people's tests on them, load average 7-15),
+    interleaved, 3-4 rounds each; R = 3 vs R = 1: sequential p50 +67 µs split, +101 to
+    +162 µs apart, +159 to +416 µs primary; 50 producers (always) 1.09× split, 0.68× apart;
+    pipelined 0.43× split, 0.48× apart (the same within the noise), 0.50-0.61× primary under
+    the heaviest load (a loaded CPU is shared per runnable process: three nodes on one CPU
+    take three shares where the single copy takes one). Apart, every acknowledgement of the
+    sequential workload crosses CPUs twice, and with 1,000 requests in flight both
+    followers apply each group on one CPU, each at half speed, while the primary waits.
     """
 
-    def __init__(self, enabled: bool, followers: str = "apart") -> None:
+    def __init__(self, enabled: bool, followers: str = "split") -> None:
         self.all = os.sched_getaffinity(0)
         cpus = sorted(self.all)
         self.enabled = enabled and len(cpus) >= 2
         self.followers = followers
         self.client, self.server = (cpus[0], cpus[1]) if self.enabled else (-1, -1)
 
-    def cpus(self, cores: str) -> tuple[int, int]:
-        """(primary's CPU, followers' CPU) for a workload's ``cores`` ("same" or "split")."""
+    def cpus(self, cores: str) -> dict[str, int]:
+        """Each node's CPU for a workload's ``cores`` ("same" or "split")."""
         primary = self.client if cores == "same" else self.server
         other = self.server if primary == self.client else self.client
-        return primary, (other if self.followers == "apart" else primary)
+        b, c = {"split": (other, primary), "apart": (other, other),
+                "primary": (primary, primary)}[self.followers]
+        return {NAMES[0]: primary, NAMES[1]: b, NAMES[2]: c}
 
     def describe(self) -> str:
         if not self.enabled:
             return "not pinned (the scheduler places the client and every node)"
-        seq_p, seq_f = self.cpus("same")
-        thr_p, thr_f = self.cpus("split")
-        return (f"sequential PUSH: client, R = 1 node and R = 3 primary on CPU {seq_p}, "
-                f"R = 3 followers on CPU {seq_f}; throughput workloads (pipelined PUSH, "
-                f"50 producers): client on CPU {self.client}, R = 1 node and R = 3 primary "
-                f"on CPU {thr_p}, R = 3 followers on CPU {thr_f}")
+
+        def where(cores: str) -> str:
+            cpus = self.cpus(cores)
+            on = {cpu: ["the client"] if cpu == self.client else [] for cpu in
+                  sorted({self.client, *cpus.values()})}
+            on[cpus["a"]].append("the R = 1 node / R = 3 primary a")
+            for n in NAMES[1:]:
+                on[cpus[n]].append(f"follower {n}")
+            return "; ".join(f"CPU {cpu}: {', '.join(who)}" for cpu, who in on.items())
+
+        return (f"sequential PUSH: {where('same')}. Pipelined PUSH and 50 producers: "
+                f"{where('split')}")
 
     def apply(self, cores: str, members: Members) -> None:
         if not self.enabled:
             return
         os.sched_setaffinity(0, {self.client})
-        primary, followers = self.cpus(cores)
+        cpus = self.cpus(cores)
         for name, server in members.servers.items():
-            pin_all(server.pid, {primary} if name == members.primary else {followers})
+            pin_all(server.pid, {cpus[name]})
 
     def release(self) -> None:
         os.sched_setaffinity(0, self.all)
@@ -720,59 +733,77 @@ def _us(v: float) -> str:
     return f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
 
 
+def _per_cpu(cpu_us: dict[str, float], cpus: dict[str, int]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for name, cpu in cpus.items():
+        out[cpu] = out.get(cpu, 0.0) + cpu_us.get(name, 0.0)
+    return out
+
+
 def where_the_time_goes(res: dict[str, Any]) -> list[str]:
     rows = {row["key"]: row for row in res["rows"]}
     if "pipe" not in rows or "seq" not in rows:
         return []
+    meta = res["meta"]
     pipe, seq = rows["pipe"], rows["seq"]
     c1, c3 = pipe["cpu_us_per_job"]["r1"], pipe["cpu_us_per_job"]["r3"]
     w1, w3 = pipe["runq_wait"]["r1"], pipe["runq_wait"]["r3"]
     b1, b3 = pipe["busy"]["r1"], pipe["busy"]["r3"]
     idle1, idle3 = max(0.0, 1 - b1["a"] - w1["a"]), max(0.0, 1 - b3["a"] - w3["a"])
-    other_cpu = c3["client"] + sum(c3[n] for n in NAMES[1:])
-    bound1 = 1e6 / max(c1["a"], c1["client"])
-    bound3 = 1e6 / max(c3["a"], other_cpu)
-    out = [
-        "### Where the time goes at R = 3",
-        "",
+    out = ["### Where the time goes at R = 3", ""]
+    cpus = meta.get("cpus", {}).get("split") or {}
+    bound = ""
+    if cpus:
+        load1 = _per_cpu(c1, {"a": cpus["a"], "client": cpus["client"]})
+        load3 = _per_cpu(c3, cpus)
+        bound1, bound3 = 1e6 / max(load1.values()), 1e6 / max(load3.values())
+        bound = (" Per CPU that is " + ", ".join(
+            f"CPU {cpu} {_us(v)} µs" for cpu, v in sorted(load3.items())) + " per job at "
+            "R = 3 (" + ", ".join(f"CPU {cpu} {_us(v)} µs" for cpu, v in sorted(load1.items()))
+            + f" at R = 1): if CPU were the only limit, R = 3 would reach ~{bound3:,.0f} "
+            f"jobs/s against R = 1's ~{bound1:,.0f} (**{bound3 / bound1:.2f}×**, an upper "
+            "bound).")
+    out.append(
         f"- **Pipelined PUSH.** CPU per job: the single copy {_us(c1['a'])} µs; at R = 3 the "
-        f"primary {_us(c3['a'])} µs ({c3['a'] - c1['a']:+.1f} µs: the group's shipping and "
-        "acks are per group of hundreds of jobs, so they nearly vanish per job) and each "
-        "follower " + " and ".join(_us(c3[n]) for n in NAMES[1:]) + " µs (reading the "
-        "stream, its WAL write and `Engine.apply`, the recovery path: about "
-        f"{100 * c3['b'] / c1['a']:.0f}% of what the primary spends on a command). With "
-        f"the client, the followers put {_us(other_cpu)} µs per job on the primary's "
-        f"neighbour CPU against {_us(c3['a'])} µs on the primary's: if CPU were the only "
-        f"limit, R = 3 would reach ~{bound3:,.0f} jobs/s against R = 1's ~{bound1:,.0f} "
-        f"(**{bound3 / bound1:.2f}×**, an upper bound). What the run measured instead is "
-        f"waiting: R = 1's node ran {100 * b1['a']:.0f}% of the workload's wall time, was "
-        f"runnable but waiting for a CPU {100 * w1['a']:.0f}% and idle {100 * idle1:.0f}%; "
-        f"R = 3's primary ran {100 * b3['a']:.0f}%, waited for a CPU "
-        f"{100 * w3['a']:.0f}% and sat idle {100 * idle3:.0f}% (its followers waited "
-        + " and ".join(f"{100 * w3[n]:.0f}%" for n in NAMES[1:]) + "). Every answer at "
-        "R = 3 crosses two more processes (primary → follower → primary) before the client "
-        "may refill its window, and on a machine this loaded each hand-off waits its turn "
-        "behind other people's processes, so the primary idles with its window held for "
-        "acks.",
-    ]
+        f"primary {_us(c3['a'])} µs ({c3['a'] - c1['a']:+.1f} µs: shipping and acks are per "
+        "group of hundreds of jobs, so they nearly vanish per job) and each follower "
+        + " and ".join(_us(c3[n]) for n in NAMES[1:]) + " µs (reading the stream, its WAL "
+        f"write and `Engine.apply`: about {100 * c3['b'] / c1['a']:.0f}% of what the primary "
+        "spends on a command)." + bound + " The rate is set by waiting instead: R = 1's "
+        f"node ran {100 * b1['a']:.0f}% of the workload's wall time, waited for a CPU "
+        f"{100 * w1['a']:.0f}% and was idle {100 * idle1:.0f}%; R = 3's primary ran "
+        f"{100 * b3['a']:.0f}%, waited for a CPU {100 * w3['a']:.0f}% and was idle "
+        f"{100 * idle3:.0f}% (its followers waited for a CPU "
+        + " and ".join(f"{100 * w3[n]:.0f}%" for n in NAMES[1:]) + "). The primary reads "
+        "the client's 1,000 requests in one or two reads, so a group is most of the window, "
+        "and none of its answers may leave until a follower has received the whole group, "
+        "applied it to its engine, written it and acked; meanwhile the client has nothing "
+        "left to send and the primary nothing to do. So the primary's and the followers' "
+        "work on a window run one after the other rather than side by side, and every "
+        "hand-off between them also waits its turn for a CPU behind other people's "
+        "processes.")
     s1, s3 = seq["cpu_us_per_job"]["r1"], seq["cpu_us_per_job"]["r3"]
     y1, y3 = seq["sys_us_per_job"]["r1"], seq["sys_us_per_job"]["r3"]
+    near = {"split": "follower c, on the primary's CPU,",
+            "primary": "a follower on the primary's CPU",
+            "apart": "a follower on the other CPU"}.get(meta.get("followers", ""),
+                                                     "a follower")
     out.append(
         f"- **Sequential PUSH** (one request in flight): p50 {seq['r1_p50']:,.0f} µs at "
         f"R = 1, {seq['r3_p50']:,.0f} µs at R = 3 ({seq['value']:+,.0f} µs, the median of "
         "the per-round differences). The answer waits for a second process: the primary "
-        "writes the record to its WAL and sends it to both followers, a follower wakes on "
-        "the other CPU, reads it, writes it to its WAL, applies it and acks, and the primary "
-        "wakes again, reads the ack, moves the commit LSN and releases the answer (the "
-        "second follower's ack comes later and is not waited for). With one request in "
-        "flight every group is one job, so nothing is amortised: the primary spends "
-        f"{_us(s3['a'])} µs of CPU per request against the single copy's {_us(s1['a'])} "
-        f"({s3['a'] - s1['a']:+.0f} µs, of which {y3['a'] - y1['a']:+.0f} µs in the kernel: "
-        "two loopback sends that also deliver to and wake the followers, two ack reads, "
-        "one more sleep and wake-up), and each follower "
-        + " and ".join(_us(s3[n]) for n in NAMES[1:]) + " µs. Part of the primary's extra "
-        "time and one follower's whole time are in the answer's path, plus two cross-CPU "
-        "wake-ups (tens of µs each on this VM, see the node section's placement note).")
+        f"writes the record to its WAL and sends it to both followers, {near} wakes, reads "
+        "it, applies it, writes it to its WAL (in the next turn of its event loop) and acks, "
+        "and the primary wakes again, reads the ack, moves the commit LSN and releases the "
+        "answer (the other follower's ack comes later and is not waited for). With one "
+        "request in flight every group is one job, so nothing is amortised: the primary "
+        f"spends {_us(s3['a'])} µs of CPU per request against the single copy's "
+        f"{_us(s1['a'])} ({s3['a'] - s1['a']:+.0f} µs, of which {y3['a'] - y1['a']:+.0f} µs in "
+        "the kernel: two loopback sends that also deliver to and wake the followers, two ack "
+        "reads, one more sleep and wake-up), and each follower "
+        + " and ".join(_us(s3[n]) for n in NAMES[1:]) + " µs. The answer's path holds the "
+        "primary's extra work up to the first ack and the nearer follower's whole work, on "
+        "the same CPU one after the other.")
     always = rows.get("seq-always")
     if always is not None:
         f1, f3 = always["fsync_ms"]["r1"], always["fsync_ms"]["r3"]
@@ -851,12 +882,12 @@ def section(res: dict[str, Any]) -> str:
         "round's start: " + ", ".join(r.split()[0] for r in meta.get("round_loads", [])),
         f"- **Nodes:** `{meta['node_cmd']}` (`--name b`, `--name c` for the followers)",
         f"- **CPU placement:** {meta['placement']}. The primary sits where the single copy "
-        "sits (as `bench.py` places a node), so the difference is what the followers add; "
-        "the followers take the CPU the primary does not use (with the client for the "
-        "throughput workloads, which needs a fraction of it; the other CPU for the "
-        "sequential one), the nearest this machine comes to one machine per member. Every "
-        "thread of every node is pinned. (Followers on the primary's CPU instead: see "
-        "`Placement` in the script.)",
+        "sits (as `bench.py` places a node), so the difference is what the followers add, "
+        "and one follower shares each CPU: with one request in flight an answer's whole "
+        "path (client, primary, the nearer follower) stays on one CPU, bench.py's rule "
+        "against cross-CPU wake-ups that measure the scheduler rather than the code. Every "
+        "thread of every node is pinned. Why this and not both followers on one CPU: "
+        "`Placement` in the script, with measurements.",
         f"- {cfg['payload_bytes']}-byte payloads; every workload warmed up first "
         f"({cfg['warm_fraction']:.0%} of its count) on its connection(s), then measured; each "
         f"stops at its count or after {cfg['cap_s']:.0f} s (*capped*).",
@@ -904,6 +935,9 @@ def meta(argv: list[str], place: Placement) -> dict[str, Any]:
         "node_cmd": procs.shown(node_argv("a", Path("DIR/a"), "FSYNC")).replace(
             "--http-port 0", "--http-port FREE"),
         "placement": place.describe(),
+        "followers": place.followers if place.enabled else "unpinned",
+        "cpus": {cores: {**place.cpus(cores), "client": place.client} if place.enabled else {}
+                 for cores in ("same", "split")},
     }
 
 
@@ -913,9 +947,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile step")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    p.add_argument("--followers", choices=("apart", "primary"), default="apart",
-                   help="followers on the CPU the primary does not use (apart, default) or "
-                        "on the primary's (see Placement)")
+    p.add_argument("--followers", choices=("split", "apart", "primary"), default="split",
+                   help="one follower on each CPU (split, default), both on the CPU the "
+                        "primary does not use (apart) or both on the primary's (see "
+                        "Placement)")
     p.add_argument("--workloads", default="",
                    help="only these rows, comma-separated keys (pipe, seq, prod, seq-always, "
                         "pipe-always): for exploring; the section needs them all")
