@@ -597,7 +597,9 @@ async def _profiled(cfg: Config, place: Placement, work: Path, r: int, key: str,
                     cores: str, n: int) -> dict[str, Any]:
     prof = {NAMES[0]: OUT_DIR / f"profile-r{r}-{key}-a.prof"}
     if r > 1:
-        prof[NAMES[1]] = OUT_DIR / f"profile-r{r}-{key}-b.prof"  # a follower, for its side
+        # follower c: on the primary's CPU (split placement), the one whose ack an answer
+        # waits for with one request in flight
+        prof[NAMES[2]] = OUT_DIR / f"profile-r{r}-{key}-c.prof"
     for p in prof.values():
         p.unlink(missing_ok=True)
     members = await Members(r, "everysec", work, f"profile-r{r}-{key}", profile=prof).start()
@@ -837,7 +839,7 @@ def where_the_time_goes(res: dict[str, Any]) -> list[str]:
         fol = p3.get("follower")
         if fol is not None:
             ftotal = fol["total_tt"]
-            line += (" Follower b: " + "; ".join(
+            line += (" Follower c: " + "; ".join(
                 f"{label} {100 * v['cumtime'] / ftotal:.0f}%"
                 for label, v in fol["funcs"].items()) + " of its CPU.")
         line += f" Profiles: `{prim['file']}`, `{p1['primary']['file']}`"
