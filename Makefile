@@ -23,9 +23,10 @@ packages-bench:
 	@scripts/ci_packages.sh bench
 
 ## run: set up and start a local shardq cluster on loopback (Ctrl-C stops it);
-## PORT (TCP, 6789) and HTTP_PORT (HTTP and the dashboard, 6790) move it
+## PORT (TCP, 6789) and HTTP_PORT (HTTP and the dashboard, 6790) move it; REPLICAS=3 runs
+## shards of three copies with failover
 run: venv-server
-	$(VENV)/shardq up --port $(PORT) --http-port $(HTTP_PORT)
+	$(VENV)/shardq up --port $(PORT) --http-port $(HTTP_PORT) --replicas $(or $(REPLICAS),1)
 
 ## test: set up and run everything CI runs
 test: venv-test packages-test lint typecheck unit
