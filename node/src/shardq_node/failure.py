@@ -49,14 +49,14 @@ class StorageFailure:
         """Rebuild the engine from what is durable; False (logged) if the disk or the
         process's descriptors do not allow it yet. Until then reads see the old engine."""
         node = self.node
-        fresh = node._fresh_engine()
+        fresh = node.fresh_engine()
         try:
             self.storage.recover(fresh, open_wal=False, stop_at=self.storage.wal.durable_pos)
         except OSError as exc:
             log.warning("cannot reload the state from disk yet (%s); trying again in %.1fs",
                         exc.strerror or exc, self.retry)
             return False
-        node.engine = node.commands.engine = fresh
+        node.use_engine(fresh)
         self.reload_pending = False
         return True
 

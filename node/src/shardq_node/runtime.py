@@ -34,6 +34,7 @@ from .cluster import Cluster
 from .commands import OK, PENDING, Answer, Caller, Commands, Encoded
 from .engine import Engine
 from .failure import StorageFailure
+from .following import Follower
 from .jobs import DELAYED, BlobRef, Job
 from .membership import Membership
 from .metrics import Measures
@@ -41,7 +42,7 @@ from .peers import Peers
 from .replication import Replication
 from .settings import NodeSettings
 from .storage import Storage
-from .wal import Files, decode, read_frames
+from .wal import Files
 
 if TYPE_CHECKING:
     from .server_tcp import Session
@@ -136,6 +137,8 @@ class Node:
                 self.storage.wal.observe_fsync = self.measures.fsync.observe
         self._blob_deletes: deque[tuple[int, list[int]]] = deque()
         self.failure: StorageFailure | None = None
+        #: the follower's side of replication (a node with a data directory)
+        self.follower = Follower(self, self.storage) if self.storage is not None else None
         self.cluster = Cluster(self)
         self.replication = Replication(self)
         self.peers = Peers(self)
@@ -377,7 +380,7 @@ class Node:
             if self.replication.follows:  # a bug: a follower changed its own state
                 log.error("a follower made %d records of its own (%s); rebuilding from disk",
                           len(journal), journal[0][0])
-                self._rebuild()
+                self.rebuild()
                 return int(self.log.seq)
             self.log.append(journal)
         if engine.dropped_blobs:
@@ -446,7 +449,10 @@ class Node:
         self._outbox_flush()
         self._blob_deletes.clear()
 
-    def _fresh_engine(self) -> Engine:
+    # -- replacing the engine (a follower's rebuild, a storage failure's reload) ------------------
+
+    def fresh_engine(self) -> Engine:
+        """An empty engine that observes and emits as this one does (to load from disk)."""
         fresh = Engine(self.clock, self.settings.engine)
         fresh.watch = self.engine.watch
         fresh.observe_wait, fresh.observe_run = self.engine.observe_wait, self.engine.observe_run
@@ -454,76 +460,29 @@ class Node:
         fresh.memory_budget = self.engine.memory_budget
         return fresh
 
+    def use_engine(self, engine: Engine) -> None:
+        """From now on ``engine`` is this node's: every part that holds the engine gets it."""
+        self.engine = self.commands.engine = engine
+
+    def rebuild(self) -> None:
+        """Load the engine anew from disk (a follower whose log was cut or replaced)."""
+        storage = self.storage
+        assert storage is not None
+        self._blob_deletes.clear()
+        fresh = self.fresh_engine()
+        self.recovery = storage.recover(fresh)
+        self.use_engine(fresh)
+
+    def blobs_dropped(self, lsn: int, job_ids: list[int]) -> None:
+        """The blobs of these finished jobs go once the log is durable past ``lsn``."""
+        self._blob_deletes.append((lsn, job_ids))
+
     def fail_unconfirmed(self, durable: int, text: str) -> None:
         """This node stopped being primary, or lost its quorum: answers past ``durable`` (the
         last commit) were never confirmed by a majority; they get ``text`` instead."""
         for session in [*self.sessions, *self.inline_held]:
             session.fail_held(durable, text)
         self._outbox_flush()
-
-    # -- following a primary (replication.py) -------------------------------------------------
-
-    def follow_records(self, first: int, count: int, blobs: list[tuple[int, bytes]],
-                       frames: bytes) -> None:
-        """Append the primary's records at the same LSNs and apply them."""
-        wal = self.log
-        if first > wal.seq + 1:
-            raise ValueError(f"records from {first} but this log ends at {wal.seq}")
-        skip = wal.seq + 1 - first
-        if skip >= count:
-            return
-        if skip:
-            frames = _skip_frames(frames, skip)
-            count -= skip
-        storage = self.storage
-        assert storage is not None
-        for job_id, data in blobs:
-            fd = storage.blobs.write(job_id, data)
-            if wal.policy == "always":
-                wal.extra_fsync.append(fd)
-            else:
-                storage.files.close(fd)
-        wal.append_raw(frames, count)
-        engine = self.engine
-        for _, payload in read_frames(frames):
-            engine.apply(decode(payload))
-        engine.events.clear()
-        engine.wakeups.clear()
-        engine.deps.to_watch.clear()
-        engine.deps.outbox.clear()
-        if engine.dropped_blobs:
-            self._blob_deletes.append((wal.seq, engine.dropped_blobs))
-            engine.dropped_blobs = []
-        timers = engine.timers
-        if len(timers.deadlines) + len(timers.delayed) > 2 * len(engine.jobs) + 10_000:
-            timers.compact()  # a follower never ticks: drop what its timers will never pop
-
-    def follow_truncate(self, lsn: int) -> None:
-        """Cut this log back to ``lsn`` (a tail no majority held) and rebuild from disk."""
-        storage = self.storage
-        assert storage is not None
-        log.warning("cutting the log back from %d to %d (a tail the new primary lacks)",
-                    self.log.seq, lsn)
-        storage.cut_after(lsn)
-        self._rebuild()
-
-    def follow_snapshot(self, lsn: int, blobs: list[tuple[int, bytes]], data: bytes) -> None:
-        """Replace this node's whole state with the primary's snapshot at ``lsn``."""
-        storage = self.storage
-        assert storage is not None
-        log.warning("rebuilding from the primary's snapshot at %d (%d bytes)", lsn, len(data))
-        for job_id, payload in blobs:
-            storage.files.close(storage.blobs.write(job_id, payload))
-        storage.install_snapshot(data)
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        storage = self.storage
-        assert storage is not None
-        self._blob_deletes.clear()
-        fresh = self._fresh_engine()
-        self.recovery = storage.recover(fresh)
-        self.engine = self.commands.engine = fresh
 
     def _outbox_flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -794,12 +753,6 @@ class Node:
             return self.storage.blobs.read(job_id)
         except OSError as exc:
             raise StorageFailed(f"read from blob store failed: {exc.strerror or exc}") from None
-
-
-def _skip_frames(frames: bytes, n: int) -> bytes:
-    from .replication import skip_frames
-
-    return skip_frames(frames, n)
 
 
 def _encode(answer: Answer, rid: str | int | None) -> bytes:
