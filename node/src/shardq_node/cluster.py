@@ -366,7 +366,7 @@ class Cluster:
         for rec in slotmove.export(engine, slots):
             if rec[0] == R.JOB and rec[3][18]:  # a blob payload travels inline
                 row = list(rec[3])
-                row[1] = self.node.read_blob(row[0])
+                row[1] = self.node.payloads.read_blob(row[0])
                 row[18] = 0
                 rec = (rec[0], rec[1], rec[2], row)
             out.append(rec)
