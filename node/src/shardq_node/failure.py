@@ -16,21 +16,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from shardq.errors import StorageFailed
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .engine import Engine
+    from .replication import Replication
+    from .settings import NodeSettings
     from .storage import Storage
 
 log = logging.getLogger("shardq_node.failure")
 
 
+class FailureHost(Protocol):
+    """What a storage failure needs of its node (the runtime is one)."""
+
+    @property
+    def settings(self) -> NodeSettings: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def replication(self) -> Replication: ...
+
+    def answer_unpersisted(self, durable: int, text: str) -> None: ...
+
+    def fresh_engine(self) -> Engine: ...
+
+    def use_engine(self, engine: Engine) -> None: ...
+
+    def after_batch(self) -> None: ...
+
+
 class StorageFailure:
     """The failed state of one node's storage, and the way out of it."""
 
-    def __init__(self, node: Node, storage: Storage) -> None:
+    def __init__(self, node: FailureHost, storage: Storage) -> None:
         self.node = node
         self.storage = storage
         self.retry = node.settings.storage.retry_seconds

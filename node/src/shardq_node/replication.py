@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shardq.wire.topology import Shard
 
@@ -31,7 +31,11 @@ from .replication_wire import HEARTBEAT, K_HEARTBEAT, blobs_body, message
 from .shipping import FollowerLink
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .cluster import Cluster
+    from .engine import Engine
+    from .membership import Membership
+    from .settings import NodeSettings
+    from .storage import Storage
 
 log = logging.getLogger("shardq_node.replication")
 
@@ -45,10 +49,42 @@ LEARNER = "learner"
 NONE = "none"
 
 
+class ReplicationHost(Protocol):
+    """What replication needs of its node (the runtime is one): its name, topology and term
+    promises, its log and engine, and the gate answers wait behind."""
+
+    #: what answers wait for: the log, or (a replicated primary) this Replication
+    gate: Any
+
+    @property
+    def settings(self) -> NodeSettings: ...
+
+    @property
+    def cluster(self) -> Cluster: ...
+
+    @property
+    def membership(self) -> Membership: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def log(self) -> Any: ...
+
+    @property
+    def storage(self) -> Storage | None: ...
+
+    def after_batch(self) -> None: ...
+
+    def released(self) -> None: ...
+
+    def fail_unconfirmed(self, durable: int, text: str) -> None: ...
+
+
 class Replication:
     """One node's part in its shard: role, term, commit LSN, follower links."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ReplicationHost) -> None:
         self.node = node
         self.role = STANDALONE
         self.shard_name = ""
