@@ -199,12 +199,12 @@ async def start_gateway(cluster: Cluster, **settings: Any) -> Gateway:
 
 def blocked_pulls(node: Node, queue: str) -> int:
     """How many PULLs wait on ``queue`` at ``node`` now (its blocked-pull waiters)."""
-    return len(node.waiters.get(queue, ()))
+    return len(node.pulls.waiters.get(queue, ()))
 
 
 def subscribers(node: Node, queue: str) -> int:
     """How many connections are subscribed to ``queue``'s events at ``node`` now."""
-    return len(node.subscribers.get(queue, ()))
+    return len(node.events.subscribers.get(queue, ()))
 
 
 def answered(node: Node, cmd: str) -> int:

@@ -763,7 +763,7 @@ async def test_stopping_a_node_ends_its_open_event_streams_at_once(
 
 async def test_an_event_stream_whose_client_left_is_unsubscribed(api: Api) -> None:
     resp = await open_events(api, queue="gone")
-    assert "gone" in api.node.subscribers
+    assert "gone" in api.node.events.subscribers
     resp.close()
     await eventually(lambda: subscribers(api.node, "gone") == 0, 5, 0.005,
                      what="the stream's subscription dropped")

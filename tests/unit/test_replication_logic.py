@@ -8,7 +8,8 @@ import pytest
 
 from shardq.wire.slots import SLOTS
 from shardq.wire.topology import NodeInfo, Shard, Topology
-from shardq_node.replication import common_point, skip_frames, term_at
+from shardq_node.replication_wire import skip_frames
+from shardq_node.shipping import common_point, term_at
 from shardq_node.wal import frames, read_frames
 from shardq_operator.controller import _choose
 from shardq_operator.store import Conflict, FileStore, MemoryStore, update

@@ -34,7 +34,7 @@ import hmac
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -52,7 +52,11 @@ from .wal import decode, frame
 
 if TYPE_CHECKING:
     from .commands import Answer, Caller
-    from .runtime import Node
+    from .engine import Engine
+    from .membership import Membership
+    from .payloads import Payloads
+    from .settings import NodeSettings
+    from .storage import Storage
 
 log = logging.getLogger("shardq_node.cluster")
 
@@ -83,8 +87,37 @@ def check_slots(req: P.Request) -> list[int]:
     return sorted(set(v))
 
 
+class ClusterHost(Protocol):
+    """What ownership and the internal commands need of their node (the runtime is one)."""
+
+    @property
+    def settings(self) -> NodeSettings: ...
+
+    @property
+    def replication(self) -> RP.Replication: ...
+
+    @property
+    def membership(self) -> Membership: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def log(self) -> Any: ...
+
+    @property
+    def storage(self) -> Storage | None: ...
+
+    @property
+    def payloads(self) -> Payloads: ...
+
+    def after_batch(self) -> None: ...
+
+    def topology_changed(self) -> None: ...
+
+
 class Cluster:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ClusterHost) -> None:
         self.node = node
         self.name = node.settings.name
         self.topology: Topology | None = None
@@ -366,7 +399,7 @@ class Cluster:
         for rec in slotmove.export(engine, slots):
             if rec[0] == R.JOB and rec[3][18]:  # a blob payload travels inline
                 row = list(rec[3])
-                row[1] = self.node.read_blob(row[0])
+                row[1] = self.node.payloads.read_blob(row[0])
                 row[18] = 0
                 rec = (rec[0], rec[1], rec[2], row)
             out.append(rec)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from orjson import Fragment
 
 from shardq.errors import (
@@ -26,10 +27,18 @@ from shardq.wire import commands as C
 from shardq.wire import protocol as P
 from shardq.wire.job import EVENTS
 
+from . import introspection
+from .callers import Caller
 from .jobs import Job, client_encoder
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .cluster import Cluster
+    from .engine import Engine
+    from .events import Events
+    from .payloads import Payloads
+    from .pulls import Pulls
+    from .settings import NodeSettings
+    from .storage import Storage
 
 Answer = dict[str, Any]
 OK: Answer = {"ok": True}
@@ -48,14 +57,17 @@ PENDING: Answer = {"ok": None}  # sentinel: the answer comes later (blocked PULL
 Handler = Callable[[P.Request, "Caller"], Answer]
 
 
-class Caller(Protocol):
-    """What a handler needs of the connection that sent the command."""
-
-    owner: int
-    authed: bool
-    subscriptions: dict[str, frozenset[str]]
-    pending_rid: str | int | None
-    cluster: bool
+def encode_answer(answer: Answer, rid: str | int | None) -> bytes:
+    """An answer as its line, with the request's ``reqId`` if it had one."""
+    if rid is None:
+        if answer is OK:
+            return P.OK_LINE
+        if type(answer) is Encoded:
+            return answer.line
+        return orjson.dumps(answer) + b"\n"
+    if type(answer) is Encoded:
+        answer = orjson.loads(answer.line)
+    return orjson.dumps({**answer, "reqId": rid}) + b"\n"
 
 
 def wire_result(result: bytes | None) -> Any:
@@ -63,26 +75,33 @@ def wire_result(result: bytes | None) -> Any:
 
 
 class Commands:
-    """The command table of a node, bound to its runtime."""
+    """The command table of a node, bound to the parts of the node its handlers use."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.engine = node.engine
-        self.max_payload = max_payload = node.settings.storage.max_payload
-        request_limits = node.settings.request_limits
+    def __init__(self, *, settings: NodeSettings, engine: Engine, cluster: Cluster,
+                 payloads: Payloads, pulls: Pulls, events: Events, storage: Storage | None,
+                 log: Any, clock: Callable[[], int]) -> None:
+        self.engine = engine  # the runtime's ``use_engine`` replaces it
+        self.payloads = payloads
+        self.pulls = pulls
+        self.events = events
+        self.storage = storage
+        self.log = log  # the WAL (or MemoryLog): STATS tells whether it refuses writes
+        self.clock = clock
+        self.cluster = cluster
+        self.max_payload = max_payload = settings.storage.max_payload
+        request_limits = settings.request_limits
         self.max_result = request_limits.max_result or max_payload
         self.max_message = request_limits.max_message or max_payload
         self.max_cron_payload = min(request_limits.max_cron_payload, max_payload)
         self.max_list_queues = request_limits.max_list_queues
-        limits = node.settings.limits
+        limits = settings.limits
         #: The JSON the node keeps of a client's value; refused if it nests too deep.
         self.raw = client_encoder(limits.max_depth)
         #: PULLB and DLQ answers stop adding jobs once their payloads pass this.
         self.max_answer = limits.max_output
-        self.tokens = tuple(t.encode() for t in node.settings.tokens)
+        self.tokens = tuple(t.encode() for t in settings.tokens)
         self.table: dict[str, Handler] = {name: getattr(self, name.lower()) for name in CLIENT}
-        self.cluster = node.cluster
-        for name, fn in node.cluster.handlers().items():
+        for name, fn in cluster.handlers().items():
             self.table[name] = self._internal(name, fn)
 
     def authenticate(self, token: object) -> bool:
@@ -146,7 +165,7 @@ class Commands:
         data = self.raw(spec.data)
         if len(data) > self.max_payload:
             raise PayloadTooLarge(len(data), self.max_payload)
-        job = self.node.push(queue, [spec], [data])[0]
+        job = self.payloads.push(queue, [spec], [data])[0]
         if type(job.data) is not bytes:
             return {"ok": True, "id": job.id, "stored": "disk"}
         return Encoded(b'{"ok":true,"id":%d}\n' % job.id)
@@ -160,7 +179,7 @@ class Commands:
         for blob in payloads:
             if len(blob) > limit:
                 raise PayloadTooLarge(len(blob), limit)
-        jobs = self.node.push(queue, specs, payloads)
+        jobs = self.payloads.push(queue, specs, payloads)
         return {"ok": True, "ids": [j.id for j in jobs]}
 
     # -- jobs out -----------------------------------------------------------------------------
@@ -170,10 +189,10 @@ class Commands:
         timeout = _timeout(req)
         jobs = self.engine.pull(queue, caller.owner, 1)
         if jobs:
-            return {"ok": True, "job": self.node.job_wire(jobs[0])}
+            return {"ok": True, "job": self.payloads.job_wire(jobs[0])}
         if timeout == 0:
             return {"ok": True, "job": None}
-        return self.node.wait(caller, queue, 1, timeout, single=True)
+        return self.pulls.wait(caller, queue, 1, timeout, single=True)
 
     def pullb(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
@@ -181,10 +200,10 @@ class Commands:
         timeout = _timeout(req)
         jobs = self.engine.pull(queue, caller.owner, count, self.max_answer)
         if jobs:
-            return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
+            return {"ok": True, "jobs": [self.payloads.job_wire(j) for j in jobs]}
         if timeout == 0:
             return {"ok": True, "jobs": []}
-        return self.node.wait(caller, queue, count, timeout, single=False)
+        return self.pulls.wait(caller, queue, count, timeout, single=False)
 
     def ack(self, req: P.Request, caller: Caller) -> Answer:
         job_id = P.check_id(req)
@@ -248,7 +267,7 @@ class Commands:
         if found is None:
             return {"ok": True, "job": None}
         if isinstance(found, Job):
-            return {"ok": True, "job": self.node.job_wire(found)}
+            return {"ok": True, "job": self.payloads.job_wire(found)}
         return {
             "ok": True,
             "job": {
@@ -263,7 +282,7 @@ class Commands:
         queue = P.check_queue(req)
         count = P.check_count(req, required=False, default=100)
         jobs = self.engine.dlq(queue, count, self.max_answer)
-        return {"ok": True, "jobs": [self.node.job_wire(j) for j in jobs]}
+        return {"ok": True, "jobs": [self.payloads.job_wire(j) for j in jobs]}
 
     def retrydlq(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
@@ -275,11 +294,11 @@ class Commands:
     def subscribe(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
         events = frozenset(P.check_events(req))
-        self.node.subscribe(caller, queue, events)
+        self.events.subscribe(caller, queue, events)
         return OK
 
     def unsubscribe(self, req: P.Request, caller: Caller) -> Answer:
-        self.node.unsubscribe(caller, P.check_queue(req))
+        self.events.unsubscribe(caller, P.check_queue(req))
         return OK
 
     # -- queue control ------------------------------------------------------------------------
@@ -341,10 +360,12 @@ class Commands:
     # -- introspection --------------------------------------------------------------------------
 
     def stats(self, req: P.Request, caller: Caller) -> Answer:
-        return {"ok": True, **self.node.stats()}
+        failed = self.log.failed is not None
+        return {"ok": True, **introspection.stats(self.engine, self.storage, failed)}
 
     def metrics(self, req: P.Request, caller: Caller) -> Answer:
-        return {"ok": True, "metrics": self.node.metrics()}
+        metrics = introspection.metrics(self.engine, self.clock(), self.max_list_queues)
+        return {"ok": True, "metrics": metrics}
 
     def listqueues(self, req: P.Request, caller: Caller) -> Answer:
         """Up to ``count`` (at most ``max_list_queues``) queues by name, after ``after``;
@@ -354,13 +375,14 @@ class Commands:
             after = P.check_queue(req, "after")
         limit = min(P.check_count(req, required=False, default=self.max_list_queues),
                     self.max_list_queues)
-        queues, more = self.node.list_queues(after, limit)
+        queues, more = introspection.list_queues(self.engine, limit or self.max_list_queues,
+                                                 after)
         if more:
             return {"ok": True, "queues": queues, "next": queues[-1]["name"]}
         return {"ok": True, "queues": queues}
 
     def topology(self, req: P.Request, caller: Caller) -> Answer:
-        return {"ok": True, "topology": self.node.topology()}
+        return {"ok": True, "topology": introspection.topology(self.cluster)}
 
     def auth(self, req: P.Request, caller: Caller) -> Answer:
         token = req.get("token")

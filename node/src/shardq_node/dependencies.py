@@ -28,6 +28,7 @@ from shardq.wire.job import State
 from shardq.wire.slots import SLOTS
 
 from . import records as R
+from . import transitions as T
 from .jobs import CANCELLED, COMPLETED, DEAD, EXPIRED, WAITING, WAITING_CHILDREN, Job
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ class Dependencies:
 
     def _kill(self, job: Job, now: int, parent: int, state: Any) -> None:
         job.own_opts().error = f"Parent job {parent} {OUTCOME[state]}"
-        self.engine.to_dlq(job, now)
+        T.to_dlq(self.engine, job, now)
 
     def forget(self, job_id: int) -> None:
         """A waiting child left by other means (cancelled, expired)."""
@@ -135,7 +136,7 @@ class Dependencies:
                 self.forget(child_id)
                 child.queue.n_children -= 1
                 if pstate is COMPLETED:
-                    e.make_ready(child, now)
+                    T.make_ready(e, child, now)
                     continue
                 child.state = WAITING  # a live job, so to_dlq can take it
                 self._kill(child, now, pid, pstate)

@@ -1,10 +1,12 @@
 """The queue engine of one node: pure, synchronous, no I/O, driven by a clock.
 
-Servers parse a request, call one method here, and reply. Every state change
-goes through ``apply`` with a record (see ``records.py``) that is also appended
-to ``journal``; the runtime drains the journal into the WAL before the reply
-leaves, and recovery feeds the same records back through ``apply``. So the
-live path and the replay path are one code path.
+Servers parse a request, call one method here, and reply. A method checks the
+command and makes its record (see ``records.py``); every state change goes
+through ``apply`` with that record (what each record type does is in
+``transitions.py``), and the record is appended to ``journal``; the runtime
+drains the journal into the WAL before the reply leaves, and recovery feeds the
+same records back through ``apply``. So the live path and the replay path are
+one code path.
 
 Indexes, one per state: waiting = each queue's ready heap, delayed = the
 ``delayed`` timer heap, waiting-children = ``children``, active = ``active``,
@@ -21,6 +23,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 from shardq.errors import (
@@ -31,37 +34,28 @@ from shardq.errors import (
     ShardqError,
 )
 from shardq.wire.protocol import JobSpec
-from shardq.wire.slots import SLOT_BITS, SLOTS, slot_of
+from shardq.wire.slots import SLOTS, slot_of
 
 from . import records as R
 from . import retention, slotmove, snapshot
+from . import transitions as T
 from .cron import Crons
 from .dependencies import Dependencies
 from .jobs import (
     ACTIVE,
-    CANCELLED,
-    COMPLETED,
-    DEAD,
-    DELAYED,
     ID_MASK,
-    NOBODY,
-    PLAIN,
     WAITING,
-    WAITING_CHILDREN,
     BlobRef,
+    Finished,
     Job,
-    JobOpts,
     Lease,
     QueueState,
-    TokenBucket,
     payload_size,
-    ready_key,
 )
 from .timers import Timers
 
 Clock = Callable[[], int]
 Event = tuple[str, str, dict[str, Any]]  # (event, queue, JOB)
-heappush = heapq.heappush
 heappop = heapq.heappop
 
 
@@ -84,17 +78,6 @@ class EngineConfig:
     queue_idle_ms: int = 60_000
     #: Crons a node holds (each fires at most once a second).
     max_crons: int = 1_000
-
-
-class Finished:
-    """What is remembered of a finished job: its final state, when, and its result."""
-
-    __slots__ = ("at", "result", "state")
-
-    def __init__(self, state: Any, at: int, result: bytes | None) -> None:
-        self.state = state
-        self.at = at
-        self.result = result
 
 
 class Engine:
@@ -135,20 +118,29 @@ class Engine:
         self.recent: list[tuple[int, int, int]] = []  # (second, completions, sum run ms)
         #: The term history of this log (DESIGN §9): (term, LSN of its TERM record), in order.
         self.terms: list[tuple[int, int]] = []
+        own = self._own
+        #: what each record type does (transitions.py and the engine's parts), bound to this engine
         self._apply: dict[int, Callable[[Any], Any]] = {
-            R.PUSH: self._a_push, R.START: self._a_start, R.ACK: self._a_ack,
-            R.FAIL: self._a_fail, R.RELEASE: self._a_release, R.TIMEOUT: self._a_timeout,
+            R.PUSH: own(T.apply_push), R.START: own(T.apply_start), R.ACK: own(T.apply_ack),
+            R.FAIL: own(T.apply_fail), R.RELEASE: own(T.apply_release),
+            R.TIMEOUT: own(T.apply_timeout),
             R.PROMOTE: self.timers.apply_promote, R.EXPIRE: self.timers.apply_expire,
-            R.CANCEL: self._a_cancel,
-            R.PROGRESS: self._a_progress, R.RETRYDLQ: self._a_retry_dlq,
-            R.QUEUE: self._a_queue, R.CRON: self.crons.apply_set,
+            R.CANCEL: own(T.apply_cancel),
+            R.PROGRESS: own(T.apply_progress), R.RETRYDLQ: own(T.apply_retry_dlq),
+            R.QUEUE: own(T.apply_queue_settings), R.CRON: self.crons.apply_set,
             R.CRONDEL: self.crons.apply_delete, R.CRONFIRE: self.crons.apply_fire,
-            R.SLOT: self._a_slot, R.JOB: self._a_job, R.DROP: self._a_drop,
+            R.SLOT: own(T.apply_slot_seq), R.JOB: own(snapshot.load_job),
+            R.DROP: own(slotmove.apply_drop),
             R.PARENTEND: self.deps.apply_parent_end, R.WATCH: self.deps.apply_watch,
             R.NOTIFIED: self.deps.apply_notified,
-            R.FINISHED: self._a_finished,
-            R.TERM: self._a_term, R.TERMS: self._a_terms,
+            R.FINISHED: own(snapshot.load_finished),
+            R.TERM: own(T.apply_term), R.TERMS: own(T.apply_terms),
         }
+
+    def _own(self, fn: Callable[[Engine, R.Record], Any]) -> Callable[[R.Record], Any]:
+        """``fn`` bound to this engine as a method is (the same call costs)."""
+        bound: Callable[[R.Record], Any] = MethodType(fn, self)
+        return bound
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -222,7 +214,7 @@ class Engine:
                     retention.note_emptied(self, q, now)
                 raise
         rec = (R.PUSH, now, queue, self.job_rows(q, specs, payloads, now))
-        jobs = self._a_push(rec)
+        jobs = T.apply_push(self, rec)
         self.journal.append(rec)
         return jobs
 
@@ -262,66 +254,6 @@ class Engine:
                 spec.depends_on, blob,
             ))
         return rows
-
-    def _a_push(self, rec: R.Record) -> list[Job]:
-        _, now, queue, rows = rec
-        q = self.queues.get(queue) or self.queue(queue)
-        seqs = self.seqs
-        jobs = self.jobs
-        ready = q.ready
-        out = []
-        for row in rows:
-            jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps, blob = row
-            if blob:
-                data = BlobRef(blob)
-            else:
-                self.payload_bytes += len(data)
-            if max_att or backoff or ttl or timeout or key is not None or deps:
-                opts = JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps or ()))
-            else:
-                opts = PLAIN
-            job = Job(jid, q, data, prio, now, run_at, opts)
-            jobs[jid] = job
-            seq = jid >> SLOT_BITS
-            if seq > seqs[q.slot]:
-                seqs[q.slot] = seq
-            if opts is not PLAIN or run_at > now:
-                self._push_options(q, job, now)
-            if job.state is WAITING:
-                q.n_waiting += 1
-                heappush(ready, ready_key(prio, run_at, jid))
-            out.append(job)
-        if q.n_waiting:
-            self.wakeups.add(queue)
-        q.pushed += len(rows)
-        self.total_pushed += len(rows)
-        return out
-
-    def _push_options(self, q: QueueState, job: Job, now: int) -> None:
-        """A new job's unique key, ttl, parents and delay (the plain case skips all this)."""
-        o = job.opts
-        if o.unique_key is not None:
-            q.unique[o.unique_key] = job.id
-        if o.ttl:
-            self.timers.expire_at(now + o.ttl, job.id)
-        if o.depends_on and self.deps.wait_for_parents(job, o.depends_on, now):
-            return
-        if job.run_at > now:
-            job.state = DELAYED
-            q.n_delayed += 1
-            self.timers.delay(job.run_at, job.id)
-
-    def make_ready(self, job: Job, now: int) -> None:
-        q = job.queue
-        if job.run_at > now:
-            job.state = DELAYED
-            q.n_delayed += 1
-            self.timers.delay(job.run_at, job.id)
-        else:
-            job.state = WAITING
-            q.n_waiting += 1
-            heappush(q.ready, job.ready_key())
-            self.wakeups.add(q.name)
 
     # -- pull -------------------------------------------------------------------------------
 
@@ -377,23 +309,6 @@ class Engine:
             for job in picked:
                 active[job.id].owner = owner
 
-    def _a_start(self, rec: R.Record) -> None:
-        _, now, ids = rec
-        default_lease = self.config.default_lease_ms
-        observe = self.observe_wait if self.emitting else None
-        for jid in ids:
-            job = self.jobs[jid]
-            if observe is not None:
-                observe(max(0, now - job.run_at) / 1000)
-            q = job.queue
-            q.n_waiting -= 1
-            q.n_active += 1
-            job.state = ACTIVE
-            job.started_at = now if now > job.started_at else job.started_at + 1
-            deadline = job.started_at + (job.opts.timeout or default_lease)
-            self.active[jid] = Lease(NOBODY, deadline)  # pull() names the holder
-            self.timers.deadline(deadline, jid)
-
     def blocked_until(self, queue: str) -> int | None:
         """When a rate-limited queue with ready jobs gets its next token (else None)."""
         q = self.queues.get(queue)
@@ -404,19 +319,6 @@ class Engine:
         return at if at > now else None
 
     # -- finishing an attempt ---------------------------------------------------------------
-
-    def _end_attempt(self, job: Job) -> None:
-        lease = self.active.pop(job.id)
-        if lease.owner > 0:
-            held = self.owned.get(lease.owner)
-            if held is not None:
-                held.discard(job.id)
-                if not held:
-                    del self.owned[lease.owner]
-        q = job.queue
-        q.n_active -= 1
-        if q.concurrency:
-            self.wakeups.add(q.name)
 
     def ack(self, job_id: int, result: bytes | None = None, lease: int | None = None,
             owner: int | None = None) -> None:
@@ -448,87 +350,10 @@ class Engine:
             self.log_apply((R.ACK, self.clock(), picked, picked_results if results else None))
         return len(picked)
 
-    def _a_ack(self, rec: R.Record) -> None:
-        _, now, ids, results = rec
-        for i, jid in enumerate(ids):
-            job = self.jobs[jid]
-            self._end_attempt(job)
-            q = job.queue
-            q.completed += 1
-            self.total_completed += 1
-            self._note_run(now, now - job.started_at)
-            if self.observe_run is not None and self.emitting:
-                self.observe_run(max(0, now - job.started_at) / 1000)
-            self.finish(job, COMPLETED, now, results[i] if results else None)
-            self.emit("completed", job)
-            self.deps.parent_ended(jid, now, COMPLETED)
-
-    def _note_run(self, now: int, run_ms: int) -> None:
-        sec = now // 1000
-        recent = self.recent
-        if recent and recent[-1][0] == sec:
-            s, n, total = recent[-1]
-            recent[-1] = (s, n + 1, total + run_ms)
-        else:
-            recent.append((sec, 1, run_ms))
-            if len(recent) > 10:
-                del recent[0]
-
-    def finish(self, job: Job, state: Any, now: int, result: bytes | None) -> None:
-        """Remove a job from the live index, release its key, remember its outcome."""
-        del self.jobs[job.id]
-        if type(job.data) is BlobRef:
-            self.dropped_blobs.append(job.id)
-        else:
-            self.payload_bytes -= len(job.data)
-        job.state = state
-        key = job.opts.unique_key
-        if key is not None and job.queue.unique.get(key) == job.id:
-            del job.queue.unique[key]
-        q = job.queue
-        if not (q.n_waiting or q.n_active or q.n_delayed or q.n_children):
-            retention.note_emptied(self, q, now)
-        if not self.finished:
-            self.timers.dirty = True  # results now expire: a deadline to keep
-        retention.remember(self, job.id, Finished(state, now, result))
-
     def fail(self, job_id: int, error: str | None = None, lease: int | None = None,
              owner: int | None = None) -> None:
         self._active(job_id, lease, JobNotFound, owner)
         self.log_apply((R.FAIL, self.clock(), job_id, error))
-
-    def _a_fail(self, rec: R.Record) -> None:
-        _, now, jid, error = rec
-        job = self.jobs[jid]
-        self._end_attempt(job)
-        self._failed_attempt(job, now, error, backoff=True)
-
-    def _failed_attempt(self, job: Job, now: int, error: str | None, backoff: bool) -> None:
-        job.attempts += 1
-        q = job.queue
-        q.failed += 1
-        self.total_failed += 1
-        if error is not None or job.opts.error is not None:
-            job.own_opts().error = error
-        self.emit("failed", job)
-        o = job.opts
-        if o.max_attempts and job.attempts >= o.max_attempts:
-            self.to_dlq(job, now)
-            self.deps.parent_ended(job.id, now, DEAD)
-            return
-        q.retried += 1
-        delay = self.backoff_delay(o.backoff, job.attempts) if backoff else 0
-        if delay:
-            job.run_at = now + delay
-            job.state = DELAYED
-            q.n_delayed += 1
-            self.timers.delay(job.run_at, job.id)
-        else:
-            job.state = WAITING
-            q.n_waiting += 1
-            heappush(q.ready, job.ready_key())
-            self.wakeups.add(q.name)
-        self.emit("retrying", job)
 
     def backoff_delay(self, backoff: int, attempt: int) -> int:
         """Wait after the ``attempt``-th failure: ``backoff * 2**(attempt-1)``, capped."""
@@ -536,13 +361,6 @@ class Engine:
             return 0
         cap = max(self.config.max_backoff_ms, backoff)
         return min(backoff << min(attempt - 1, 62), cap)
-
-    def to_dlq(self, job: Job, now: int) -> None:
-        job.state = DEAD
-        q = job.queue
-        q.dlq[job.id] = job
-        q.dead_total += 1
-        self.emit("dead", job)
 
     def touch(self, job_id: int, lease: int | None = None, extend: int | None = None,
               owner: int | None = None) -> int:
@@ -585,49 +403,11 @@ class Engine:
             self.log_apply((R.RELEASE, self.clock(), ids, reason))
         return len(ids)
 
-    def _a_release(self, rec: R.Record) -> None:
-        _, now, ids, reason = rec
-        for jid in ids:
-            job = self.jobs[jid]
-            self._end_attempt(job)
-            self._failed_attempt(job, now, f"lease lost: {reason}", backoff=False)
-
-    def _a_timeout(self, rec: R.Record) -> None:
-        _, now, jid = rec
-        job = self.jobs[jid]
-        ran = now - job.started_at
-        self._end_attempt(job)
-        self.emit("timeout", job)
-        self._failed_attempt(job, now, f"Job timed out after {ran} ms", backoff=True)
-
     # -- cancel, progress, results ------------------------------------------------------------
 
     def cancel(self, job_id: int) -> None:
         self._job(job_id)
         self.log_apply((R.CANCEL, self.clock(), job_id))
-
-    def _a_cancel(self, rec: R.Record) -> None:
-        _, now, jid = rec
-        job = self.jobs[jid]
-        self.leave_state(job)
-        self.finish(job, CANCELLED, now, None)
-        self.deps.parent_ended(jid, now, CANCELLED)
-
-    def leave_state(self, job: Job) -> None:
-        """Take a live job out of its state's index (heaps are cleaned lazily)."""
-        q = job.queue
-        state = job.state
-        if state is WAITING:
-            q.n_waiting -= 1
-        elif state is DELAYED:
-            q.n_delayed -= 1
-        elif state is WAITING_CHILDREN:
-            q.n_children -= 1
-            self.deps.forget(job.id)
-        elif state is ACTIVE:
-            self._end_attempt(job)
-        elif state is DEAD:
-            del q.dlq[job.id]
 
     def progress(
         self, job_id: int, progress: int, message: str | None, lease: int | None = None,
@@ -636,14 +416,6 @@ class Engine:
         job = self._active(job_id, lease, JobNotActive, owner)
         self.log_apply((R.PROGRESS, self.clock(), job_id, progress, message))
         self._extend(job, None)
-
-    def _a_progress(self, rec: R.Record) -> None:
-        _, _now, jid, progress, message = rec
-        job = self.jobs[jid]
-        opts = job.own_opts()
-        opts.progress = progress
-        opts.progress_msg = message
-        self.emit("progress", job)
 
     def get_progress(self, job_id: int) -> tuple[int, str | None]:
         job = self._job(job_id)
@@ -689,18 +461,6 @@ class Engine:
         self.log_apply((R.RETRYDLQ, self.clock(), queue, ids))
         return len(ids)
 
-    def _a_retry_dlq(self, rec: R.Record) -> None:
-        _, now, queue, ids = rec
-        q = self.queues[queue]
-        for jid in ids:
-            job = q.dlq.pop(jid)
-            job.attempts = 0
-            job.run_at = now
-            job.own_opts().error = None
-            deps = job.opts.depends_on
-            if not (deps and self.deps.wait_for_parents(job, deps, now)):
-                self.make_ready(job, now)
-
     # -- queue settings -----------------------------------------------------------------------
 
     def set_queue(self, queue: str, **changes: Any) -> None:
@@ -712,20 +472,6 @@ class Engine:
         settings = (q or retention.new_queue(self, queue)).settings()
         settings.update(changes)
         self.log_apply((R.QUEUE, self.clock(), queue, settings))
-
-    def _a_queue(self, rec: R.Record) -> None:
-        _, now, queue, settings = rec
-        q = self.queue(queue)
-        q.paused = bool(settings.get("paused"))
-        rate = settings.get("rate_limit")
-        if not rate:
-            q.rate = None
-        elif q.rate is None or q.rate.limit != rate:
-            q.rate = TokenBucket(rate, now)
-        q.concurrency = settings.get("concurrency_limit") or 0
-        self.wakeups.add(queue)
-        if q.is_empty():
-            retention.note_emptied(self, q, now)
 
     # -- dependencies across slots (dependencies.py) -------------------------------------------
 
@@ -756,23 +502,9 @@ class Engine:
 
     # -- snapshot records ---------------------------------------------------------------------
 
-    def _a_slot(self, rec: R.Record) -> None:
-        _, _now, slot, seq = rec
-        if seq > self.seqs[slot]:
-            self.seqs[slot] = seq
-
-    def _a_job(self, rec: R.Record) -> None:
-        snapshot.load_job(self, rec)
-
     def drop_slots(self, slots: list[int]) -> None:
         """Forget everything of ``slots`` (the source after a move; see slotmove.py)."""
         self.log_apply((R.DROP, self.clock(), sorted(slots)))
-
-    def _a_drop(self, rec: R.Record) -> None:
-        slotmove.apply_drop(self, rec)
-
-    def _a_finished(self, rec: R.Record) -> None:
-        snapshot.load_finished(self, rec)
 
     # -- terms (replicated shards) --------------------------------------------------------------
 
@@ -783,13 +515,3 @@ class Engine:
     def begin_term(self, term: int, primary: str, lsn: int) -> None:
         """A primary's first record in ``term``, at log position ``lsn``."""
         self.log_apply((R.TERM, self.clock(), term, primary, lsn))
-
-    def _a_term(self, rec: R.Record) -> None:
-        _, _now, term, _primary, lsn = rec
-        terms = self.terms
-        while terms and terms[-1][1] >= lsn:  # a log cut back and written again
-            terms.pop()
-        terms.append((term, lsn))
-
-    def _a_terms(self, rec: R.Record) -> None:
-        self.terms = [(int(t), int(lsn)) for t, lsn in rec[2]]

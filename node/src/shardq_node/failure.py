@@ -16,21 +16,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from shardq.errors import StorageFailed
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .engine import Engine
+    from .replication import Replication
+    from .settings import NodeSettings
     from .storage import Storage
 
 log = logging.getLogger("shardq_node.failure")
 
 
+class FailureHost(Protocol):
+    """What a storage failure needs of its node (the runtime is one)."""
+
+    @property
+    def settings(self) -> NodeSettings: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def replication(self) -> Replication: ...
+
+    def answer_unpersisted(self, durable: int, text: str) -> None: ...
+
+    def fresh_engine(self) -> Engine: ...
+
+    def use_engine(self, engine: Engine) -> None: ...
+
+    def after_batch(self) -> None: ...
+
+
 class StorageFailure:
     """The failed state of one node's storage, and the way out of it."""
 
-    def __init__(self, node: Node, storage: Storage) -> None:
+    def __init__(self, node: FailureHost, storage: Storage) -> None:
         self.node = node
         self.storage = storage
         self.retry = node.settings.storage.retry_seconds
@@ -49,14 +72,14 @@ class StorageFailure:
         """Rebuild the engine from what is durable; False (logged) if the disk or the
         process's descriptors do not allow it yet. Until then reads see the old engine."""
         node = self.node
-        fresh = node._fresh_engine()
+        fresh = node.fresh_engine()
         try:
             self.storage.recover(fresh, open_wal=False, stop_at=self.storage.wal.durable_pos)
         except OSError as exc:
             log.warning("cannot reload the state from disk yet (%s); trying again in %.1fs",
                         exc.strerror or exc, self.retry)
             return False
-        node.engine = node.commands.engine = fresh
+        node.use_engine(fresh)
         self.reload_pending = False
         return True
 

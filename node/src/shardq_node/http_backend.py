@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from .runtime import Node, Waiter
+    from .pulls import Waiter
+    from .runtime import Node
 
 #: Event lines an SSE subscriber may have unread before it is dropped.
 MAX_STREAM_EVENTS = 10_000
@@ -86,7 +87,7 @@ async def call(node: Node, req: dict[str, Any], timeout: float | None = None) ->
     try:
         raw = await asyncio.wait_for(asyncio.shield(caller.answer), timeout)
     except (TimeoutError, asyncio.CancelledError):
-        node.drop_waiter(caller)  # type: ignore[arg-type]
+        node.pulls.drop(caller)
         raise
     answer: dict[str, Any] = orjson.loads(raw)
     return answer
@@ -142,5 +143,5 @@ class EventStream:
 
     def close(self) -> None:
         for queue in list(self.subscriptions):
-            self.node.unsubscribe(self, queue)  # type: ignore[arg-type]
+            self.node.events.unsubscribe(self, queue)
         self.node.inline_held.discard(self)

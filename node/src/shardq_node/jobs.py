@@ -313,3 +313,14 @@ class Lease:
     def __init__(self, owner: int, deadline: int) -> None:
         self.owner = owner
         self.deadline = deadline
+
+
+class Finished:
+    """What is remembered of a finished job: its final state, when, and its result."""
+
+    __slots__ = ("at", "result", "state")
+
+    def __init__(self, state: Any, at: int, result: bytes | None) -> None:
+        self.state = state
+        self.at = at
+        self.result = result

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shardq.connection import Connection
 from shardq.errors import ShardqError
@@ -22,15 +22,39 @@ from shardq.wire.slots import SLOTS
 from .dependencies import settle
 
 if TYPE_CHECKING:
-    from .runtime import Node
+    from .cluster import Cluster
+    from .engine import Engine
+    from .replication import Replication
+    from .settings import NodeSettings
 
 log = logging.getLogger("shardq_node.peers")
 
 RETRY_S = 1.0
 
 
+class PeersHost(Protocol):
+    """What the watch protocol needs of its node (the runtime is one)."""
+
+    @property
+    def settings(self) -> NodeSettings: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def cluster(self) -> Cluster: ...
+
+    @property
+    def replication(self) -> Replication: ...
+
+    @property
+    def log(self) -> Any: ...
+
+    def after_batch(self) -> None: ...
+
+
 class Peers:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: PeersHost) -> None:
         self.node = node
         self.conns: dict[str, Connection] = {}
         self.inflight: set[tuple[str, int, int]] = set()

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from shardq.errors import LimitReached
 
 if TYPE_CHECKING:
-    from .engine import Engine, Finished
-    from .jobs import QueueState
+    from .engine import Engine
+    from .jobs import Finished, QueueState
 
 
 def new_queue(engine: Engine, name: str) -> QueueState:

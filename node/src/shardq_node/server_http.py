@@ -36,7 +36,7 @@ class NodeBackend:
 
     async def events(self, queue: str, names: frozenset[str]) -> AsyncIterator[bytes]:
         stream = EventStream(self.node)
-        self.node.subscribe(stream, queue, names)  # type: ignore[arg-type]
+        self.node.events.subscribe(stream, queue, names)
         try:
             while True:
                 line = await stream.queue.get()

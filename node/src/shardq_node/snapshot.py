@@ -24,6 +24,7 @@ from .jobs import (
     WAITING,
     WAITING_CHILDREN,
     BlobRef,
+    Finished,
     Job,
     JobOpts,
     Lease,
@@ -148,8 +149,6 @@ def _index(engine: Engine, job: Job, pending: list[int]) -> None:
 
 
 def load_finished(engine: Engine, rec: R.Record) -> None:
-    from .engine import Finished
-
     _, at, jid, state, result = rec
     retention.remember(engine, jid, Finished(_STATES[state], at, result))
     seq, slot = divmod(jid, 1024)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from shardq.errors import StorageFailed
+
 from . import records as R
 from .blobs import BlobStore
 from .jobs import BlobRef
@@ -263,7 +265,29 @@ class Storage:
                 log.error("could not cut %s back to %d bytes: %s", path, good, exc)
         return True
 
-    # -- the log for followers (replication.py) -------------------------------------------------
+    # -- payloads in the blob store (payloads.py, following.py) --------------------------------
+
+    def write_blobs(self, items: list[tuple[int, bytes]]) -> list[int]:
+        """Write (job id, payload) pairs before the records that name them; their open fds
+        (``keep_blobs`` once the records are made). A write that fails (ENOSPC, EMFILE, EIO)
+        leaves nothing behind and fails the storage: StorageFailed."""
+        try:
+            return self.blobs.write_all(items)
+        except OSError as exc:
+            self.wal.fail(f"write to blob store failed: {exc.strerror or exc}")
+            raise StorageFailed(str(self.wal.failed)) from None
+
+    def keep_blobs(self, fds: list[int]) -> None:
+        """Blob files whose records were made: fsynced with the next group commit (fsync
+        ``always``) or closed now."""
+        wal = self.wal
+        for fd in fds:
+            if wal.policy == "always":
+                wal.extra_fsync.append(fd)
+            else:
+                self.files.close(fd)
+
+    # -- the log for followers (shipping.py, following.py) ---------------------------------------
 
     def retained_from(self) -> int:
         """The first LSN still in a WAL segment on disk (before it: only in a snapshot)."""

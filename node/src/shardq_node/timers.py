@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import records as R
 from . import retention
+from . import transitions as T
 from .jobs import DELAYED, EXPIRED, ID_MASK, WAITING, WAITING_CHILDREN, timer_key
 
 if TYPE_CHECKING:
@@ -158,12 +159,8 @@ class Timers:
         e = self.engine
         for jid in ids:
             job = e.jobs[jid]
-            q = job.queue
-            q.n_delayed -= 1
-            q.n_waiting += 1
-            job.state = WAITING
-            heappush(q.ready, job.ready_key())
-            e.wakeups.add(q.name)
+            job.queue.n_delayed -= 1
+            T.to_waiting(e, job)
 
     # -- ttl ------------------------------------------------------------------------------------
 
@@ -186,9 +183,9 @@ class Timers:
         e = self.engine
         for jid in ids:
             job = e.jobs[jid]
-            e.leave_state(job)
+            T.leave_state(e, job)
             job.queue.expired += 1
-            e.finish(job, EXPIRED, now, None)
+            T.finish(e, job, EXPIRED, now, None)
             e.emit("expired", job)
             e.deps.parent_ended(jid, now, EXPIRED)
 
