@@ -178,9 +178,11 @@ class Rebalancer:
                 except ShardqError as exc:  # RebalanceError, and the refusals call raises
                     answer = {"ok": False, "error": str(exc)}
             error = str(answer.get("error", ""))
-            if answer.get("ok") or not (error.startswith(("MOVED", "TRYAGAIN"))
-                                        or "has no primary" in error or "unreachable" in error
-                                        or "changed primary" in error):
+            # every step of a move may be repeated (EXPORT reads, IMPORT starts clean,
+            # DROPSLOTS of what is gone drops nothing): a shard in a failover or without its
+            # quorum for a moment is asked again, until retry_for
+            if answer.get("ok") or not (error.startswith(("MOVED", "TRYAGAIN", "Unavailable"))
+                                        or "has no primary" in error or "unreachable" in error):
                 return answer
             if loop.time() > deadline:
                 return answer
