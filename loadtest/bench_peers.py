@@ -45,17 +45,11 @@ import bench_report as report
 import orjson
 
 from shardq import AsyncClient, AsyncWorker
+from shardq_operator.local import free_port
 
 HERE = Path(__file__).resolve().parent
 PAYLOAD = C.payload(200)
 RAW = orjson.dumps(PAYLOAD)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:

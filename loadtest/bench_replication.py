@@ -49,7 +49,6 @@ import pstats
 import re
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -64,6 +63,8 @@ import bench
 import bench_client as C
 import bench_procs as procs
 import bench_report as report
+
+from shardq_operator.local import free_port
 
 OUT_DIR = procs.ROOT / "build" / "bench" / "replication"
 NAMES = ["a", "b", "c"]  # "a" is the primary at R = 3, and the only node at R = 1
@@ -203,13 +204,6 @@ def node_argv(name: str, data_dir: Path, fsync: str, http_port: int = 0,
         argv = [argv[0], str(procs.HERE / "node_cpuprofile.py"), str(profile_to), *argv[3:]]
     argv[argv.index("--http-port") + 1] = str(http_port)
     return [*argv, "--name", name, "--data-dir", str(data_dir), "--fsync", fsync]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def fsync_stats(http_port: int) -> tuple[float, float]:

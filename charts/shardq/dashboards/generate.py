@@ -671,16 +671,6 @@ def all_exprs() -> list[Expr]:
     return dashboard_exprs() + rule_exprs()
 
 
-def variable_queries() -> list[tuple[str, str, str]]:
-    """(dashboard uid, variable name, query) of every query variable."""
-    out = []
-    for dashboard in dashboards().values():
-        for variable in dashboard["templating"]["list"]:
-            if variable["type"] == "query":
-                out.append((dashboard["uid"], variable["name"], variable["query"]))
-    return out
-
-
 #: Grafana's own variables (not defined in a dashboard's templating).
 BUILTIN_VARIABLES = frozenset({"__rate_interval", "__interval", "__range", "datasource"})
 VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")

@@ -47,7 +47,7 @@ from .storage import Storage
 from .wal import Files
 
 if TYPE_CHECKING:
-    from .callers import Caller, Puller, Recipient
+    from .callers import Caller, Recipient
     from .server_tcp import Session
 
 log = logging.getLogger("shardq_node")
@@ -463,11 +463,6 @@ class Node:
             return
         if self.engine.release_owner(session.owner, "worker disconnected"):
             self.after_batch()
-
-    def drop_waiter(self, caller: Puller) -> None:
-        """The caller left or gave up: forget its blocked pull (``Pulls.drop``; the name the
-        sessions have always called)."""
-        self.pulls.drop(caller)
 
     # -- topology -----------------------------------------------------------------------------
 

@@ -375,10 +375,6 @@ class Storage:
 
     # -- snapshots --------------------------------------------------------------------------------
 
-    @property
-    def snapshotting(self) -> bool:
-        return self._snap is not None
-
     def snapshot_due(self) -> bool:
         return (
             self._snap is None and self.wal.failed is None

@@ -51,9 +51,6 @@ INLINE_FSYNC_BELOW = 0.001
 class Files:
     """The file operations the log uses; subclass to inject faults in tests."""
 
-    def open_append(self, path: str) -> int:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-
     def open_write(self, path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
 

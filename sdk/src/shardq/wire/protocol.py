@@ -158,12 +158,6 @@ def encode_within(value: Any, limit: int) -> bytes | None:
     return text[levels:-levels]
 
 
-def check_nesting(value: Any, limit: int = MAX_DEPTH) -> None:
-    """Raise ``Invalid: nesting deeper than LIMIT`` if ``value`` nests deeper."""
-    if not nesting_within(value, limit):
-        raise too_deep(limit)
-
-
 # -- field checks -----------------------------------------------------------------------------
 
 

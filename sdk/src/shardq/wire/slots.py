@@ -12,7 +12,6 @@ SLOTS = 1024
 SLOT_BITS = 10  # SLOTS == 1 << SLOT_BITS
 #: ids stay below 2**53 so JavaScript clients read them exactly.
 MAX_ID = 2**53 - 1
-MAX_SEQ = MAX_ID // SLOTS
 
 
 def slot_of(queue: str) -> int:
@@ -21,7 +20,3 @@ def slot_of(queue: str) -> int:
 
 def slot_of_id(job_id: int) -> int:
     return job_id % SLOTS
-
-
-def make_id(seq: int, slot: int) -> int:
-    return seq * SLOTS + slot
