@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from shardq.errors import ShardqError, Unavailable
+from shardq.wire.retry import ERROR_PREFIX, MOVED, TRYAGAIN, Retry, refusal
 from shardq.wire.slots import SLOTS
 
 if TYPE_CHECKING:
@@ -43,16 +44,9 @@ BLOCKING = 1  # a PULL/PULLB that may wait: on the session's dedicated connectio
 FOREVER = 2  # the client gave no timeout: send again each time it comes back empty
 TRACK = 4  # a non-blocking pull on a shared connection: remember the leased ids
 
-MOVED = 1
-TRYAGAIN = 2
-FIRST_DELAY = 0.01
-MAX_DELAY = 0.2
 #: A blocked pull refused after waiting this long had been accepted: its budget starts over.
 ACCEPTED_AFTER = 1.0
 
-#: How a node writes an error answer (``protocol.error_answer``): ok, error, then reqId.
-ERROR_PREFIX = b'{"ok":false,"error":"'
-_AT = len(ERROR_PREFIX)
 OK_PREFIX = b'{"ok":true'
 EMPTY_PULL = (b'{"ok":true,"job":null', b'{"ok":true,"jobs":[]')
 
@@ -68,24 +62,6 @@ def answer_line(answer: dict[str, Any], rid: str | int | None) -> bytes:
     if rid is not None:
         answer["reqId"] = rid
     return orjson.dumps(answer)
-
-
-def refusal(answer: bytes) -> tuple[int, int] | None:
-    """``(MOVED, epoch)`` or ``(TRYAGAIN, 0)`` when a node refused for a slot move. A
-    follower's ``MOVED <epoch> NOTPRIMARY <name>`` (a failover is under way or just done)
-    counts as TRYAGAIN: look at the topology again and retry after a pause."""
-    if answer.startswith(b"MOVED ", _AT):
-        end = answer.find(b'"', _AT + 6)
-        word = answer[_AT + 6 : end]
-        if b" NOTPRIMARY" in word:
-            return TRYAGAIN, 0
-        try:
-            return MOVED, int(word)
-        except ValueError:
-            return None
-    if answer.startswith(b'TRYAGAIN"', _AT):
-        return TRYAGAIN, 0
-    return None
 
 
 def moving(slot: int) -> str:
@@ -107,41 +83,32 @@ class Pending:
         self.cost = 0
 
 
-class Retry:
-    """The retry budget of one request: when it began, and the next pause."""
+def schedule(retry: Retry, router: Router, kind: int, epoch: int,
+             then: Callable[[], None]) -> bool:
+    """Plan the next attempt of a refused request (the policy of shardq.wire.retry: after
+    MOVED the topology is read again first); False when the budget is spent."""
+    moved = kind == MOVED and epoch > router.epoch
+    pause = retry.moved_pause() if moved else retry.pause()
+    if pause is None:
+        router.metrics.retry("timeout")
+        return False
+    router.metrics.retry("MOVED" if kind == MOVED else "TRYAGAIN")
+    loop = asyncio.get_running_loop()
+    if moved:
+        if pause == 0:
+            router.refresh(epoch, then)
+        else:  # refreshed before and still behind: do not spin
+            loop.call_later(pause, router.refresh, epoch, then)
+    else:
+        loop.call_later(pause, then)
+        if kind == TRYAGAIN:
+            router.look_again()
+    return True
 
-    __slots__ = ("delay", "sent", "since")
 
-    def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        self.since = self.sent = time.monotonic()
-        self.delay = FIRST_DELAY
-
-    def waited(self) -> bool:
-        """Was the refused attempt first accepted (a pull that waited before the move came)?"""
-        return time.monotonic() - self.sent > ACCEPTED_AFTER
-
-    def schedule(self, router: Router, kind: int, epoch: int, then: Callable[[], None]) -> bool:
-        """Plan the next attempt; False when the budget is spent."""
-        now = time.monotonic()
-        if now - self.since > router.settings.retry_budget:
-            router.metrics.retry("timeout")
-            return False
-        router.metrics.retry("MOVED" if kind == MOVED else "TRYAGAIN")
-        loop = asyncio.get_running_loop()
-        if kind == MOVED and epoch > router.epoch:
-            if self.delay == FIRST_DELAY:
-                router.refresh(epoch, then)
-            else:  # refreshed before and still behind: do not spin
-                loop.call_later(self.delay, router.refresh, epoch, then)
-        else:
-            loop.call_later(self.delay, then)
-            if kind == TRYAGAIN:
-                router.look_again()
-        self.delay = min(self.delay * 1.5, MAX_DELAY)
-        return True
+def accepted(retry: Retry) -> bool:
+    """Was the refused attempt first accepted (a pull that waited before the move came)?"""
+    return time.monotonic() - retry.sent > ACCEPTED_AFTER
 
 
 class Forward(Pending):
@@ -202,11 +169,11 @@ class Forward(Pending):
     def _again(self, kind: int, epoch: int) -> None:
         retry = self.retry
         if retry is None:
-            retry = self.retry = Retry()
+            retry = self.retry = Retry(self.session.router.settings.retry_budget)
             self.session.retry_begin()
-        elif self.flags & BLOCKING and retry.waited():
+        elif self.flags & BLOCKING and accepted(retry):
             retry.restart()
-        if not retry.schedule(self.session.router, kind, epoch, self.dispatch):
+        if not schedule(retry, self.session.router, kind, epoch, self.dispatch):
             self.finish(error_line(moving(self.slot), self.rid))
 
     def unavailable(self, text: str) -> None:
@@ -217,7 +184,7 @@ class Forward(Pending):
         if router.replicated(self.slot) and not self.delivered:
             # the controller replaces a lost primary: wait for it (a request never sent)
             retry = self.retry
-            if retry is None or time.monotonic() - retry.since <= router.settings.retry_budget:
+            if retry is None or not retry.spent():
                 self._again(TRYAGAIN, 0)
                 return
         if not self.looked and link is not None:
@@ -338,10 +305,10 @@ class Split(Pending):
             self.part_failed(str(orjson.loads(answer).get("error")))
             return
         if self.retry is None:
-            self.retry = Retry()
+            self.retry = Retry(self.router.settings.retry_budget)
             if self.session is not None:
                 self.session.retry_begin()
-        if not self.retry.schedule(self.router, why[0], why[1], lambda: self._resend(part)):
+        if not schedule(self.retry, self.router, why[0], why[1], lambda: self._resend(part)):
             self.part_failed(moving(part.ids[0] % SLOTS))
 
     def _resend(self, part: _Part) -> None:

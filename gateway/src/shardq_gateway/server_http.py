@@ -25,7 +25,8 @@ import orjson
 from aiohttp import web
 
 from shardq.connection import Connection
-from shardq_server.http_api import HttpSettings, envelope, make_app, start_http
+from shardq_server.http_api import HttpSettings, envelope, make_app
+from shardq_server.http_site import start_http
 
 from .metrics import exposition, registry_for
 from .shards import StatusProbe

@@ -88,7 +88,8 @@ class ClientSession(asyncio.Protocol):
         self.max_line = self.settings.max_line
         self.limits = limits = self.settings.limits
         self.transport: asyncio.Transport | None = None
-        self.authed = not self.settings.tokens
+        self.auth = gateway.auth
+        self.authed = not self.auth.required
         self.fifo: deque[Pending] = deque()
         self.out: list[bytes] = []  # event lines, written with the next answers
         self.backlog: deque[bytes] = deque()
