@@ -75,6 +75,32 @@ class Kube:
                 raise
             resource.create(body=m, namespace=meta["namespace"])
 
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete one object; False when it was gone already."""
+        def call() -> bool:
+            resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            try:
+                resource.delete(name=name, namespace=namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            return True
+        return await asyncio.to_thread(call)
+
+    async def cluster(self, namespace: str, name: str) -> Manifest | None:
+        """The ShardqCluster as plain data, None when there is none."""
+        def call() -> Manifest | None:
+            try:
+                obj: Any = self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return dict(obj)
+        return await asyncio.to_thread(call)
+
     async def statefulset(self, namespace: str, name: str) -> Manifest | None:
         """The StatefulSet as plain JSON data (camelCase keys), None when there is none."""
         sts = await _found(self.apps.read_namespaced_stateful_set, name, namespace)
