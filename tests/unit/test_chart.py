@@ -378,7 +378,7 @@ NAMESPACED_RULES = {
     ("", "services"): {"get", "create", "patch", "update"},
     ("", "pods"): {"get", "list", "watch", "delete"},  # rolling restarts of replicated shards
     ("", "configmaps"): {"get", "create", "update"},  # the topology store of replicated shards
-    ("", "persistentvolumeclaims"): {"list", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "events"): {"create", "patch"},
 }

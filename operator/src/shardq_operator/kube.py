@@ -88,6 +88,11 @@ class Kube:
             return True
         return await asyncio.to_thread(call)
 
+    async def claim_usable(self, namespace: str, name: str) -> bool:
+        """The PersistentVolumeClaim exists and is not being deleted."""
+        claim = await _found(self.core.read_namespaced_persistent_volume_claim, name, namespace)
+        return claim is not None and claim.metadata.deletion_timestamp is None
+
     async def cluster(self, namespace: str, name: str) -> Manifest | None:
         """The ShardqCluster as plain data, None when there is none."""
         def call() -> Manifest | None:
@@ -108,6 +113,12 @@ class Kube:
             return None
         data: Manifest = self.api.sanitize_for_serialization(sts)  # type: ignore[no-untyped-call]
         return data
+
+    async def statefulset_names(self, namespace: str, selector: dict[str, str]) -> list[str]:
+        text = ",".join(f"{k}={v}" for k, v in selector.items())
+        res = await asyncio.to_thread(self.apps.list_namespaced_stateful_set, namespace,
+                                      label_selector=text)
+        return [str(s.metadata.name) for s in res.items if s.metadata is not None]
 
     async def container_env(self, namespace: str, deployment: str, name: str) -> str | None:
         """The value of env ``name`` in a Deployment's first container (None: no such thing)."""

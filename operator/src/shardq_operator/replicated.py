@@ -46,7 +46,7 @@ from .kube import Kube
 from .kubestore import KubeStore, store_name
 from .rebalance import Rebalancer
 from .ring import ring_owners
-from .store import update
+from .store import Conflict, update
 
 log = logging.getLogger("shardq_operator.replicated")
 
@@ -143,6 +143,38 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec: rc.Spec,
     have = sorted(i for s in (topo.shards if topo else {})
                   if (i := rc.shard_index(name, s)) is not None)
     count = max([spec.nodes, *(i + 1 for i in have)])
+    width = await _apply_objects(kube, body, name, namespace, spec, count)
+    wanted = await _running_members(kube, name, namespace, spec, count, width, topo)
+    topo, changed = await _admit(store, topo, wanted, spec, name, token)
+    reb = Rebalancer(token=token, batch=memo.config.batch, store=store)
+    try:
+        if changed:
+            await reb.publish(topo)
+        topo = await reb.converge_shards([rc.shard_key(i) for i in range(spec.nodes)])
+    except Exception as exc:
+        raise kopf.TemporaryError(f"rebalance not finished: {exc}", delay=3) from exc
+    finally:
+        await reb.close()
+    topo = await _shrink_members(store, topo, spec, name, memo)
+    for i in range(count):
+        if rc.shard_key(i) in topo.shards and width.get(i, spec.replicas) != spec.replicas:
+            narrow = rc.shard_statefulset(name, namespace, spec, i, with_claims=False)
+            kopf.adopt(narrow, owner=body)
+            await kube.apply(narrow)
+    await _remove_gone(kube, body, name, namespace, spec, topo)
+    members = [n.tcp for n in topo.nodes]
+    gw = rc.gateway_deployment(name, namespace, spec,
+                               await _gateway_seeds(kube, name, namespace, members))
+    kopf.adopt(gw, owner=body)
+    await kube.apply(gw)
+    return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.shards),
+            "replicas": spec.replicas, "slotsMoving": 0, "progress": None}
+
+
+async def _apply_objects(kube: Kube, body: kopf.Body, name: str, namespace: str,
+                         spec: rc.Spec, count: int) -> dict[int, int]:
+    """Apply the objects of ``count`` shards; each shard StatefulSet's replicas (as wide as
+    it is now while members beyond ``spec.replicas`` still have to leave the shard)."""
     pdb_version = await kube.pdb_version()
     pods = await kube.pods(namespace, rc.labels(name, "node"))
     seeds = [info.tcp for p in pods if (info := pod_info(p)) is not None]
@@ -160,7 +192,6 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec: rc.Spec,
             live = await kube.statefulset(namespace, mname)
             index = rc.shard_index(name, mname)
             assert index is not None
-            # members beyond spec.replicas leave the shard before their pods go
             wide = max(spec.replicas, int(((live or {}).get("spec") or {}).get("replicas") or 0))
             width[index] = wide
             manifest["spec"]["replicas"] = wide
@@ -168,35 +199,43 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec: rc.Spec,
                 del manifest["spec"]["volumeClaimTemplates"]
         kopf.adopt(manifest, owner=body)
         await kube.apply(manifest)
-    pods = await kube.pods(namespace, rc.labels(name, "node"))
-    by_name = {p.metadata.name: p for p in pods}
+    return width
+
+
+async def _running_members(kube: Kube, name: str, namespace: str, spec: rc.Spec, count: int,
+                           width: dict[int, int], topo: Topology | None
+                           ) -> dict[str, list[NodeInfo]]:
+    """The running, reachable member pods of each shard. A new shard waits for all of its
+    members (each gets its storage id recorded); a shard that exists goes on without a
+    member that is down (the failover controller's business), and a new member joins
+    once it runs."""
+    pods = {p.metadata.name: p for p in await kube.pods(namespace, rc.labels(name, "node"))}
     wanted: dict[str, list[NodeInfo]] = {}
     for i in range(count):
+        key = rc.shard_key(i)
         infos = []
         for member in rc.shard_members(name, i, width.get(i, spec.replicas)):
-            pod = by_name.get(member)
+            pod = pods.get(member)
             info = pod_info(pod) if pod is not None else None
             if info is None or not await reachable(info.tcp, 1.0):
-                raise kopf.TemporaryError(f"waiting for member pod {member} to run", delay=2)
+                if topo is None or key not in topo.shards:
+                    raise kopf.TemporaryError(f"waiting for member pod {member} to run",
+                                              delay=2)
+                continue
             infos.append(info)
-        wanted[rc.shard_key(i)] = infos
-    topo = await _admit(store, topo, wanted, spec, name, token)
-    reb = Rebalancer(token=token, batch=memo.config.batch, store=store)
-    try:
-        await reb.publish(topo)
-        topo = await reb.converge_shards([rc.shard_key(i) for i in range(spec.nodes)])
-    except Exception as exc:
-        raise kopf.TemporaryError(f"rebalance not finished: {exc}", delay=3) from exc
-    finally:
-        await reb.close()
-    topo = await _shrink_members(store, topo, spec, name, memo)
-    for i in range(count):
-        key = rc.shard_key(i)
-        if key in topo.shards:
-            if width.get(i, spec.replicas) != spec.replicas:
-                narrow = rc.shard_statefulset(name, namespace, spec, i, with_claims=False)
-                kopf.adopt(narrow, owner=body)
-                await kube.apply(narrow)
+        wanted[key] = infos
+    return wanted
+
+
+async def _remove_gone(kube: Kube, body: kopf.Body, name: str, namespace: str, spec: rc.Spec,
+                       topo: Topology) -> None:
+    """Delete every shard StatefulSet (with its budget and claims) the topology has no
+    shard for: a scale-down finished here, or by an operator killed before this step."""
+    pdb_version = await kube.pdb_version()
+    for sts_name in await kube.statefulset_names(namespace, rc.labels(name, "node")):
+        i = rc.shard_index(name, sts_name)
+        key = rc.shard_key(i) if i is not None else ""
+        if i is None or key in topo.shards or i < spec.nodes:
             continue
         await kube.delete("apps/v1", "StatefulSet", namespace, rc.shard_set_name(name, i))
         await kube.delete(pdb_version, "PodDisruptionBudget", namespace,
@@ -205,13 +244,6 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec: rc.Spec,
         kopf.info(body, reason="ShardRemoved",
                   message=f"{key} holds no slots any more: its StatefulSet, budget and volumes "
                           "were deleted")
-    members = [n.tcp for n in topo.nodes]
-    gw = rc.gateway_deployment(name, namespace, spec,
-                               await _gateway_seeds(kube, name, namespace, members))
-    kopf.adopt(gw, owner=body)
-    await kube.apply(gw)
-    return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.shards),
-            "replicas": spec.replicas, "slotsMoving": 0, "progress": None}
 
 
 async def _gateway_seeds(kube: Kube, name: str, namespace: str,
@@ -222,7 +254,7 @@ async def _gateway_seeds(kube: Kube, name: str, namespace: str,
 
 
 async def _admit(store: KubeStore, topo: Topology | None, wanted: dict[str, list[NodeInfo]],
-                 spec: rc.Spec, cluster: str, token: str | None) -> Topology:
+                 spec: rc.Spec, cluster: str, token: str | None) -> tuple[Topology, bool]:
     """New shards into the store (the first ever: the initial topology, member 0 primary in
     term 1); pods new to an existing shard as its learners; addresses that moved."""
     known = {m for sh in (topo.shards.values() if topo else []) for m in
@@ -238,10 +270,10 @@ async def _admit(store: KubeStore, topo: Topology | None, wanted: dict[str, list
                             rc.shard_key(i) for i in range(spec.nodes))))
         try:
             await store.cas(0, topo)
-        except Exception:  # another writer made it first: take theirs
+        except Conflict:  # another writer made it first: take theirs
             _, topo = await store.read()
             assert topo is not None
-        return topo
+        return topo, True
 
     def admit(t: Topology) -> bool:
         changed = False
@@ -266,10 +298,10 @@ async def _admit(store: KubeStore, topo: Topology | None, wanted: dict[str, list
                     changed = True
         return changed
 
-    await update(store, admit)
+    written = await update(store, admit)
     _, topo = await store.read()
     assert topo is not None
-    return topo
+    return topo, written is not None
 
 
 async def _shrink_members(store: KubeStore, topo: Topology, spec: rc.Spec, cluster: str,
@@ -358,6 +390,7 @@ class Supervisor:
         self.last: dict[str, tuple[int, str, tuple[str, ...]]] = {}
         self.rebuilding: dict[str, float] = {}
         self.restarting: dict[str, float] = {}
+        self.pending: dict[str, float] = {}  # pod uid -> first seen without an address
         self.conditions: list[dict[str, Any]] = list(
             (body.get("status") or {}).get("conditions") or [])
 
@@ -384,6 +417,7 @@ class Supervisor:
             return
         pods = await self.kube.pods(self.namespace, rc.labels(self.name, "node"))
         topo = await self._readdress(topo, pods)
+        await self._lost_volumes(pods)
         shards = {key: shard_status(sh, self.controller.seen, self.controller.silent_for,
                                     self.controller.settings.failure_timeout)
                   for key, sh in sorted(topo.shards.items())}
@@ -418,6 +452,31 @@ class Supervisor:
         log.info("new addresses published: %s", {n: i.tcp for n, i in moved.items()})
         await self.controller.publish(written)
         return written
+
+    async def _lost_volumes(self, pods: list[Any]) -> None:
+        """A member pod left Pending because its volume claim was deleted (the scheduler
+        never places a pod on a claim being deleted, and the StatefulSet makes a claim only
+        with a new pod): delete the pod, so the StatefulSet makes both again, an empty
+        volume the member rebuilds from its shard's primary as a learner."""
+        now = time.monotonic()
+        for pod in pods:
+            if pod_ip(pod) is not None or pod.metadata.deletion_timestamp is not None:
+                continue
+            uid = str(pod.metadata.uid)
+            first = self.pending.setdefault(uid, now)
+            if now - first < 3.0:
+                continue
+            claim = f"{rc.CLAIM}-{pod.metadata.name}"
+            if await self.kube.claim_usable(self.namespace, claim):
+                continue
+            self.pending.pop(uid, None)
+            kopf.warn(self.body, reason="VolumeLost",
+                      message=f"{pod.metadata.name}: its volume claim {claim} is gone; "
+                              "recreating the pod with a new, empty volume")
+            await self.kube.delete("v1", "Pod", self.namespace, pod.metadata.name)
+        live = {str(p.metadata.uid) for p in pods}
+        for uid in [u for u in self.pending if u not in live]:
+            del self.pending[uid]
 
     def _events(self, topo: Topology, shards: dict[str, dict[str, Any]]) -> None:
         now = time.monotonic()
