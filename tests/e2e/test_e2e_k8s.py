@@ -1009,6 +1009,49 @@ async def _pushes_again(gateway: str, queue: str, since: float, limit: float) ->
     return time.monotonic() - since
 
 
+async def test_the_kubernetes_store_lets_one_of_two_racing_writers_win(plane: Plane) -> None:
+    """Two KubeStores (two operators) read the same version and both compare-and-swap: the
+    API server takes exactly one write (resourceVersion precondition), the other is told."""
+    from kubernetes import config as kconfig
+
+    from shardq.wire.topology import Topology
+    from shardq_operator.kubestore import KubeStore
+    from shardq_operator.store import Conflict, update
+
+    api = Api(plane.kubeconfig)
+    ns = "shardq-e2e-store"
+    try:
+        api.core.create_namespace({"metadata": {"name": ns}})
+        clients = [kconfig.new_client_from_config(config_file=plane.kubeconfig)  # type: ignore[no-untyped-call]
+                   for _ in range(2)]
+        a, b = (KubeStore(c, ns, "race-topology") for c in clients)
+        assert await a.read() == (0, None)
+        await a.cas(0, Topology(epoch=1))
+        with pytest.raises(Conflict):
+            await b.cas(0, Topology(epoch=1))  # created already
+        (va, ta), (vb, tb) = await a.read(), await b.read()
+        assert va == vb == 1 and ta is not None and tb is not None
+        results = await asyncio.gather(a.cas(va, Topology(epoch=2)), b.cas(vb, Topology(epoch=3)),
+                                       return_exceptions=True)
+        won = [r for r in results if isinstance(r, int)]
+        lost = [r for r in results if isinstance(r, Conflict)]
+        assert won == [2] and len(lost) == 1, results
+        print(f"[e2e-k8s] racing compare-and-swap: {won} won, refused with {lost[0]}",
+              flush=True)
+        # the loser's update() reads again and redoes its change on the winner's topology
+        done = await asyncio.gather(*(update(store, lambda t: True)
+                                      for store in (a, b) for _ in range(5)))
+        epochs = sorted(t.epoch for t in done if t is not None)
+        version, final = await a.read()
+        assert len(set(epochs)) == 10 and version == 12, (epochs, version)
+        assert final is not None and final.epoch == epochs[-1]
+        for c in clients:
+            c.close()
+    finally:
+        api.core.delete_namespace(ns)
+        api.close()
+
+
 def test_replicated_cluster_three_shards_of_three(replicated: Replicated) -> None:
     r = replicated
     started = time.monotonic()
@@ -1168,8 +1211,9 @@ async def test_replicated_rolling_restart_followers_first(replicated: Replicated
     try:
         await load.progressed("before the restart")
         started = time.monotonic()
-        # a new pod template (the test kubelet runs the command, not the image)
-        await asyncio.to_thread(r.patch, {"image": "localhost/shardq:e2e-rolled"})
+        # a new node pod template (resources: the gateways' template stays, so the load's
+        # connections to the gateway pods stay; the real-node tier changes the image tag)
+        await asyncio.to_thread(r.patch, {"resources": {"node": {"requests": {"cpu": "10m"}}}})
 
         def rolled() -> bool:
             live = {run.name: run.uid for run in r.dep.kubelet.live(f"{CLUSTER_R}-shard-")
