@@ -263,7 +263,9 @@ def _install_chart(api: Api, plane: Plane, workdir: Path, namespace: str = NS,
     """
     import helm_python
 
-    values = values or {"cluster": {
+    # each release's operator watches its own namespace only (the replicated tests install a
+    # second release beside this one)
+    values = values or {"operator": {"watchNamespace": NS}, "cluster": {
         "name": CLUSTER, "nodes": 3, "replicas": 1, "image": "localhost/shardq:e2e",
         "fsync": "always",
         "gateway": {"replicas": 2}, "storage": {"size": "1Gi"},
@@ -949,7 +951,8 @@ def replicated(plane: Plane) -> Iterator[Replicated]:
         missing("the replicated tests install the chart (helm-python-sdk)")
     try:
         started = time.monotonic()
-        dep.installed = _install_chart(api, plane, workdir, NS_R, RELEASE_R, {"cluster": {
+        dep.installed = _install_chart(api, plane, workdir, NS_R, RELEASE_R, {
+            "operator": {"watchNamespace": NS_R}, "cluster": {
             "name": CLUSTER_R, "nodes": 3, "replicas": 3, "image": "localhost/shardq:e2e",
             "fsync": "always", "gateway": {"replicas": 2}, "storage": {"size": "1Gi"},
             "replication": {"failureTimeoutMs": 2000},
