@@ -233,9 +233,11 @@ async def _converge_replicated(name: str, namespace: str, body: kopf.Body, spec:
         kopf.info(body, reason="Rebalanced",
                   message=f"topology epoch {out['epoch']}: {out['nodes']} shards of "
                           f"{spec.replicas} members own the 1024 slots")
+    members = [m for i in range(spec.nodes) for m in rc.shard_members(name, i, spec.replicas)]
+    ready_nodes = await _ready_nodes(memo.kube, name, namespace, members)
     ready = st.ready(True, "Converged", f"{spec.nodes} shards of {spec.replicas} members, "
-                     "no slot moving")
-    return {**out, "readyNodes": spec.nodes, **st.fields(ready)}
+                     f"no slot moving; {ready_nodes}/{len(members)} member pods Ready")
+    return {**out, "readyNodes": ready_nodes, **st.fields(ready)}
 
 
 def _same_condition(cond: dict[str, Any] | None, conditions: list[dict[str, Any]]) -> bool:
