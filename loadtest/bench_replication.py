@@ -46,7 +46,6 @@ import json
 import os
 import pstats
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import bench
+import bench_cli as cli
 import bench_client as C
 import bench_procs as procs
 import bench_report as report
@@ -87,8 +87,6 @@ QUICK = {"n_seq": 1000, "n_seq_always": 300, "n_pipe": 10_000, "per_producer": 6
          "rounds": 1, "cap_s": 10.0, "profile_pipe": 20_000, "profile_seq": 2000}
 
 
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- workloads ------------------------------------------------------------------------------
@@ -189,7 +187,7 @@ async def run_workload(cfg: Config, place: Placement, s: Spec, members: Members
     # per job over the whole workload, warm-up included (it ran between the reads)
     summary.update(probe.summary(m.jobs * (1 + cfg.warm_fraction)))
     p50 = summary.get("latency_us", {}).get("p50")
-    _progress(f"    R={members.r} {s.key:<12} {m.rate:>10,.0f} jobs/s"
+    cli.progress(f"    R={members.r} {s.key:<12} {m.rate:>10,.0f} jobs/s"
               + (f"  p50 {p50:,.0f} µs" if p50 is not None else "")
               + "  cpu µs/job " + " ".join(
                   f"{n}:{v:.1f}" for n, v in summary["cpu_us_per_job"].items())
@@ -217,7 +215,7 @@ async def run_policy(cfg: Config, place: Placement, work: Path, fsync: str, n: i
         for members in sets.values():
             codes = members.stop()
             if any(code not in (0, None) for code in codes.values()):
-                _progress(f"    note: exit codes {codes}")
+                cli.progress(f"    note: exit codes {codes}")
     return out
 
 
@@ -225,7 +223,7 @@ async def measure(cfg: Config, place: Placement, work: Path) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     for n in range(cfg.rounds):
         load = bench._loadavg()
-        _progress(f"round {n + 1}/{cfg.rounds} (load {load})")
+        cli.progress(f"round {n + 1}/{cfg.rounds} (load {load})")
         rnd: dict[str, Any] = {"loadavg": load, "r1": {}, "r3": {}}
         for fsync in POLICIES:
             if any(s.fsync == fsync for s in specs()):
@@ -334,7 +332,7 @@ async def _profiled(cfg: Config, place: Placement, work: Path, r: int, key: str,
         funcs = cumulative(path, PRIMARY_FUNCS if role == "primary" else FOLLOWER_FUNCS)
         out[role] = {"total_tt": total, "top": top, "funcs": funcs,
                      "file": str(path.relative_to(procs.ROOT))}
-    _progress(f"  profile R={r} {key}: {m.rate:,.0f} jobs/s under cProfile; primary CPU "
+    cli.progress(f"  profile R={r} {key}: {m.rate:,.0f} jobs/s under cProfile; primary CPU "
               f"{out['primary']['total_tt']:.2f} s: " + "; ".join(
                   f"{label} {v['cumtime']:.3f} s" for label, v in
                   out["primary"]["funcs"].items()))
@@ -390,19 +388,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
                    help="only these rows, comma-separated keys (pipe, seq, prod, seq-always, "
                         "pipe-always): for exploring; the section needs them all")
     p.add_argument("--dir", default=None, help="where the data directories go (default /tmp)")
-    defaults = Config()
-    for name, value in asdict(defaults).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
-                       help=f"default {value} ({QUICK.get(name, value)} with --quick)")
-    args = p.parse_args(argv)
-    cfg = Config(**{**asdict(defaults), **(QUICK if args.quick else {}),
-                    **{k: v for k, v in vars(args).items() if k in asdict(defaults)
-                       and v is not None}})
-    return args, cfg
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    return cli.parse_config(p, Config, QUICK, argv)
 
 
 async def main_async(args: argparse.Namespace, cfg: Config, place: Placement
@@ -422,13 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = parse_args(argv)
     SELECTED.update(k for k in args.workloads.split(",") if k)
-    signal.signal(signal.SIGTERM, _terminate)  # Members are stopped on SIGTERM too
-    try:
-        import uvloop
-    except ImportError:
-        _progress("uvloop not installed: the client runs on asyncio's own loop")
-    else:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    cli.prepare_process()  # Members are stopped on SIGTERM too
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     place = Placement(not args.no_pin, args.followers)
     m = meta(argv, place)
@@ -443,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     body = section(res, {s.key: s.count(cfg) for s in specs()})
     if args.write:
         report.write_section(Path(args.write), "replication", body)
-        _progress(f"wrote {args.write}")
+        cli.progress(f"wrote {args.write}")
     else:
         print()
         print(body)
