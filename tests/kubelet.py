@@ -14,8 +14,10 @@ process standing for the container:
   the API; ``$(VAR)`` expanded in env values, command and args as Kubernetes
   does); ``--host 0.0.0.0`` becomes the pod's address, and every volume mount
   path in the args becomes a directory under ``workdir/volumes`` named after
-  the PersistentVolumeClaim (a pod recreated with the same name finds its
-  data) or, for other volumes, after the pod;
+  the PersistentVolumeClaim and its uid (a pod recreated with the same claim finds
+  its data; a claim deleted and made again is a new, empty volume) or, for other
+  volumes, after the pod; a pod whose claim is missing or being deleted stays
+  Pending, as the scheduler leaves it;
 - patches the pod's status: ``Running``, ``podIP``, ``hostIP``, container
   status, and the ``Ready`` condition from the container's ``readinessProbe``
   (``httpGet`` on the pod's address), probed again every ``probe_every``
@@ -74,6 +76,10 @@ def _now() -> str:
 def _die_with_parent() -> None:  # in the child, between fork and exec
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ClaimUnusable(Exception):
+    """A pod's PersistentVolumeClaim is being deleted: no volume to give it."""
 
 
 @dataclass
@@ -238,6 +244,15 @@ class Kubelet:
         try:
             run = self._prepare(core, pod)
             self._spawn(run)  # before the prober can see it: it restarts runs without a process
+        except ClaimUnusable as exc:
+            log.warning("pod %s stays Pending: %s", pod.metadata.name, exc)
+            return
+        except ApiException as exc:
+            if exc.status == 404:  # its claim is gone: Pending, as the scheduler leaves it
+                log.warning("pod %s stays Pending: its claim is missing", pod.metadata.name)
+                return
+            self._error(f"cannot run pod {pod.metadata.name}: {exc!r}")
+            return
         except Exception as exc:
             self._error(f"cannot run pod {pod.metadata.name}: {exc!r}")
             return
@@ -276,7 +291,7 @@ class Kubelet:
         for i in range(len(argv) - 1):
             if argv[i] == "--host" and argv[i + 1] == "0.0.0.0":
                 argv[i + 1] = ip
-        mounts = self._mounts(pod, c)
+        mounts = self._mounts(core, pod, c)
         for i, arg in enumerate(argv[1:], 1):  # the program itself is the host's, never moved
             for path, local in mounts.items():
                 if arg == path or arg.startswith(path.rstrip("/") + "/"):
@@ -333,11 +348,15 @@ class Kubelet:
             return value
         raise RuntimeError(f"env {var.name}: unsupported valueFrom")
 
-    def _mounts(self, pod: Any, c: Any) -> dict[str, Path]:
+    def _mounts(self, core: client.CoreV1Api, pod: Any, c: Any) -> dict[str, Path]:
         claims = {}
         for v in pod.spec.volumes or []:
             if v.persistent_volume_claim is not None:
-                claims[v.name] = v.persistent_volume_claim.claim_name
+                name = v.persistent_volume_claim.claim_name
+                found = core.read_namespaced_persistent_volume_claim(name, self.namespace)
+                if found.metadata.deletion_timestamp is not None:
+                    raise ClaimUnusable(f"persistentvolumeclaim {name} is being deleted")
+                claims[v.name] = f"{name}-{found.metadata.uid[:8]}"
         out = {}
         for m in c.volume_mounts or []:
             claim = claims.get(m.name)

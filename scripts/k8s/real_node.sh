@@ -78,7 +78,7 @@ PACKAGES=(containerd runc containernetworking-plugins conntrack iptables etcd-se
 
 log() { printf '[real_node %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-usage() { echo "usage: $0 up WORKDIR [NAME=ARCHIVE ...] | down WORKDIR | check WORKDIR | status WORKDIR" >&2; exit 2; }
+usage() { echo "usage: $0 up WORKDIR [NAME=ARCHIVE ...] | down WORKDIR | check WORKDIR | status WORKDIR | tag WORKDIR SOURCE TARGET" >&2; exit 2; }
 
 [ $# -ge 2 ] || usage
 CMD=$1
@@ -580,6 +580,11 @@ case "$CMD" in
         ;;
     check) check ;;
     status) status ;;
+    tag)  # tag SOURCE TARGET: another name for an image containerd holds (an "upgrade" offline)
+        [ $# -eq 2 ] || die "usage: real_node.sh tag WORKDIR SOURCE TARGET"
+        ctr_ images tag --force "$1" "$2" >/dev/null
+        echo "$2"
+        ;;
     _mount_namespace) mount_namespace ;;
     *) usage ;;
 esac

@@ -137,7 +137,9 @@ def real_node() -> Iterator[RealNode]:
         archive = _image_archive(scratch)
         lock = _lock()
         started = time.monotonic()
-        env = {**os.environ, "SHARDQ_K8S_BIN": str(bin_dir)}
+        # local volumes for both releases: 5 claims of the unreplicated one, up to 15 of the
+        # replicated one (5 shards of 3) and the claims its lost-volume test makes again
+        env = {"SHARDQ_RN_PVS": "28", **os.environ, "SHARDQ_K8S_BIN": str(bin_dir)}
         out = _run("real_node.sh up", [str(SCRIPTS / "real_node.sh"), "up", str(WORKDIR),
                                         f"{IMAGE}={archive}"], timeout=900,
                    prerequisite=False, env=env)

@@ -5,6 +5,10 @@ Run inside the node's network namespace (``RealNode.probe``)::
     python -m tests.e2e.probe --address ADDR --token T markers --node shardq-node-1 --count 8
     python -m tests.e2e.probe --address ADDR --token T states 12 13 14
 
+``outage --shard S`` pushes to a queue of shard S (replicated clusters) every 50 ms, each push
+bounded by 1 s, until a line (or EOF) on stdin or ``--limit`` seconds; it writes ``ready`` to
+stderr once a push went through, and prints the longest gap between two successful pushes
+with its wall-clock ends.
 ``markers`` pushes one job to each of ``count`` queues whose slots the node ``--node`` owns
 (per the topology the gateway serves) and prints ``{queue: id}``; ``states`` prints each job's
 state (``gone`` when the cluster has no such job). Must not: pull or ack anything.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -41,8 +46,39 @@ async def states(c: AsyncClient, ids: list[int]) -> dict[str, str]:
     return out
 
 
+async def outage(c: AsyncClient, shard: str, limit: float) -> dict[str, Any]:
+    import sys
+    import time
+
+    topology = (await asyncio.wait_for(c.call({"cmd": "TOPOLOGY"}), TIMEOUT))["topology"]
+    queue = next(q for q in (f"outage-{shard}-{i}" for i in range(4096))
+                 if topology["owners"][slot_of(q)] == shard)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sys.stdin.fileno(), stop.set)
+    oks: list[float] = []
+    failures = 0
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            await asyncio.wait_for(c.push(queue, {"probe": True}), 1.0)
+        except (Exception, TimeoutError):
+            failures += 1
+        else:
+            if not oks:
+                print("ready", file=sys.stderr, flush=True)
+            oks.append(time.time())
+        await asyncio.sleep(0.05)
+    gaps = [(b - a, a, b) for a, b in itertools.pairwise(oks)]
+    gap, before, after = max(gaps) if gaps else (0.0, None, None)
+    return {"queue": queue, "pushes": len(oks), "failures": failures, "longest_gap": gap,
+            "last_ok_before": before, "first_ok_after": after}
+
+
 async def main(args: argparse.Namespace) -> Any:
     async with AsyncClient(args.address, token=args.token) as c:
+        if args.what == "outage":
+            return await outage(c, args.shard, args.limit)
         if args.what == "markers":
             return await markers(c, args.node, args.count, args.prefix)
         return await states(c, args.ids)
@@ -57,6 +93,9 @@ def parse() -> argparse.Namespace:
     m.add_argument("--node", required=True)
     m.add_argument("--count", type=int, default=8)
     m.add_argument("--prefix", default="marker")
+    o = sub.add_parser("outage")
+    o.add_argument("--shard", required=True)
+    o.add_argument("--limit", type=float, default=60.0)
     s = sub.add_parser("states")
     s.add_argument("ids", type=int, nargs="+")
     return p.parse_args()

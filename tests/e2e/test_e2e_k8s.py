@@ -252,7 +252,8 @@ def _install(api: Api, plane: Plane, workdir: Path) -> Installed:
     return _install_by_client(api, plane)
 
 
-def _install_chart(api: Api, plane: Plane, workdir: Path) -> Installed:
+def _install_chart(api: Api, plane: Plane, workdir: Path, namespace: str = NS,
+                   release: str = RELEASE, values: dict[str, Any] | None = None) -> Installed:
     """``helm install`` of charts/shardq (Helm's Go library), then the operator's identity.
 
     The chart's operator Deployment is created but its pod is not run by the test
@@ -262,31 +263,34 @@ def _install_chart(api: Api, plane: Plane, workdir: Path) -> Installed:
     """
     import helm_python
 
-    values = {"cluster": {
-        "name": CLUSTER, "nodes": 3, "image": "localhost/shardq:e2e", "fsync": "always",
+    # each release's operator watches its own namespace only (the replicated tests install a
+    # second release beside this one)
+    values = values or {"operator": {"watchNamespace": NS}, "cluster": {
+        "name": CLUSTER, "nodes": 3, "replicas": 1, "image": "localhost/shardq:e2e",
+        "fsync": "always",
         "gateway": {"replicas": 2}, "storage": {"size": "1Gi"},
         "auth": {"enabled": True, "token": TOKEN, "clusterToken": CLUSTER_TOKEN}}}
-    helm = helm_python.Config(kubeconfig_path=plane.kubeconfig, namespace=NS)
+    helm = helm_python.Config(kubeconfig_path=plane.kubeconfig, namespace=namespace)
     try:
-        release = helm.install(str(CHART), RELEASE, values, namespace=NS,
-                               create_namespace=True, timeout=120)
+        installed = helm.install(str(CHART), release, values, namespace=namespace,
+                                 create_namespace=True, timeout=120)
     finally:
         helm.close()
-    assert release["status"] == "deployed", release
+    assert installed["status"] == "deployed", installed
     [operator] = api.apps.list_namespaced_deployment(
-        NS, label_selector="app.kubernetes.io/component=operator").items
+        namespace, label_selector="app.kubernetes.io/component=operator").items
     container = operator.spec.template.spec.containers[0]
     argv = [*(container.command or []), *(container.args or [])]
     assert argv[:2] == ["shardq", "operator"], argv
     account = operator.spec.template.spec.service_account_name
     token = api.core.create_namespaced_service_account_token(
-        account, NS, {"spec": {"expirationSeconds": 3600}}).status.token
+        account, namespace, {"spec": {"expirationSeconds": 3600}}).status.token
     kubeconfig = yaml.safe_load(Path(plane.kubeconfig).read_text())
     for user in kubeconfig["users"]:
         user["user"] = {"token": token}
     path = workdir / "operator-kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig))
-    return Installed(f"helm install of charts/shardq (release {RELEASE}, Helm "
+    return Installed(f"helm install of charts/shardq (release {release}, Helm "
                      f"{helm_python.helm_sdk_version()}); operator as a subprocess with the "
                      f"chart's ServiceAccount {account}", argv, str(path))
 
@@ -864,3 +868,396 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+# -- replicated shards (spec.replicas 3): a second release, in its own namespace ---------------
+#
+# The chart again (release shardq-r3, namespace shardq-e2e-r3), a ShardqCluster of 3 shards of
+# 3 members each, its own test kubelet and operator process. Under a steady load through the
+# gateways: a primary SIGKILLed (time until its shard takes pushes again), a member's pod and
+# volume claim deleted (rebuilt as a learner; time to in-sync), the operator SIGKILLed in the
+# middle of a failover (the next one finishes it), a rolling restart by a pod template change
+# (failed requests counted) and scaling 3 -> 5 -> 2 shards. Each test prints pushed /
+# completed / lost / duplicated from the load's own records.
+
+NS_R = "shardq-e2e-r3"
+RELEASE_R = "shardq-r3"
+CLUSTER_R = "r3"
+
+
+def _r3_pod(pod: Any) -> bool:
+    labels = pod.metadata.labels or {}
+    return (labels.get("app.kubernetes.io/instance") == CLUSTER_R
+            and labels.get("app.kubernetes.io/component") in ("node", "gateway"))
+
+
+@dataclass
+class Replicated:
+    dep: Deployment  # its operator, kubelet and logs (the helpers that name no cluster)
+    api: Api
+
+    def cluster(self) -> dict[str, Any]:
+        obj: dict[str, Any] = self.api.custom.get_namespaced_custom_object(
+            rc.GROUP, rc.VERSION, NS_R, rc.PLURAL, CLUSTER_R)
+        return obj
+
+    def status(self) -> dict[str, Any]:
+        return self.cluster().get("status") or {}
+
+    def patch(self, spec: dict[str, Any]) -> None:
+        self.api.custom.patch_namespaced_custom_object(
+            rc.GROUP, rc.VERSION, NS_R, rc.PLURAL, CLUSTER_R, {"spec": spec})
+
+    def store(self) -> dict[str, Any]:
+        """The topology store (the ConfigMap the operator writes by compare-and-swap)."""
+        cm = self.api.core.read_namespaced_config_map(f"{CLUSTER_R}-topology", NS_R)
+        topo: dict[str, Any] = json.loads(cm.data["topology"])
+        return topo
+
+    def converged(self, shards: int) -> dict[str, Any] | None:
+        """Status Running with ``shards`` shards, every member in sync, Replicated True."""
+        s = self.status()
+        conds = {c["type"]: c["status"] for c in s.get("conditions") or []}
+        ok = (s.get("phase") == "Running" and s.get("nodes") == shards
+              and s.get("inSync") == f"{shards * 3}/{shards * 3}"
+              and conds.get("Replicated") == "True" and conds.get("NoQuorum") == "False"
+              and len(s.get("shards") or []) == shards)
+        return s if ok else None
+
+    def gateways(self) -> list[str]:
+        runs = [r for r in self.dep.kubelet.live(rc.gateway_name(CLUSTER_R)) if r.ready]
+        return [f"{r.ip}:{rc.TCP_PORT}" for r in sorted(runs, key=lambda r: r.name)]
+
+    def member(self, name: str) -> PodRun:
+        run = self.dep.kubelet.by_name(name)
+        assert run is not None, name
+        return run
+
+    def events(self, reason: str) -> list[str]:
+        return [e.message for e in self.api.core.list_namespaced_event(NS_R).items
+                if e.reason == reason]
+
+    def hint(self) -> str:
+        return f"status: {json.dumps(self.status())[:3000]}\n{self.dep.logs(60)}"
+
+
+@pytest.fixture(scope="module")
+def replicated(plane: Plane) -> Iterator[Replicated]:
+    workdir = Path(tempfile.mkdtemp(prefix="shardq-e2e-r3."))
+    api = Api(plane.kubeconfig)
+    kubelet = Kubelet(plane.kubeconfig, NS_R, workdir, BIN_DIR, should_run=_r3_pod)
+    dep = Deployment(plane, api, kubelet, workdir)
+    if not _chart_usable():
+        missing("the replicated tests install the chart (helm-python-sdk)")
+    try:
+        started = time.monotonic()
+        dep.installed = _install_chart(api, plane, workdir, NS_R, RELEASE_R, {
+            "operator": {"watchNamespace": NS_R}, "cluster": {
+            "name": CLUSTER_R, "nodes": 3, "replicas": 3, "image": "localhost/shardq:e2e",
+            "fsync": "always", "gateway": {"replicas": 2}, "storage": {"size": "1Gi"},
+            "replication": {"failureTimeoutMs": 2000},
+            "auth": {"enabled": True, "token": TOKEN, "clusterToken": CLUSTER_TOKEN}}})
+        _timed("replicated: install", started)
+        kubelet.start()
+        dep.start_operator()
+        yield Replicated(dep, api)
+    finally:
+        if dep.operators:
+            dep.stop_operator()
+        kubelet.stop()
+        api.close()
+        if os.environ.get("SHARDQ_E2E_KEEP"):
+            print(f"[e2e-k8s] kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _load_on(r: Replicated, tag: str) -> tuple[SteadyLoad, list[asyncio.Task[None]]]:
+    gateways = r.gateways()
+    load = SteadyLoad([f"{tag}-{i}" for i in range(12)], gateways[0], gateways[-1],
+                      token=TOKEN, pause=0.01, work_pause=0.01, error_pause=0.05)
+    tasks = [asyncio.create_task(load.produce(i)) for i in range(2)]
+    tasks += [asyncio.create_task(load.work(load.queues[i::2])) for i in range(2)]
+    return load, tasks
+
+
+async def _finish(load: SteadyLoad, tasks: list[asyncio.Task[None]], what: str) -> None:
+    load.stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks[:2], return_exceptions=True), 30)
+    await asyncio.wait_for(asyncio.gather(*tasks[2:], return_exceptions=True), 180)
+    await load.settle_unsure()
+    print(f"[e2e-k8s] {what}: load {len(load.pushed)} pushed, {len(load.completed)} "
+          f"completed, {load.lost()} lost, {load.duplicates()} duplicated, "
+          f"{len(load.errors)} failed requests {load.errors[:3]}, longest request "
+          f"{load.longest * 1000:.0f} ms", flush=True)
+
+
+def _queue_of(topo: dict[str, Any], shard: str, tag: str) -> str:
+    from shardq.wire.slots import slot_of
+
+    return next(q for q in (f"{tag}-{i}" for i in range(10_000))
+                if topo["owners"][slot_of(q)] == shard)
+
+
+async def _pushes_again(gateway: str, queue: str, since: float, limit: float) -> float:
+    """Seconds from ``since`` until a push to ``queue`` succeeds (each try bounded)."""
+    async with AsyncClient(gateway, token=TOKEN) as c:
+        async def pushed() -> bool:
+            try:
+                await asyncio.wait_for(c.push(queue, {"probe": True}), 1.0)
+            except (ShardqError, TimeoutError):
+                return False
+            return True
+        await eventually(pushed, limit, 0.05, what=f"a push to {queue} to succeed")
+    return time.monotonic() - since
+
+
+async def test_the_kubernetes_store_lets_one_of_two_racing_writers_win(plane: Plane) -> None:
+    """Two KubeStores (two operators) read the same version and both compare-and-swap: the
+    API server takes exactly one write (resourceVersion precondition), the other is told."""
+    from kubernetes import config as kconfig
+
+    from shardq.wire.topology import Topology
+    from shardq_operator.kubestore import KubeStore
+    from shardq_operator.store import Conflict, update
+
+    api = Api(plane.kubeconfig)
+    ns = "shardq-e2e-store"
+    try:
+        api.core.create_namespace({"metadata": {"name": ns}})
+        clients = [kconfig.new_client_from_config(config_file=plane.kubeconfig)  # type: ignore[no-untyped-call]
+                   for _ in range(2)]
+        a, b = (KubeStore(c, ns, "race-topology") for c in clients)
+        assert await a.read() == (0, None)
+        await a.cas(0, Topology(epoch=1))
+        with pytest.raises(Conflict):
+            await b.cas(0, Topology(epoch=1))  # created already
+        (va, ta), (vb, tb) = await a.read(), await b.read()
+        assert va == vb == 1 and ta is not None and tb is not None
+        results = await asyncio.gather(a.cas(va, Topology(epoch=2)), b.cas(vb, Topology(epoch=3)),
+                                       return_exceptions=True)
+        won = [r for r in results if isinstance(r, int)]
+        lost = [r for r in results if isinstance(r, Conflict)]
+        assert won == [2] and len(lost) == 1, results
+        print(f"[e2e-k8s] racing compare-and-swap: {won} won, refused with {lost[0]}",
+              flush=True)
+        # the loser's update() reads again and redoes its change on the winner's topology
+        done = await asyncio.gather(*(update(store, lambda t: True)
+                                      for store in (a, b) for _ in range(5)))
+        epochs = sorted(t.epoch for t in done if t is not None)
+        version, final = await a.read()
+        assert len(set(epochs)) == 10 and version == 12, (epochs, version)
+        assert final is not None and final.epoch == epochs[-1]
+        for c in clients:
+            c.close()
+    finally:
+        api.core.delete_namespace(ns)
+        api.close()
+
+
+def test_replicated_cluster_three_shards_of_three(replicated: Replicated) -> None:
+    r = replicated
+    started = time.monotonic()
+    status = wait_until("3 shards of 3 members in sync", lambda: r.converged(3), 240,
+                        every=0.5, hint=r.hint)
+    _timed("replicated: 3 shards x 3 members created, in sync (from operator start)", started)
+    topo = r.store()
+    assert sorted(topo["shards"]) == ["shard-0", "shard-1", "shard-2"]
+    for i in range(3):
+        sts = r.api.apps.read_namespaced_stateful_set(f"{CLUSTER_R}-shard-{i}", NS_R)
+        assert sts.spec.replicas == 3 and sts.spec.update_strategy.type == "OnDelete"
+        spread = sts.spec.template.spec.topology_spread_constraints[0]
+        assert spread.label_selector.match_labels[rc.SHARD_LABEL] == f"shard-{i}"
+        pdb = r.api.custom.get_namespaced_custom_object(
+            "policy", "v1beta1", NS_R, "poddisruptionbudgets", f"{CLUSTER_R}-shard-{i}")
+        assert pdb["spec"]["maxUnavailable"] == 1
+        members = topo["shards"][f"shard-{i}"]["members"]
+        assert members == [f"{CLUSTER_R}-shard-{i}-{j}" for j in range(3)]
+    entries = {e["name"]: e for e in status["shards"]}
+    assert all(e["term"] >= 1 and e["primary"] and e["inSync"] == 3 for e in entries.values())
+    print(f"[e2e-k8s] replicated status: inSync {status['inSync']}, shards "
+          f"{[(e['name'], e['primary'], e['term']) for e in status['shards']]}", flush=True)
+
+
+async def test_replicated_primary_sigkill_fails_over_under_load(replicated: Replicated) -> None:
+    r = replicated
+    await async_wait_until("in sync", lambda: r.converged(3), 120, every=0.5, hint=r.hint)
+    topo = await asyncio.to_thread(r.store)
+    shard = "shard-0"
+    before = topo["shards"][shard]
+    queue = _queue_of(topo, shard, "failover-probe")
+    load, tasks = _load_on(r, "failover")
+    try:
+        await load.progressed("before the kill")
+        victim = r.member(before["primary"])
+        assert victim.proc is not None
+        killed = time.monotonic()
+        victim.proc.send_signal(signal.SIGKILL)
+        took = await _pushes_again(r.gateways()[0], queue, killed, 60)
+        TIMINGS["replicated: primary SIGKILL until its shard takes pushes"] = round(took, 2)
+        print(f"[e2e-k8s] primary {before['primary']} of {shard} SIGKILLed: pushes to its shard "
+              f"work again after {took:.2f}s", flush=True)
+        after = await async_wait_until("a new primary in a higher term", lambda: (
+            (sh := r.store()["shards"][shard])["term"] > before["term"] and sh["primary"]
+            and sh), 60, hint=r.hint)
+        await async_wait_until("back in sync", lambda: r.converged(3), 120, every=0.5,
+                               hint=r.hint)
+        await load.progressed("after the failover")
+    finally:
+        await _finish(load, tasks, "primary SIGKILL")
+    assert after["primary"] != before["primary"]
+    assert any(shard in m for m in await asyncio.to_thread(r.events, "Failover"))
+    assert took <= 10.0, took
+    assert load.lost() == 0 and load.duplicates() == 0
+    assert len(load.pushed) > 100
+
+
+async def test_replicated_lost_volume_rebuilds_as_a_learner(replicated: Replicated) -> None:
+    r = replicated
+    await async_wait_until("in sync", lambda: r.converged(3), 120, every=0.5, hint=r.hint)
+    topo = await asyncio.to_thread(r.store)
+    shard = "shard-1"
+    follower = next(m for m in topo["shards"][shard]["members"]
+                    if m != topo["shards"][shard]["primary"])
+    old = r.member(follower)
+    load, tasks = _load_on(r, "lostvol")
+    try:
+        await load.progressed("before the volume is lost")
+        started = time.monotonic()
+        claim = f"data-{follower}"
+        await asyncio.to_thread(r.api.core.delete_namespaced_persistent_volume_claim, claim,
+                                NS_R)
+        await asyncio.to_thread(r.api.core.delete_namespaced_pod, follower, NS_R)
+        await async_wait_until("the member a learner", lambda: follower in (
+            r.store()["shards"][shard]["learners"]), 120, every=0.2, hint=r.hint)
+        learner_at = time.monotonic() - started
+        await async_wait_until("the member voting and in sync again", lambda: (
+            follower in r.store()["shards"][shard]["members"] and r.converged(3)), 180,
+            every=0.5, hint=r.hint)
+        took = _timed("replicated: pod + PVC deleted until the member is in sync", started)
+        await load.progressed("after the rebuild")
+    finally:
+        await _finish(load, tasks, "lost volume")
+    new = r.member(follower)
+    assert new.uid != old.uid
+    claim_uid = r.api.core.read_namespaced_persistent_volume_claim(claim, NS_R).metadata.uid
+    assert any(claim_uid[:8] in a for a in new.argv), new.argv  # a new, empty volume
+    rebuilding = await asyncio.to_thread(r.events, "MemberRebuilding")
+    insync = await asyncio.to_thread(r.events, "MemberInSync")
+    print(f"[e2e-k8s] lost volume of {follower}: a learner after {learner_at:.1f}s, in sync "
+          f"after {took:.1f}s; events {rebuilding[-1:]} {insync[-1:]}", flush=True)
+    assert any(follower in m for m in rebuilding) and any(follower in m for m in insync)
+    assert load.lost() == 0 and load.duplicates() == 0
+
+
+async def test_replicated_operator_killed_mid_failover_is_finished_by_the_next(
+        replicated: Replicated) -> None:
+    """The primary and one follower of a shard stopped (SIGSTOP), the follower a second
+    later: the operator starts a failover (a new term without a primary) but can fence only
+    one voter, and is SIGKILLed right then. Both continue; the next operator finishes."""
+    r, dep = replicated, replicated.dep
+    await async_wait_until("in sync", lambda: r.converged(3), 120, every=0.5, hint=r.hint)
+    topo = await asyncio.to_thread(r.store)
+    shard = "shard-2"
+    before = topo["shards"][shard]
+    primary = r.member(before["primary"])
+    follower = r.member(next(m for m in before["members"] if m != before["primary"]))
+    queue = _queue_of(topo, shard, "midfailover-probe")
+    stopped: list[PodRun] = []
+    load, tasks = _load_on(r, "midfailover")
+    try:
+        await load.progressed("before the failover")
+        for run in (primary, follower):
+            assert run.proc is not None
+            run.proc.send_signal(signal.SIGSTOP)
+            stopped.append(run)
+            if run is primary:
+                await asyncio.sleep(1.0)  # the fault: the follower stops 1 s after the primary
+        mid = await async_wait_until("the failover begun: a new term, no primary", lambda: (
+            (sh := r.store()["shards"][shard])["term"] > before["term"] and not sh["primary"]
+            and sh), 60, every=0.05, hint=r.hint)
+        dep.operator.send_signal(signal.SIGKILL)
+        dep.operator.wait(10)
+        killed = time.monotonic()
+        print(f"[e2e-k8s] operator SIGKILLed mid-failover of {shard}: term {mid['term']}, no "
+              "primary", flush=True)
+        for run in stopped:
+            assert run.proc is not None
+            run.proc.send_signal(signal.SIGCONT)
+        stopped.clear()
+        await asyncio.sleep(1.0)  # the shard stays without a primary while no operator runs
+        assert not (await asyncio.to_thread(r.store))["shards"][shard]["primary"]
+        dep.start_operator()
+        after = await async_wait_until("the next operator elected a primary", lambda: (
+            (sh := r.store()["shards"][shard])["primary"] and sh["term"] >= mid["term"] and sh),
+            120, hint=r.hint)
+        took = await _pushes_again(r.gateways()[0], queue, killed, 60)
+        TIMINGS["replicated: operator killed mid-failover until pushes work"] = round(took, 2)
+        await async_wait_until("back in sync", lambda: r.converged(3), 180, every=0.5,
+                               hint=r.hint)
+        await load.progressed("after the failover")
+    finally:
+        for run in stopped:
+            if run.proc is not None:
+                run.proc.send_signal(signal.SIGCONT)
+        await _finish(load, tasks, "operator killed mid-failover")
+    print(f"[e2e-k8s] the next operator finished it: {after['primary']} primary in term "
+          f"{after['term']}; pushes worked {took:.1f}s after the kill", flush=True)
+    assert load.lost() == 0 and load.duplicates() == 0
+
+
+async def test_replicated_rolling_restart_followers_first(replicated: Replicated) -> None:
+    r = replicated
+    await async_wait_until("in sync", lambda: r.converged(3), 120, every=0.5, hint=r.hint)
+    uids = {run.name: run.uid for run in r.dep.kubelet.live(f"{CLUSTER_R}-shard-")}
+    load, tasks = _load_on(r, "rolling")
+    try:
+        await load.progressed("before the restart")
+        started = time.monotonic()
+        # a new node pod template (resources: the gateways' template stays, so the load's
+        # connections to the gateway pods stay; the real-node tier changes the image tag)
+        await asyncio.to_thread(r.patch, {"resources": {"node": {"requests": {"cpu": "10m"}}}})
+
+        def rolled() -> bool:
+            live = {run.name: run.uid for run in r.dep.kubelet.live(f"{CLUSTER_R}-shard-")
+                    if run.ready}
+            return (set(live) == set(uids) and all(live[n] != uids[n] for n in uids)
+                    and r.converged(3) is not None)
+        await async_wait_until("every member restarted and in sync", rolled, 600, every=1.0,
+                               hint=r.hint)
+        took = _timed("replicated: rolling restart of 9 members", started)
+        await load.progressed("after the restart")
+    finally:
+        await _finish(load, tasks, "rolling restart")
+    switchovers = await asyncio.to_thread(r.events, "Switchover")
+    print(f"[e2e-k8s] rolling restart: {took:.1f}s, {len(switchovers)} switchovers, "
+          f"{len(load.errors)} failed requests", flush=True)
+    assert len(switchovers) >= 3
+    assert load.lost() == 0 and load.duplicates() == 0
+    assert len(load.errors) <= 5, load.errors[:10]
+
+
+async def test_replicated_scaling_3_5_2_shards(replicated: Replicated) -> None:
+    r = replicated
+    await async_wait_until("in sync", lambda: r.converged(3), 120, every=0.5, hint=r.hint)
+    load, tasks = _load_on(r, "scale")
+    try:
+        await load.progressed("on 3 shards")
+        started = time.monotonic()
+        await asyncio.to_thread(r.patch, {"nodes": 5})
+        await async_wait_until("5 shards in sync", lambda: r.converged(5), 300, every=1.0,
+                               hint=r.hint)
+        _timed("replicated: scale 3 -> 5 shards", started)
+        await load.progressed("on 5 shards")
+        started = time.monotonic()
+        await asyncio.to_thread(r.patch, {"nodes": 2})
+        await async_wait_until("2 shards in sync", lambda: r.converged(2), 300, every=1.0,
+                               hint=r.hint)
+        _timed("replicated: scale 5 -> 2 shards", started)
+        await async_wait_until("the leaving shards' StatefulSets gone", lambda: len(
+            r.api.apps.list_namespaced_stateful_set(NS_R).items) == 2, 120)
+        await load.progressed("on 2 shards")
+    finally:
+        await _finish(load, tasks, "scale 3 -> 5 -> 2 shards")
+    assert sorted(r.store()["shards"]) == ["shard-0", "shard-1"]
+    assert load.lost() == 0 and load.duplicates() == 0

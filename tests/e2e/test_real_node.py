@@ -47,7 +47,10 @@ TOKEN = "real-node-client-token"
 UID = 10001  # the image's user, and the chart's runAsUser
 VALUES = {
     "image": {"repository": "localhost/shardq", "tag": "realnode", "pullPolicy": "Never"},
-    "cluster": {"nodes": 3, "gateway": {"replicas": 2}, "storage": {"size": "1Gi"},
+    # its operator watches its own namespace (test_real_node_replicated.py installs a second
+    # release beside this one)
+    "operator": {"watchNamespace": NS},
+    "cluster": {"nodes": 3, "replicas": 1, "gateway": {"replicas": 2}, "storage": {"size": "1Gi"},
                 "fsync": "always",
                 "auth": {"enabled": True, "token": TOKEN, "clusterToken": "real-node-cluster"}},
     "tests": {"timeoutSeconds": 60},

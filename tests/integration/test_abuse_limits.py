@@ -8,12 +8,12 @@ the refusal is clear, that nothing was lost, and that the node keeps serving.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import resource
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -31,7 +31,7 @@ from shardq_node.settings import NodeSettings
 from shardq_operator.local import LocalCluster
 
 from ..cluster import Cluster, node_call, start_gateway
-from ..helpers import FakeClock, RawClient, free_port, wait_port
+from ..helpers import FakeClock, RawClient, eventually, free_port, wait_port
 
 INTERNAL_REQUESTS: list[dict[str, Any]] = [
     {"cmd": "DROPSLOTS", "slots": [0]},
@@ -146,14 +146,10 @@ BLOB = "b" * 100_000  # above the 64 KiB blob threshold: written to the blob sto
 
 async def poll(check: Callable[[], Awaitable[bool]], timeout: float,
                interval: float = 0.05) -> float:
-    """Await ``check`` until it is true; the seconds that took (TimeoutError past ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not await check():
-        if loop.time() - started > timeout:
-            raise TimeoutError(f"not true after {timeout} s")
-        await asyncio.sleep(interval)
-    return loop.time() - started
+    """Await ``check`` until it is true (``eventually``); the seconds that took."""
+    started = time.monotonic()
+    await eventually(check, timeout, interval)
+    return time.monotonic() - started
 
 
 def open_fds(pid: int) -> int:

@@ -187,7 +187,8 @@ def test_crd_is_structural_with_status_scale_and_printer_columns() -> None:
     assert version["subresources"]["status"] == {}
     assert list(_structural_problems(version["schema"]["openAPIV3Schema"], "")) == []
     columns = version["additionalPrinterColumns"]
-    assert [col["name"] for col in columns] == ["Nodes", "Ready", "Phase", "Epoch", "Moving", "Age"]
+    assert [col["name"] for col in columns] == [
+        "Shards", "Replicas", "In-Sync", "Ready", "Phase", "Epoch", "Moving", "Age"]
     for col in columns:
         if col["jsonPath"] == ".metadata.creationTimestamp":
             continue
@@ -201,6 +202,10 @@ def test_crd_defaults_are_the_operators_and_cover_every_field_it_reads() -> None
     spec = crd_schema()["properties"]["spec"]["properties"]
     parsed = rc.Spec.parse({})
     assert spec["nodes"]["default"] == parsed.nodes
+    assert spec["replicas"]["default"] == parsed.replicas
+    assert spec["replicas"]["enum"] == list(rc.REPLICA_CHOICES)
+    assert (spec["replication"]["properties"]["failureTimeoutMs"]["default"]
+            == parsed.failure_timeout_ms)
     assert spec["imagePullPolicy"]["default"] == parsed.image_pull_policy
     assert spec["gateway"]["properties"]["replicas"]["default"] == parsed.gateway_replicas
     gw_service = spec["gateway"]["properties"]["service"]["properties"]
@@ -213,7 +218,8 @@ def test_crd_defaults_are_the_operators_and_cover_every_field_it_reads() -> None
     assert spec["deletion"]["properties"]["deleteVolumes"]["default"] == parsed.delete_volumes
     # a spec with every field set parses into non-default values everywhere
     every = {
-        "nodes": 7, "image": "img:1", "imagePullPolicy": "Always",
+        "nodes": 7, "replicas": 5, "replication": {"failureTimeoutMs": 3000},
+        "image": "img:1", "imagePullPolicy": "Always",
         "imagePullSecrets": [{"name": "registry-credentials"}],
         "gateway": {"replicas": 0, "service": {"type": "NodePort"}},
         "storage": {"storageClassName": "ssd", "size": "5Gi"}, "fsync": "never",
@@ -370,9 +376,10 @@ NAMESPACED_RULES = {
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("", "services"): {"get", "create", "patch", "update"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "persistentvolumeclaims"): {"list", "delete"},
-    ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},
+    ("", "pods"): {"get", "list", "watch", "delete"},  # rolling restarts of replicated shards
+    ("", "configmaps"): {"get", "create", "update"},  # the topology store of replicated shards
+    ("", "persistentvolumeclaims"): {"get", "list", "delete"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "events"): {"create", "patch"},
 }
 DISCOVERY_RULES = {

@@ -516,3 +516,57 @@ def test_the_crd_status_schema_takes_what_the_operator_writes() -> None:
     condition_fields = set(properties["conditions"]["items"]["properties"])
     for cond in status["conditions"]:
         assert set(cond) <= condition_fields
+
+
+# -- replicated shards ------------------------------------------------------------------------
+
+
+def test_a_shard_is_a_statefulset_of_its_members_restarted_only_by_the_operator() -> None:
+    spec = rc.Spec.parse({"nodes": 3, "replicas": 3, "replication": {"failureTimeoutMs": 1500}})
+    sts = rc.shard_statefulset("c", "ns", spec, 1)
+    own = {**rc.labels("c", "node"), rc.SHARD_LABEL: "shard-1"}
+    assert sts["metadata"]["name"] == "c-shard-1" and sts["spec"]["replicas"] == 3
+    assert sts["spec"]["selector"] == {"matchLabels": own}
+    assert sts["spec"]["template"]["metadata"]["labels"] == own
+    assert sts["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    [spread] = sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["labelSelector"] == {"matchLabels": own} and spread["maxSkew"] == 1
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule"
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--failure-timeout-ms") + 1] == "1500"
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["labels"] == own
+    assert "volumeClaimTemplates" not in rc.shard_statefulset("c", "ns", spec, 1, False)["spec"]
+    assert rc.shard_members("c", 1, 3) == ["c-shard-1-0", "c-shard-1-1", "c-shard-1-2"]
+    assert rc.shard_index("c", "c-shard-12") == rc.shard_index("c", "shard-12") == 12
+    assert rc.shard_index("c", "c-node") is None
+
+
+def test_replicated_objects_have_a_budget_per_shard_and_no_node_statefulset() -> None:
+    spec = rc.Spec.parse({"nodes": 2, "replicas": 5})
+    objs = rc.replicated_objects("c", "ns", spec, 2, ["10.0.0.1:6789"])
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
+    assert kinds == [("Deployment", "c-gateway"), ("PodDisruptionBudget", "c-gateway"),
+                     ("PodDisruptionBudget", "c-shard-0"), ("PodDisruptionBudget", "c-shard-1"),
+                     ("Service", "c-gateway"), ("Service", "c-node"),
+                     ("StatefulSet", "c-shard-0"), ("StatefulSet", "c-shard-1")]
+    budget = next(o for o in objs if o["metadata"]["name"] == "c-shard-1"
+                  and o["kind"] == "PodDisruptionBudget")
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {
+        **rc.labels("c", "node"), rc.SHARD_LABEL: "shard-1"}}}
+
+
+def test_replication_conditions_name_the_shards_behind_and_without_quorum() -> None:
+    full = {"shard-0": {"inSync": 3, "quorum": True}, "shard-1": {"inSync": 3, "quorum": True}}
+    conds = {c["type"]: c for c in rc.replication_conditions(full, 3, [], "t0")}
+    assert [conds[k]["status"] for k in ("Replicated", "Degraded", "NoQuorum")] == [
+        "True", "False", "False"]
+    behind = {**full, "shard-1": {"inSync": 2, "quorum": True}}
+    conds = {c["type"]: c for c in rc.replication_conditions(behind, 3, list(conds.values()),
+                                                             "t1")}
+    assert [conds[k]["status"] for k in ("Replicated", "Degraded", "NoQuorum")] == [
+        "False", "True", "False"]
+    assert "shard-1 (2/3)" in conds["Degraded"]["message"]
+    assert conds["NoQuorum"]["lastTransitionTime"] == "t0"  # unchanged status, same time
+    lost = {**full, "shard-0": {"inSync": 0, "quorum": False}}
+    conds = {c["type"]: c for c in rc.replication_conditions(lost, 3, [], "t2")}
+    assert conds["NoQuorum"]["status"] == "True" and "shard-0" in conds["NoQuorum"]["message"]

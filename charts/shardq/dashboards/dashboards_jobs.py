@@ -1,5 +1,6 @@
 """The jobs' dashboards, one function per panel: the cluster overview (throughput, depth,
-failures, latency) and one queue's detail.
+failures, latency; its replication row borrows the replication dashboard's stats) and one
+queue's detail.
 
 ``generate.py`` writes them. Must not: write files.
 """
@@ -16,6 +17,13 @@ from dashboard_blocks import (
     rate,
     stat,
     timeseries,
+)
+from dashboards_servers import (
+    ALL_SHARDS,
+    failovers_today,
+    under_replicated,
+    without_quorum,
+    worst_lag,
 )
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import stat as sb
@@ -102,6 +110,8 @@ def overview() -> db.Dashboard:
         [("Now", [nodes_up(), live_jobs(), nodes_storage_failed(), oldest_waiting()]),
          ("Jobs", [throughput(), depth_by_state(), failures(), top_waiting_queues()]),
          ("Latency", [wait_latency(), run_latency()]),
+         ("Replication", [under_replicated(ALL_SHARDS), without_quorum(ALL_SHARDS),
+                          failovers_today(ALL_SHARDS), worst_lag(ALL_SHARDS)]),
          ("Nodes", [jobs_per_node()])],
     )
 

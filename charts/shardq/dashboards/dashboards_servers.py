@@ -132,37 +132,39 @@ def node_internals() -> db.Dashboard:
 #: A shard (``$shard``, multi-select); the primary's series only exist for replicated shards,
 #: the others also on single-copy nodes (``shard=""``), which REPLICATED leaves out.
 SHARD = 'shard=~"$shard"'
+#: Every shard: the cluster overview's replication row (the overview has no ``$shard``).
+ALL_SHARDS = 'shard!=""'
 REPLICATED = f'{SHARD}, shard!=""'
 
 
-def under_replicated() -> sb.Panel:
+def under_replicated(sel: str = SHARD) -> sb.Panel:
     return stat("Under-replicated shards", "Shards whose primary sees fewer members in sync "
                 "than the shard has members and learners (alert ShardqShardUnderReplicated after "
                 "5 minutes).", "short",
-                q(f"count(shardq_replication_members_in_sync{{{SHARD}}} < "
-                  f"shardq_replication_members{{{SHARD}}} + "
-                  f"shardq_replication_learners{{{SHARD}}}) or vector(0)", "shards"),
+                q(f"count(shardq_replication_members_in_sync{{{sel}}} < "
+                  f"shardq_replication_members{{{sel}}} + "
+                  f"shardq_replication_learners{{{sel}}}) or vector(0)", "shards"),
                 red_above=1)
 
 
-def without_quorum() -> sb.Panel:
+def without_quorum(sel: str = SHARD) -> sb.Panel:
     return stat("Shards without quorum", "Shards whose primary has fewer live members than a "
                 "majority: past failure_timeout it refuses writes.", "short",
-                q(f"count(shardq_replication_no_quorum_seconds{{{SHARD}}} > 0) or vector(0)",
+                q(f"count(shardq_replication_no_quorum_seconds{{{sel}}} > 0) or vector(0)",
                   "shards"), red_above=1)
 
 
-def failovers_today() -> sb.Panel:
+def failovers_today(sel: str = SHARD) -> sb.Panel:
     return stat("Failovers (24h)", "Promotions of a member to primary over the last 24 hours, "
                 "all shards.", "short",
-                q(f"sum(increase(shardq_replication_failovers_total{{{SHARD}}}[24h])) "
+                q(f"sum(increase(shardq_replication_failovers_total{{{sel}}}[24h])) "
                   "or vector(0)", "failovers"))
 
 
-def worst_lag() -> sb.Panel:
+def worst_lag(sel: str = SHARD) -> sb.Panel:
     return stat("Worst follower lag", "The longest any follower has lacked a record its "
                 "primary holds (alert ShardqReplicationLagHigh above 10 s).", "s",
-                q(f"max(shardq_replication_follower_lag_seconds{{{SHARD}}}) or vector(0)",
+                q(f"max(shardq_replication_follower_lag_seconds{{{sel}}}) or vector(0)",
                   "lag"), red_above=10)
 
 

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from shardq_server.auth import Auth
 from shardq_server.running import install_uvloop, until_signalled
 
 from .router import Router
@@ -29,6 +30,7 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        self.auth = Auth(settings.tokens)
         self.flusher = Flusher()
         self.router = Router(settings, self.flusher)
         self.sessions: set[ClientSession] = set()

@@ -151,6 +151,8 @@ class Node:
         self.servers: list[asyncio.AbstractServer] = []
         self.started_at = clock()
         self.ready = False
+        #: set by ``stop``: a connection that closes from then on keeps its leases (below)
+        self.stopping = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -201,6 +203,7 @@ class Node:
 
     async def stop(self) -> None:
         self.ready = False
+        self.stopping = True
         self.replication.close()
         await self.peers.close()
         if self._http is not None:
@@ -452,6 +455,12 @@ class Node:
             self.events.unsubscribe(session, queue)
         if self.log.failed is not None or self.replication.follows:
             return  # a follower writes only what its primary sends
+        if self.stopping:
+            # A node going down writes nothing more (its log may be closed already): a
+            # replicated member's leases stay valid on the member promoted next, so a
+            # worker's ACK still lands there; a single copy releases them when it starts
+            # again (_recover).
+            return
         if self.engine.release_owner(session.owner, "worker disconnected"):
             self.after_batch()
 

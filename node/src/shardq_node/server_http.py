@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from shardq_server.http_api import HttpSettings, make_app, start_http
+from shardq_server.http_api import HttpSettings, make_app
+from shardq_server.http_site import start_http
 
 from .http_backend import EventStream, call
 from .metrics import exposition, registry_for

@@ -30,11 +30,15 @@ import kopf
 from shardq.wire.topology import NodeInfo
 
 from . import reconcile as rc
+from . import replicated
 from .kube import Kube, load
+from .kubestore import store_name
 from .rebalance import Rebalancer
 from .ring import pending_moves
 
 log = logging.getLogger("shardq_operator")
+
+REPLICATION_CONDITIONS = ("Replicated", "Degraded", "NoQuorum")
 
 
 @dataclass
@@ -62,6 +66,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.kube = Kube(load(cfg.kubeconfig))
     memo.locks = {}  # cluster_lock: shared by every object's copy of this memo
     memo.storage_warned = {}
+    memo.stores = {}  # replicated.topology_store: one KubeStore per cluster
+    memo.supervisors = {}  # replicated.Supervisor of each replicated cluster
 
 
 def _owned(manifest: rc.Manifest, body: kopf.Body) -> rc.Manifest:
@@ -118,7 +124,9 @@ class _Status:
         self.storage: dict[str, Any] | None = None
 
     def fields(self, ready: dict[str, Any]) -> dict[str, Any]:
-        conditions = [ready] + ([self.storage] if self.storage else [])
+        # the replication conditions are the supervisor's (replicated.py): kept as they are
+        others = [c for c in self.conditions if c.get("type") in REPLICATION_CONDITIONS]
+        conditions = [ready] + ([self.storage] if self.storage else []) + others
         self.conditions = conditions
         out: dict[str, Any] = {"conditions": conditions}
         if self.generation is not None:
@@ -143,7 +151,16 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
     spec = rc.Spec.parse(spec_raw)
     if spec.nodes < 1:
         raise kopf.PermanentError("spec.nodes must be at least 1")
+    if spec.replicas not in rc.REPLICA_CHOICES:
+        raise kopf.PermanentError(f"spec.replicas is {spec.replicas}: it must be 1, 3 or 5")
     st = _Status(kube, namespace, name, body)
+    if spec.replicas > 1:
+        return await _converge_replicated(name, namespace, body, spec, memo, st)
+    if (await replicated.topology_store(memo, body).read())[1] is not None:
+        raise kopf.PermanentError(
+            "spec.replicas is 1 but this cluster runs replicated shards (ConfigMap "
+            f"{store_name(name)}): a cluster does not change between 1 and 3 or 5 replicas in "
+            "place; make a new ShardqCluster and move the queues")
     live = await kube.statefulset(namespace, rc.node_name(name))
     current = int(((live or {}).get("spec") or {}).get("replicas") or 0)
     if live is None:
@@ -203,6 +220,24 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
     return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.nodes),
             "slotsMoving": 0, "progress": None, "readyNodes": ready_nodes,
             **st.fields(ready)}
+
+
+async def _converge_replicated(name: str, namespace: str, body: kopf.Body, spec: rc.Spec,
+                               memo: kopf.Memo, st: _Status) -> dict[str, Any]:
+    status = body.get("status") or {}
+    if status.get("observedGeneration") != st.generation or status.get("phase") != "Running":
+        await st.patch({"phase": "Converging", **st.fields(st.ready(
+            False, "Converging", f"{spec.nodes} shards of {spec.replicas} members"))})
+    out = await replicated.converge(name, namespace, body, spec, memo)
+    if out["epoch"] != status.get("epoch"):
+        kopf.info(body, reason="Rebalanced",
+                  message=f"topology epoch {out['epoch']}: {out['nodes']} shards of "
+                          f"{spec.replicas} members own the 1024 slots")
+    members = [m for i in range(spec.nodes) for m in rc.shard_members(name, i, spec.replicas)]
+    ready_nodes = await _ready_nodes(memo.kube, name, namespace, members)
+    ready = st.ready(True, "Converged", f"{spec.nodes} shards of {spec.replicas} members, "
+                     f"no slot moving; {ready_nodes}/{len(members)} member pods Ready")
+    return {**out, "readyNodes": ready_nodes, **st.fields(ready)}
 
 
 def _same_condition(cond: dict[str, Any] | None, conditions: list[dict[str, Any]]) -> bool:
@@ -363,6 +398,38 @@ async def follow_pod_addresses(body: kopf.Body, spec: kopf.Spec, status: kopf.St
     async with lock:
         status_now = await converge(name, namespace, body, dict(spec), memo, logger)
     patch.status.update(status_now)
+
+
+@kopf.daemon(rc.GROUP, rc.VERSION, rc.PLURAL, cancellation_timeout=10)
+async def supervise(body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, stopped: Any,
+                    logger: Any, **_: Any) -> None:
+    """Replicated clusters: the failover controller, pod addresses, rolling restarts,
+    replication status and events (``replicated.Supervisor``), for as long as the
+    ShardqCluster exists. Unreplicated clusters: nothing (it waits for a change of spec)."""
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    kube: Kube = memo.kube
+    while not stopped:
+        parsed = rc.Spec.parse(dict(spec))
+        if parsed.replicas < 2 or body.metadata.get("deletionTimestamp"):
+            await asyncio.sleep(2.0)
+            continue
+        try:
+            token = await replicated.cluster_token(kube, namespace, parsed)
+        except kopf.TemporaryError as exc:
+            logger.warning("%s", exc)
+            await asyncio.sleep(5.0)
+            continue
+        store = replicated.topology_store(memo, body)
+        sup = replicated.Supervisor(kube, store, body, parsed,
+                                    token, cluster_lock(memo, namespace, name))
+        sups = memo.get("supervisors")
+        if sups is None:
+            sups = memo["supervisors"] = {}
+        sups[namespace, store.name] = sup
+        try:
+            await sup.run(stopped)
+        finally:
+            sups.pop((namespace, store.name), None)
 
 
 @kopf.on.delete(rc.GROUP, rc.VERSION, rc.PLURAL)

@@ -75,6 +75,37 @@ class Kube:
                 raise
             resource.create(body=m, namespace=meta["namespace"])
 
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete one object; False when it was gone already."""
+        def call() -> bool:
+            resource = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            try:
+                resource.delete(name=name, namespace=namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            return True
+        return await asyncio.to_thread(call)
+
+    async def claim_usable(self, namespace: str, name: str) -> bool:
+        """The PersistentVolumeClaim exists and is not being deleted."""
+        claim = await _found(self.core.read_namespaced_persistent_volume_claim, name, namespace)
+        return claim is not None and claim.metadata.deletion_timestamp is None
+
+    async def cluster(self, namespace: str, name: str) -> Manifest | None:
+        """The ShardqCluster as plain data, None when there is none."""
+        def call() -> Manifest | None:
+            try:
+                obj: Any = self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return dict(obj)
+        return await asyncio.to_thread(call)
+
     async def statefulset(self, namespace: str, name: str) -> Manifest | None:
         """The StatefulSet as plain JSON data (camelCase keys), None when there is none."""
         sts = await _found(self.apps.read_namespaced_stateful_set, name, namespace)
@@ -82,6 +113,12 @@ class Kube:
             return None
         data: Manifest = self.api.sanitize_for_serialization(sts)  # type: ignore[no-untyped-call]
         return data
+
+    async def statefulset_names(self, namespace: str, selector: dict[str, str]) -> list[str]:
+        text = ",".join(f"{k}={v}" for k, v in selector.items())
+        res = await asyncio.to_thread(self.apps.list_namespaced_stateful_set, namespace,
+                                      label_selector=text)
+        return [str(s.metadata.name) for s in res.items if s.metadata is not None]
 
     async def container_env(self, namespace: str, deployment: str, name: str) -> str | None:
         """The value of env ``name`` in a Deployment's first container (None: no such thing)."""

@@ -33,6 +33,10 @@ class Spec:
     """``ShardqCluster.spec`` with its defaults (the CRD schema documents each field)."""
 
     nodes: int = 3
+    #: Members of each shard (1, 3 or 5); 1 is the unreplicated StatefulSet of ``nodes`` pods.
+    replicas: int = 1
+    #: A primary silent this long is replaced (replicated shards), in milliseconds.
+    failure_timeout_ms: int = 2000
     image: str = "localhost/shardq:latest"
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: list[str] = field(default_factory=list)
@@ -57,6 +61,8 @@ class Spec:
         auth = raw.get("auth") or {}
         return cls(
             nodes=int(raw.get("nodes", 3)),
+            replicas=int(raw.get("replicas", 1)),
+            failure_timeout_ms=int((raw.get("replication") or {}).get("failureTimeoutMs", 2000)),
             image=raw.get("image") or cls.image,
             image_pull_policy=raw.get("imagePullPolicy") or cls.image_pull_policy,
             image_pull_secrets=[str(ref["name"]) for ref in raw.get("imagePullSecrets") or []
@@ -437,3 +443,123 @@ def storage_condition(changes: list[str], previous: list[Manifest] | None,
                          "to a new ShardqCluster, or set spec.storage back)", previous, now)
     return condition("StorageInSync", True, "Unchanged",
                      "the node volumes match spec.storage", previous, now)
+
+
+# -- replicated shards: one StatefulSet per shard ---------------------------------------------
+
+#: The label naming a node pod's shard (replicated clusters): the StatefulSet's selector,
+#: the topology spread and the shard's PodDisruptionBudget key on it.
+SHARD_LABEL = "shardq.io/shard"
+#: ``spec.replicas`` the operator accepts (the CRD schema says the same).
+REPLICA_CHOICES = (1, 3, 5)
+
+
+def shard_key(index: int) -> str:
+    """The shard's name in the topology: ``shard-<i>``."""
+    return f"shard-{index}"
+
+
+def shard_set_name(cluster: str, index: int) -> str:
+    """The shard's StatefulSet (and PodDisruptionBudget): ``<cluster>-shard-<i>``; its pods,
+    the shard's members, are ``<cluster>-shard-<i>-<j>``."""
+    return f"{cluster}-{shard_key(index)}"
+
+
+def shard_labels(cluster: str, index: int) -> dict[str, str]:
+    return {**labels(cluster, "node"), SHARD_LABEL: shard_key(index)}
+
+
+def shard_index(cluster: str, name: str) -> int | None:
+    """``<cluster>-shard-<i>`` (a StatefulSet) or ``shard-<i>`` (a topology shard) -> i."""
+    for prefix in (f"{cluster}-shard-", "shard-"):
+        rest = name[len(prefix):] if name.startswith(prefix) else ""
+        if rest.isdigit():
+            return int(rest)
+    return None
+
+
+def shard_members(cluster: str, index: int, replicas: int) -> list[str]:
+    return [f"{shard_set_name(cluster, index)}-{j}" for j in range(replicas)]
+
+
+def shard_statefulset(cluster: str, namespace: str, spec: Spec, index: int,
+                      with_claims: bool = True) -> Manifest:
+    """Shard ``index``'s members: ``spec.replicas`` pods of one StatefulSet.
+
+    ``updateStrategy: OnDelete``: the StatefulSet controller never restarts a member on its
+    own; the operator deletes them one at a time (followers first, the primary after a
+    switchover, each once the shard is in sync), so a rolling restart never costs the shard
+    its quorum. The members spread over Kubernetes nodes (``topologySpreadConstraints`` by
+    shard, ``maxSkew: 1``, ``DoNotSchedule``): on three nodes or more no two members of a
+    shard share one; on fewer they share what there is.
+    """
+    sts = statefulset(cluster, namespace, spec, spec.replicas, with_claims)
+    own = shard_labels(cluster, index)
+    name = shard_set_name(cluster, index)
+    sts["metadata"]["name"] = name
+    sts["metadata"]["labels"] = own
+    sts["spec"]["selector"] = {"matchLabels": own}
+    sts["spec"]["updateStrategy"] = {"type": "OnDelete"}
+    template = sts["spec"]["template"]
+    template["metadata"]["labels"] = own
+    pod = template["spec"]
+    pod["topologySpreadConstraints"] = [{
+        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": own}}]
+    container = pod["containers"][0]
+    container["args"] = [*container["args"], "--failure-timeout-ms",
+                         str(spec.failure_timeout_ms)]
+    # a follower owns no slots of its own: /ready would keep it out of the headless
+    # Service's ready addresses, which nobody needs here (the operator, the primary and
+    # the gateways address members by pod IP), so readiness asks only for a live process
+    container["readinessProbe"] = {**_probe("/health"), "periodSeconds": 2}
+    if with_claims:
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["labels"] = own
+    return sts
+
+
+def shard_budget(cluster: str, namespace: str, index: int) -> Manifest:
+    """At most one member of the shard down at a time (R = 3 keeps its quorum of 2; R = 5
+    keeps 4, one more than its quorum, for an unplanned failure during a drain)."""
+    return {
+        "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": shard_set_name(cluster, index), "namespace": namespace,
+                     "labels": shard_labels(cluster, index)},
+        "spec": {"maxUnavailable": 1,
+                 "selector": {"matchLabels": shard_labels(cluster, index)}},
+    }
+
+
+def replicated_objects(cluster: str, namespace: str, spec: Spec, shards: int,
+                       seeds: list[str], with_claims: bool = True) -> list[Manifest]:
+    """Every object the operator owns for a replicated ShardqCluster with ``shards`` shards
+    (more than ``spec.nodes`` while a scale-down moves slots off the leaving ones)."""
+    out = [headless_service(cluster, namespace), gateway_service(cluster, namespace, spec),
+           gateway_deployment(cluster, namespace, spec, seeds),
+           disruption_budgets(cluster, namespace, spec)[1]]
+    for i in range(shards):
+        out.append(shard_statefulset(cluster, namespace, spec, i, with_claims))
+        out.append(shard_budget(cluster, namespace, i))
+    return out
+
+
+def replication_conditions(shards: dict[str, dict[str, Any]], replicas: int,
+                           previous: list[Manifest] | None, now: str) -> list[Manifest]:
+    """``Replicated``, ``Degraded`` and ``NoQuorum`` from each shard's status entry
+    (``inSync``: members holding everything committed, the primary included; ``quorum``)."""
+    short = {n: s for n, s in shards.items() if int(s.get("inSync", 0)) < replicas}
+    lost = {n: s for n, s in shards.items() if not s.get("quorum")}
+    def names(d: dict[str, Any]) -> str:
+        return ", ".join(f"{n} ({s.get('inSync', 0)}/{replicas})" for n, s in sorted(d.items()))
+    return [
+        condition("Replicated", not short and bool(shards),
+                  "AllInSync" if not short and shards else "MembersBehind",
+                  f"every shard has {replicas}/{replicas} members in sync" if not short
+                  else f"not every member in sync: {names(short)}", previous, now),
+        condition("Degraded", bool(short), "MembersBehind" if short else "AllInSync",
+                  f"shards with members missing or catching up: {names(short)}" if short
+                  else "no shard is missing a member", previous, now),
+        condition("NoQuorum", bool(lost), "QuorumLost" if lost else "QuorumHeld",
+                  f"shards without a primary holding a quorum: {names(lost)}" if lost
+                  else "every shard has a primary with its quorum", previous, now),
+    ]
