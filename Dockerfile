@@ -4,9 +4,11 @@
 #   podman run localhost/shardq:dev operator [--namespace N]
 # Flags are also environment variables (SHARDQ_PORT, SHARDQ_TOKEN, …).
 #
-# Built offline by scripts/k8s/build_image.sh, which first puts the wheels of shardq and every
-# dependency of shardq[server] in build/wheels/ (the only files .dockerignore lets into the
-# context), then runs `podman build --pull=never --network=none --format docker`.
+# Built offline by scripts/k8s/build_image.sh, which first puts the wheels of the five
+# distributions (shardq, shardq-server, shardq-node, shardq-gateway, shardq-operator) and of
+# every dependency in build/wheels/ (the only files .dockerignore lets into the context), then
+# runs `podman build --pull=never --network=none --format docker`. The servers register their
+# sub-commands with `shardq` (entry-point group shardq.commands); the build checks they all load.
 
 # --- stage 1: a virtualenv with shardq's dependencies, from wheels only ----------------------
 FROM python:3.11-slim AS deps
@@ -44,6 +46,8 @@ COPY build/wheels/shardq/ /tmp/shardq-wheel/
 RUN /usr/bin/python3 -m pip --python /opt/shardq/bin/python install --no-index --no-cache-dir \
         --no-deps /tmp/shardq-wheel/*.whl \
  && /usr/bin/python3 -m pip --python /opt/shardq/bin/python check \
+ && /opt/shardq/bin/python -c "from shardq.cli.subcommands import discover; \
+        missing = discover()[1]; assert not missing, missing" \
  && rm -rf /tmp/shardq-wheel
 USER 10001:10001
 WORKDIR /data

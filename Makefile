@@ -31,9 +31,16 @@ run: venv-server
 ## test: set up and run everything CI runs
 test: venv-test packages-test lint typecheck unit
 
+# The duplicate-code check's folders: every Python source outside tests/
+DUPCHECK := sdk/src server/src node/src gateway/src operator/src loadtest charts scripts
+
 lint:
 	$(VENV)/ruff check sdk server node gateway operator tests $(wildcard loadtest) charts
 	$(VENV)/lint-imports
+	@# blocks of 6 or more similar lines (comments, docstrings, imports, signatures aside) in two
+	@# places: extract the shared helper instead (pylint's duplicate-code check alone)
+	$(VENV)/pylint --disable=all --enable=duplicate-code --min-similarity-lines=6 --recursive=y \
+		--score=n $(DUPCHECK)
 
 typecheck:
 	$(VENV)/mypy -p shardq -p shardq_server -p shardq_node -p shardq_gateway -p shardq_operator

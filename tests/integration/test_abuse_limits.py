@@ -711,9 +711,10 @@ def test_a_cron_tick_pushes_nothing_past_the_memory_budget() -> None:
 
 def test_every_limit_is_a_flag_and_an_environment_variable(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from shardq.cli import _node_settings, build_parser
+    from shardq.cli import build_parser
+    from shardq_node.cli import node_settings
 
-    defaults = _node_settings(build_parser().parse_args(["node"]))
+    defaults = node_settings(build_parser().parse_args(["node"]))
     assert (defaults.engine.max_queues, defaults.engine.queue_idle_ms,
             defaults.engine.max_crons, defaults.engine.results_max_bytes) == (
         100_000, 60_000, 1_000, 256 * 2**20)
@@ -725,6 +726,6 @@ def test_every_limit_is_a_flag_and_an_environment_variable(
     monkeypatch.setenv("SHARDQ_MAX_RESULT", "1024")
     args = build_parser().parse_args(["node", "--max-crons", "3", "--max-message", "99",
                                       "--storage-retry-seconds", "0.5"])
-    s = _node_settings(args)
+    s = node_settings(args)
     assert (s.engine.max_queues, s.engine.max_crons, s.request_limits.max_result,
             s.request_limits.max_message, s.storage.retry_seconds) == (7, 3, 1024, 99, 0.5)

@@ -9,7 +9,6 @@ naming exactly what was wrong. No I/O here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -394,7 +393,3 @@ def error_answer(text: str, req_id: str | int | None = None) -> bytes:
     if req_id is None:
         return orjson.dumps({"ok": False, "error": text}) + b"\n"
     return orjson.dumps({"ok": False, "error": text, "reqId": req_id}) + b"\n"
-
-
-
-Validator = Callable[[Request], None]
