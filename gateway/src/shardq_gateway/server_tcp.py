@@ -39,6 +39,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
+from mypy_extensions import mypyc_attr
 from orjson import JSONDecodeError, loads
 
 from shardq.errors import AuthenticationRequired, InvalidRequest, ShardqError
@@ -72,6 +73,7 @@ FIRST_HINT = 2 * 1024 * 1024
 DROPPED = b'{"event":"dropped"'
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of bytes
 class _TooLong(bytes):
     """Stands in the line list for a line that was too long; holds its error answer."""
 

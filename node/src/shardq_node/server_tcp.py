@@ -27,6 +27,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from shardq.errors import InvalidRequest
 from shardq.wire.framing import LineSplitter
@@ -45,6 +46,7 @@ log = logging.getLogger("shardq_node.tcp")
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of bytes
 class _TooLong(bytes):
     """Stands in a line list for a line that was too long; holds its error answer."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -552,7 +553,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             return None
         if args.ack:
             await client.ack(job)
-        return job.__dict__
+        return dataclasses.asdict(job)
 
     return _client_call(args, pull)
 
@@ -593,7 +594,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         elif args.action == "resume":
             await client.resume(q)
         elif args.action == "dlq":
-            return [job.__dict__ for job in await client.dlq(q)]
+            return [dataclasses.asdict(job) for job in await client.dlq(q)]
         elif args.action == "retry":
             return {"retried": await client.retry_dlq(q)}
         else:
