@@ -44,7 +44,7 @@ import bench_procs as procs
 import bench_report as report
 import orjson
 
-from shardq import AsyncClient, AsyncWorker
+from shardq import AsyncClient, AsyncWorker, native
 
 HERE = Path(__file__).resolve().parent
 PAYLOAD = C.payload(200)
@@ -104,10 +104,11 @@ def placement() -> str:
 class Proc:
     """A server subprocess stopped by its PID."""
 
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+    def __init__(self, argv: list[str], port: int, log: Path,
+                 env: dict[str, str] | None = None) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as f:
-            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
         self.port = port
         wait_port(port, self.proc)
 
@@ -293,6 +294,25 @@ async def producers(port: int, t: Target, count: int, total: int) -> C.Measure:
             c.close()
 
 
+def build_env(pure: bool) -> dict[str, str]:
+    """The environment of a shardq process: the compiled hot path as built, or (``pure``) its
+    interpreted sources (``SHARDQ_PURE=1``, shardq.native)."""
+    env = {k: v for k, v in os.environ.items() if k != "SHARDQ_PURE"}
+    return {**env, "SHARDQ_PURE": "1"} if pure else env
+
+
+async def drain(port: int, n: int, prefetch: int = 0, pure: bool = False) -> float:
+    """``drain_shardq`` in a child process (on this process's CPU), so the SDK worker runs
+    compiled or interpreted like the node it drains."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--drain", str(port), str(n), str(prefetch),
+        env=build_env(pure), stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the drain exited with {proc.returncode}")
+    return float(out.decode().split()[-1])
+
+
 async def drain_shardq(port: int, n: int, prefetch: int = 0) -> float:
     async with AsyncClient(f"127.0.0.1:{port}") as client:
         for _ in range(n // 1000):
@@ -326,12 +346,18 @@ async def suite(port: int, t: Target, q: bool) -> dict[str, Any]:
 # -- servers --------------------------------------------------------------------------------
 
 
-def shardq_node(work: Path, fsync: str, logs: Path) -> Proc:
+def shardq_node(work: Path, fsync: str, logs: Path, pure: bool = False) -> Proc:
+    """A node with the compiled hot path (as built), or its interpreted sources (``pure``)."""
     port = free_port()
+    kind = "pure" if pure else "built"
     return Proc(on_server_cpu([
         sys.executable, "-m", "shardq.cli", "node", "--port", str(port), "--http-port", "0",
-        "--data-dir", str(work / f"node-{fsync}-{port}"), "--fsync", fsync,
-        "--log-level", "WARNING"]), port, logs / f"node-{fsync}.log")
+        "--data-dir", str(work / f"node-{fsync}-{kind}-{port}"), "--fsync", fsync,
+        "--log-level", "WARNING"]), port, logs / f"node-{fsync}-{kind}.log", build_env(pure))
+
+
+def shardq_pure(work: Path, fsync: str, logs: Path) -> Proc:
+    return shardq_node(work, fsync, logs, pure=True)
 
 
 class Cluster:
@@ -413,22 +439,24 @@ async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
 
 async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    node = shardq_node(work, "everysec", logs)
-    try:
-        res["shardq"] = await suite(node.port, SHARDQ, q)
-        res["shardq"]["drain"] = {"rate": await drain_shardq(node.port, 20_000 if q else 100_000)}
-        res["shardq"]["drain_prefetch"] = {
-            "rate": await drain_shardq(node.port, 20_000 if q else 100_000, prefetch=50)}
-    finally:
-        node.stop()
+    for name, pure in (("shardq", False), ("shardq_pure", True)):
+        node = shardq_node(work, "everysec", logs, pure)
+        try:
+            res[name] = await suite(node.port, SHARDQ, q)
+            res[name]["drain"] = {"rate": await drain(node.port, 20_000 if q else 100_000,
+                                                      pure=pure)}
+            res[name]["drain_prefetch"] = {
+                "rate": await drain(node.port, 20_000 if q else 100_000, 50, pure)}
+        finally:
+            node.stop()
     cluster = Cluster(work, logs)
     client_on_cpu(False)  # four processes: the scheduler spreads them (and the client)
     try:
         port = await cluster.start()
         res["gateway"] = await suite(port, SHARDQ, q)
-        res["gateway"]["drain"] = {"rate": await drain_shardq(port, 20_000 if q else 100_000)}
+        res["gateway"]["drain"] = {"rate": await drain(port, 20_000 if q else 100_000)}
         res["gateway"]["drain_prefetch"] = {
-            "rate": await drain_shardq(port, 20_000 if q else 100_000, prefetch=50)}
+            "rate": await drain(port, 20_000 if q else 100_000, prefetch=50)}
     finally:
         cluster.stop()
         client_on_cpu(True)
@@ -454,13 +482,14 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     finally:
         b.stop()
     # fsync on every write swings with the disk's mood more than anything else here: three
-    # rounds, a fresh server each, the order alternating; each side's median round is kept
+    # rounds, a fresh server each, the order rotating; each side's median round is kept
     n = 2_000 if q else 10_000
-    pair: tuple[tuple[str, Any, Target], ...] = (
-        ("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS))
-    rounds: dict[str, list[dict[str, Any]]] = {"shardq": [], "Redis": []}
+    trio: tuple[tuple[str, Any, Target], ...] = (
+        ("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS),
+        ("shardq_pure", shardq_pure, SHARDQ))
+    rounds: dict[str, list[dict[str, Any]]] = {"shardq": [], "Redis": [], "shardq_pure": []}
     for i in range(3):
-        for name, start, t in (pair if i % 2 == 0 else pair[::-1]):
+        for name, start, t in trio[i:] + trio[:i]:
             p = start(work, "always", logs)
             try:
                 rounds[name].append((await producers(p.port, t, 50, n)).summary())
@@ -468,8 +497,8 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
                 p.stop()
     for name, runs in rounds.items():
         res[name]["always50"] = C.median_round(runs)
-    for name, start, t in (("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS)):
-        p = start(work, "never" if name == "shardq" else "no", logs)
+    for name, start, t in trio:
+        p = start(work, "no" if name == "Redis" else "never", logs)
         try:
             res[name]["memory_per_job"] = await memory(p, t, 50_000 if q else 200_000)
         finally:
@@ -542,6 +571,81 @@ def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float | None, 
     ]
 
 
+#: issue 18's targets: (what, shardq's key, the peer and its key or None, the bound, the
+#: figure before the compiled hot path); every bound is "at least" but memory's
+ISSUE18: list[tuple[str, str, tuple[str, str] | None, float, str]] = [
+    ("sequential push ÷ the loopback floor", "sequential", ("floor", "sequential"), 0.9,
+     "0.53×"),
+    ("sequential push ÷ Redis LPUSH", "sequential", ("Redis", "sequential"), 0.8, "0.47×"),
+    ("pipelined push ÷ Redis pipelined LPUSH", "pipelined", ("Redis", "pipelined"), 0.5,
+     "0.15×"),
+    ("batch push of 1,000 (jobs/s)", "batch", None, 1_000_000, "323,219"),
+    ("push → pull → ack ÷ beanstalkd put+reserve+delete", "cycle", ("beanstalkd", "cycle"),
+     1.0, "0.49×"),
+    ("fsync always, 50 producers ÷ Redis appendfsync always", "always50",
+     ("Redis", "always50"), 0.5, "0.22×"),
+    ("SDK worker draining 100k ÷ BullMQ worker, without prefetch", "drain",
+     ("BullMQ", "drain"), 5.0, "3.07×"),
+    ("memory per waiting 200-byte job ÷ Redis list element", "memory_per_job",
+     ("Redis", "memory_per_job"), 1.5, "2.42×"),
+]
+#: issue 18's targets measured elsewhere (or still to come), each with where
+ISSUE18_ELSEWHERE = [
+    ("push, pull and ack rates at 10 M waiting jobs ÷ at 10 k", "≥ 0.8",
+     "the compact-jobs work (issue 18, item 2-3) adds this row"),
+    ("recovery from a snapshot, per million jobs", "≤ 1 s",
+     "the compact-jobs work (issue 18, item 2-3) adds this row"),
+    ("the rates above at R = 3 ÷ R = 1", "≥ 0.6",
+     "loadtest/bench_replication.py (section Replication), compiled only"),
+]
+
+
+def _figure(res: dict[str, Any], target: str, key: str) -> float | None:
+    if key == "memory_per_job":
+        v = (res.get(target) or {}).get(key)
+        return float(v) if v else None
+    return _rate(res, target, key)
+
+
+def targets18(res: dict[str, Any]) -> list[str]:
+    """The table of issue 18's targets: the compiled node and its interpreted sources side
+    by side, each against the same peer figure of the same run."""
+    out = [
+        "### Targets (issue 18): compiled and interpreted",
+        "",
+        f"The node as built by `scripts/build_native.py` ({native.status().describe()} in the "
+        "benchmark's process) and the same node with `SHARDQ_PURE=1` (its interpreted "
+        "sources), one after the other in this run, the same client and CPU placement; the "
+        "SDK worker's drain runs compiled or interpreted like its node. Each cell: the ratio "
+        "to the peer (shardq's figure below it).",
+        "",
+        "| target | before | compiled | interpreted | peer | bound | compiled | interpreted |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for what, key, peer, bound, before in ISSUE18:
+        peer_v = _figure(res, *peer) if peer else None
+        at_most = key == "memory_per_job"
+        cells, verdicts = [], []
+        for name in ("shardq", "shardq_pure"):
+            mine = _figure(res, name, key)
+            if mine is None or (peer and not peer_v):
+                cells.append("—")
+                verdicts.append("not measured")
+                continue
+            value = mine / peer_v if peer_v else mine
+            met = value <= bound if at_most else value >= bound
+            cells.append(f"**{value:.2f}×**<br><sub>{mine:,.0f}</sub>" if peer_v
+                         else f"**{value:,.0f}**")
+            verdicts.append("**met**" if met else "**missed**")
+        peer_cell = f"{peer_v:,.0f}" if peer_v else "—"
+        out.append(f"| {what} | {before} | {' | '.join(cells)} | {peer_cell} | "
+                   f"{'≤' if at_most else '≥'} {bound:,g}{'' if peer is None else '×'} | "
+                   f"{' | '.join(verdicts)} |")
+    for what, bound, where in ISSUE18_ELSEWHERE:
+        out.append(f"| {what} | — | — | — | — | {bound} | {where} | |")
+    return out
+
+
 def section(res: dict[str, Any], command: str, meta: str) -> str:
     peers = ["Redis", "beanstalkd", "BullMQ"]
     out = [
@@ -552,20 +656,23 @@ def section(res: dict[str, Any], command: str, meta: str) -> str:
         "`--fsync everysec` (its WAL), Redis "
         "AOF `appendfsync everysec`, beanstalkd binlog fsynced at most every second, BullMQ on "
         "that Redis. **shardq node**: one node; **shardq cluster**: 3 nodes behind a gateway, "
-        "the client talks to the gateway; **floor**: a minimal uvloop line server that parses "
+        "the client talks to the gateway (all compiled); **node, interpreted**: the same node "
+        "with `SHARDQ_PURE=1`; **floor**: a minimal uvloop line server that parses "
         "each line and answers a short one (loadtest/floor_server.py). Rates in jobs/s "
         "(cycles/s for push → pull → ack). BullMQ's figures come from its own Node.js client "
         "(no Python client exists), the others from one Python client (loadtest/"
         "bench_client.py), so every ratio but BullMQ's compares servers under the same "
         "client._",
         "",
-        "| workload | shardq node | shardq cluster | Redis | beanstalkd | BullMQ (Node) | floor "
-        "| node ÷ Redis | node ÷ beanstalkd | node ÷ BullMQ | node ÷ floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | shardq node | node, interpreted | shardq cluster | Redis | beanstalkd "
+        "| BullMQ (Node) | floor | node ÷ Redis | node ÷ beanstalkd | node ÷ BullMQ "
+        "| node ÷ floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, title in ROWS:
         s = (res["shardq"] or {}).get(key)
-        cells = [_cell((res.get(p) or {}).get(key)) for p in ["gateway", *peers, "floor"]]
+        cells = [_cell((res.get(p) or {}).get(key))
+                 for p in ["shardq_pure", "gateway", *peers, "floor"]]
         ratios = [_ratio(_rate(res, "shardq", key), _rate(res, p, PEER_KEY.get(key, key)))
                   for p in [*peers, "floor"]]
         out.append(f"| {title} | {_cell(s)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
@@ -574,9 +681,12 @@ def section(res: dict[str, Any], command: str, meta: str) -> str:
         "",
         f"**Memory per waiting 200-byte job** (RSS growth of the server): shardq "
         f"**{mem_s:,.0f} B**, Redis (a list element) **{mem_r:,.0f} B**: "
-        f"**{mem_s / mem_r:.2f}×** Redis.",
+        f"**{mem_s / mem_r:.2f}×** Redis (interpreted: "
+        f"**{res['shardq_pure']['memory_per_job']:,.0f} B**).",
         "",
-        "### Targets (issue 10)",
+        *targets18(res),
+        "",
+        "### Targets (issue 10), the compiled node",
         "",
         "| target | shardq | peer | ratio | bound | |",
         "|---|---:|---:|---:|---:|---|",
@@ -618,7 +728,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--drain", nargs=3, type=int, metavar=("PORT", "JOBS", "PREFETCH"),
+                   help="(internal) drain JOBS with the SDK worker, print the rate")
     args = p.parse_args(argv)
+    if args.drain:
+        try:
+            import uvloop
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+        print(asyncio.run(drain_shardq(*args.drain)))
+        return 0
     for binary in ("redis-server", "beanstalkd"):
         if shutil.which(binary) is None:
             print(f"{binary} is not installed: apt-get install -y redis-server beanstalkd",

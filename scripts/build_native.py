@@ -147,6 +147,7 @@ def main() -> int:
     group: str = native["GROUP"]  # type: ignore[assignment]
     key = fingerprint(modules)
     if not args.force and key == built_key():
+        write_manifest(modules, group, key)  # same bytes, maybe new mtimes (a checkout)
         return 0
     clean()  # a module that left the list must not keep a .so that shadows its source
     print(f"build_native: compiling {len(modules)} modules with mypyc…", file=sys.stderr)
