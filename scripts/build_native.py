@@ -3,6 +3,7 @@
     python scripts/build_native.py            # build when a source changed since the last build
     python scripts/build_native.py --force    # build again
     python scripts/build_native.py --clean    # remove every compiled file: the sources run
+    python scripts/build_native.py --into DIR # and copy them to DIR, laid out like site-packages
 
 Run by scripts/bootstrap.sh (so by ``make run`` and ``make test``) and by the image's build
 stage. Where no C compiler (or no Python headers) is found it says so, removes any old build
@@ -88,16 +89,40 @@ def fingerprint(modules: tuple[str, ...]) -> str:
     return h.hexdigest()[:20]
 
 
-def write_manifest(modules: tuple[str, ...], group: str, key: str) -> None:
+def manifest(modules: tuple[str, ...], key: str, relative: bool = True) -> dict[str, object]:
+    """Each source's size, mtime and SHA-256, by its path from the folder holding ``shardq``
+    (``relative``) or by its path in a site-packages folder."""
     base = os.path.join(ROOT, SRC["shardq"])
     sources = {}
     for name in modules:
         full = os.path.join(ROOT, source_of(name))
         st = os.stat(full)
-        sources[os.path.relpath(full, base)] = [st.st_size, st.st_mtime_ns]
-    out = os.path.join(base, *group.split(".")[:-1], "_hotpath.json")
+        with open(full, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        path = os.path.relpath(full, base) if relative else source_of(name).split("/", 2)[2]
+        sources[path] = [st.st_size, st.st_mtime_ns, digest]
+    return {"key": key, "sources": sources}
+
+
+def write_manifest(modules: tuple[str, ...], group: str, key: str) -> None:
+    out = os.path.join(ROOT, SRC["shardq"], *group.split(".")[:-1], "_hotpath.json")
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"key": key, "sources": sources}, f, indent=1, sort_keys=True)
+        json.dump(manifest(modules, key), f, indent=1, sort_keys=True)
+
+
+def copy_into(target: str, modules: tuple[str, ...], group: str, key: str) -> None:
+    """The compiled files, laid out as in site-packages, with a manifest that
+    ``python -m shardq.native --stamp`` completes once the sources are installed beside them
+    (the image's build stage)."""
+    os.makedirs(target, exist_ok=True)
+    for path in compiled_files():
+        if path.endswith(".so"):
+            rel = os.path.relpath(path, ROOT).split("/", 2)[2]  # <dist>/src/<rel>
+            os.makedirs(os.path.join(target, os.path.dirname(rel)), exist_ok=True)
+            shutil.copy2(path, os.path.join(target, rel))
+    out = os.path.join(target, *group.split(".")[:-1], "_hotpath.json")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(manifest(modules, key, relative=False), f, indent=1, sort_keys=True)
 
 
 def built_key() -> str:
@@ -132,7 +157,12 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="build even if nothing changed")
     ap.add_argument("--clean", action="store_true", help="remove the compiled files")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--into", metavar="DIR",
+                    help="also copy the compiled files to DIR (emptied first)")
     args = ap.parse_args()
+    if args.into:
+        shutil.rmtree(args.into, ignore_errors=True)
+        os.makedirs(args.into)
     if args.clean:
         clean()
         return 0
@@ -146,15 +176,15 @@ def main() -> int:
     modules: tuple[str, ...] = native["MODULES"]  # type: ignore[assignment]
     group: str = native["GROUP"]  # type: ignore[assignment]
     key = fingerprint(modules)
-    if not args.force and key == built_key():
-        write_manifest(modules, group, key)  # same bytes, maybe new mtimes (a checkout)
-        return 0
-    clean()  # a module that left the list must not keep a .so that shadows its source
-    print(f"build_native: compiling {len(modules)} modules with mypyc…", file=sys.stderr)
-    started = time.monotonic()
-    build(modules, group, args.jobs)
-    write_manifest(modules, group, key)
-    print(f"build_native: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    if args.force or key != built_key():
+        clean()  # a module that left the list must not keep a .so that shadows its source
+        print(f"build_native: compiling {len(modules)} modules with mypyc…", file=sys.stderr)
+        started = time.monotonic()
+        build(modules, group, args.jobs)
+        print(f"build_native: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    write_manifest(modules, group, key)  # (the same bytes may have new mtimes: a checkout)
+    if args.into:
+        copy_into(args.into, modules, group, key)
     return 0
 
 

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.abc import MetaPathFinder
 from types import ModuleType
+from typing import Any
 
 #: The modules compiled with mypyc, one a line; ``scripts/build_native.py`` builds these and
 #: nothing else. The engine and its indexes, the wire codec and command table, the node's
@@ -69,6 +70,7 @@ MODULES: tuple[str, ...] = (
     "shardq_gateway.router",
     "shardq_gateway.upstream",
     "shardq_gateway.inflight",
+    "shardq_gateway.subscriptions",  # its _Group subclasses inflight.Pending
 )
 
 #: The packages whose modules the finder serves from source in pure mode.
@@ -101,28 +103,51 @@ def _here() -> str:
     return os.path.dirname(os.path.abspath(__file__))
 
 
-def _built() -> dict[str, list[int]] | None:
+def _built() -> dict[str, list[Any]] | None:
     """The manifest of the last build (source path → [size, mtime_ns]), or None."""
     try:
         with open(os.path.join(_here(), MANIFEST), encoding="utf-8") as f:
-            sources: dict[str, list[int]] = json.load(f)["sources"]
+            sources: dict[str, list[Any]] = json.load(f)["sources"]
     except (OSError, ValueError, KeyError):
         return None
     return sources
 
 
-def _stale(sources: dict[str, list[int]]) -> str:
-    """The first source that differs from the build, or ''."""
+def _stale(sources: dict[str, list[Any]]) -> str:
+    """The first source that differs from the build (its size or mtime), or ''."""
     base = os.path.dirname(_here())  # the folder that holds the shardq package
-    for path, (size, mtime_ns) in sources.items():
-        full = path if os.path.isabs(path) else os.path.join(base, path)
+    for path, (size, mtime_ns, *_) in sources.items():
         try:
-            st = os.stat(full)
+            st = os.stat(os.path.join(base, path))
         except OSError:
             return path
         if st.st_size != size or st.st_mtime_ns != mtime_ns:
             return path
     return ""
+
+
+def stamp() -> str:
+    """Record the installed sources' sizes and mtimes in the manifest when their bytes are
+    the ones compiled (SHA-256); else remove the manifest, so the sources run. For an
+    install that copied the compiled files beside freshly installed sources (the image).
+    Returns what it did."""
+    import hashlib
+
+    path = os.path.join(_here(), MANIFEST)
+    with open(path, encoding="utf-8") as f:
+        built = json.load(f)
+    base = os.path.dirname(_here())
+    for rel, entry in built["sources"].items():
+        full = os.path.join(base, rel)
+        with open(full, "rb") as src:
+            if hashlib.sha256(src.read()).hexdigest() != entry[2]:
+                os.remove(path)
+                return f"{rel} differs from the source compiled: the sources will run"
+        st = os.stat(full)
+        entry[0], entry[1] = st.st_size, st.st_mtime_ns
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(built, f, indent=1, sort_keys=True)
+    return f"stamped {len(built['sources'])} sources: the compiled modules will run"
 
 
 def _decide(environ: dict[str, str] | os._Environ[str]) -> Build:
@@ -192,3 +217,10 @@ def loaded_compiled() -> list[str]:
 def _is_extension(module: ModuleType) -> bool:
     file = module.__file__ or ""
     return file.endswith(tuple(machinery.EXTENSION_SUFFIXES))
+
+
+if __name__ == "__main__":  # python -m shardq.native --stamp (the image's build stage)
+    if sys.argv[1:] == ["--stamp"]:
+        print(stamp())
+    else:
+        print(status().describe())
