@@ -112,7 +112,7 @@ def write_manifest(modules: tuple[str, ...], group: str, key: str) -> None:
 
 def copy_into(target: str, modules: tuple[str, ...], group: str, key: str) -> None:
     """The compiled files, laid out as in site-packages, with a manifest that
-    ``python -m shardq.native --stamp`` completes once the sources are installed beside them
+    ``shardq.native.stamp()`` completes once the sources are installed beside them
     (the image's build stage)."""
     os.makedirs(target, exist_ok=True)
     for path in compiled_files():

@@ -18,7 +18,7 @@
 #    - native/: the hot path compiled with mypyc (scripts/build_native.py --into: the
 #      checkout's build, made again when a compiled module changed), laid out like
 #      site-packages; the image's build stage puts it beside the installed sources and checks
-#      that they are the sources compiled (python -m shardq.native --stamp). The host's
+#      that they are the sources compiled (shardq.native.stamp()). The host's
 #      compiler does it: the build runs offline, and the image's Python (3.11, glibc) has the
 #      same ABI. Without a C compiler native/ stays empty and the image runs interpreted.
 # 3. podman build --pull=never --network=none --format docker (the docker format keeps the

@@ -218,9 +218,3 @@ def _is_extension(module: ModuleType) -> bool:
     file = module.__file__ or ""
     return file.endswith(tuple(machinery.EXTENSION_SUFFIXES))
 
-
-if __name__ == "__main__":  # python -m shardq.native --stamp (the image's build stage)
-    if sys.argv[1:] == ["--stamp"]:
-        print(stamp())
-    else:
-        print(status().describe())
