@@ -4,7 +4,7 @@ VENV  := .venv/bin
 PORT  ?= 6789
 HTTP_PORT ?= 6790
 
-.PHONY: run test lint typecheck unit bench loadtest clean venv-server venv-test packages-test packages-bench
+.PHONY: run test lint typecheck unit unit-pure native bench loadtest clean venv-server venv-test packages-test packages-bench
 .PHONY: faults e2e-kubelet e2e-node
 .PHONY: dashboards rules-test dashboard-png
 .PHONY: chart-render chart-schema image e2e-kubelet e2e-node
@@ -28,8 +28,9 @@ packages-bench:
 run: venv-server
 	$(VENV)/shardq up --port $(PORT) --http-port $(HTTP_PORT) --replicas $(or $(REPLICAS),1)
 
-## test: set up and run everything CI runs
-test: venv-test packages-test lint typecheck unit
+## test: set up and run everything CI runs: the whole suite on the compiled hot path (built by
+## the setup where a C compiler is found), then a fast subset on the interpreted sources
+test: venv-test packages-test lint typecheck unit unit-pure
 
 # The duplicate-code check's folders: every Python source outside tests/
 DUPCHECK := sdk/src server/src node/src gateway/src operator/src loadtest charts scripts
@@ -47,6 +48,17 @@ typecheck:
 
 unit:
 	$(VENV)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+## unit-pure: the engine, the protocol and the servers' main paths on the interpreted sources
+## (SHARDQ_PURE=1: what a machine without a C compiler runs; shardq.native)
+PURE_TESTS ?= tests/unit/test_native.py tests/unit/test_engine.py tests/unit/test_command_table.py \
+	tests/unit/test_wal.py tests/integration/test_conformance.py tests/integration/test_gateway.py
+unit-pure:
+	SHARDQ_PURE=1 $(VENV)/python -m pytest -q $(PURE_TESTS)
+
+## native: compile the hot path again (scripts/build_native.py; the setup does it when needed)
+native:
+	$(VENV)/python scripts/build_native.py --force
 
 ## faults: the long fault-injection run (tests/faults): ROUNDS rounds spread over every fault
 ## kind (REPLICAS: R, default 3; SEED: the first seed); prints a table per fault kind and
@@ -112,4 +124,5 @@ image:
 	scripts/k8s/build_image.sh localhost/shardq:dev
 
 clean:
+	python3 scripts/build_native.py --clean
 	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache

@@ -98,10 +98,11 @@ def placement() -> str:
 class Proc:
     """A server subprocess stopped by its PID."""
 
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+    def __init__(self, argv: list[str], port: int, log: Path,
+                 env: dict[str, str] | None = None) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as f:
-            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
         self.port = port
         wait_port(port, self.proc)
 
@@ -287,6 +288,25 @@ async def producers(port: int, t: Target, count: int, total: int) -> C.Measure:
             c.close()
 
 
+def build_env(pure: bool) -> dict[str, str]:
+    """The environment of a shardq process: the compiled hot path as built, or (``pure``) its
+    interpreted sources (``SHARDQ_PURE=1``, shardq.native)."""
+    env = {k: v for k, v in os.environ.items() if k != "SHARDQ_PURE"}
+    return {**env, "SHARDQ_PURE": "1"} if pure else env
+
+
+async def drain(port: int, n: int, prefetch: int = 0, pure: bool = False) -> float:
+    """``drain_shardq`` in a child process (on this process's CPU), so the SDK worker runs
+    compiled or interpreted like the node it drains."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--drain", str(port), str(n), str(prefetch),
+        env=build_env(pure), stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the drain exited with {proc.returncode}")
+    return float(out.decode().split()[-1])
+
+
 async def drain_shardq(port: int, n: int, prefetch: int = 0) -> float:
     async with AsyncClient(f"127.0.0.1:{port}") as client:
         for _ in range(n // 1000):
@@ -320,12 +340,18 @@ async def suite(port: int, t: Target, q: bool) -> dict[str, Any]:
 # -- servers --------------------------------------------------------------------------------
 
 
-def shardq_node(work: Path, fsync: str, logs: Path) -> Proc:
+def shardq_node(work: Path, fsync: str, logs: Path, pure: bool = False) -> Proc:
+    """A node with the compiled hot path (as built), or its interpreted sources (``pure``)."""
     port = free_port()
+    kind = "pure" if pure else "built"
     return Proc(on_server_cpu([
         sys.executable, "-m", "shardq.cli", "node", "--port", str(port), "--http-port", "0",
-        "--data-dir", str(work / f"node-{fsync}-{port}"), "--fsync", fsync,
-        "--log-level", "WARNING"]), port, logs / f"node-{fsync}.log")
+        "--data-dir", str(work / f"node-{fsync}-{kind}-{port}"), "--fsync", fsync,
+        "--log-level", "WARNING"]), port, logs / f"node-{fsync}-{kind}.log", build_env(pure))
+
+
+def shardq_pure(work: Path, fsync: str, logs: Path) -> Proc:
+    return shardq_node(work, fsync, logs, pure=True)
 
 
 class Cluster:
@@ -407,22 +433,24 @@ async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
 
 async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    node = shardq_node(work, "everysec", logs)
-    try:
-        res["shardq"] = await suite(node.port, SHARDQ, q)
-        res["shardq"]["drain"] = {"rate": await drain_shardq(node.port, 20_000 if q else 100_000)}
-        res["shardq"]["drain_prefetch"] = {
-            "rate": await drain_shardq(node.port, 20_000 if q else 100_000, prefetch=50)}
-    finally:
-        node.stop()
+    for name, pure in (("shardq", False), ("shardq_pure", True)):
+        node = shardq_node(work, "everysec", logs, pure)
+        try:
+            res[name] = await suite(node.port, SHARDQ, q)
+            res[name]["drain"] = {"rate": await drain(node.port, 20_000 if q else 100_000,
+                                                      pure=pure)}
+            res[name]["drain_prefetch"] = {
+                "rate": await drain(node.port, 20_000 if q else 100_000, 50, pure)}
+        finally:
+            node.stop()
     cluster = Cluster(work, logs)
     client_on_cpu(False)  # four processes: the scheduler spreads them (and the client)
     try:
         port = await cluster.start()
         res["gateway"] = await suite(port, SHARDQ, q)
-        res["gateway"]["drain"] = {"rate": await drain_shardq(port, 20_000 if q else 100_000)}
+        res["gateway"]["drain"] = {"rate": await drain(port, 20_000 if q else 100_000)}
         res["gateway"]["drain_prefetch"] = {
-            "rate": await drain_shardq(port, 20_000 if q else 100_000, prefetch=50)}
+            "rate": await drain(port, 20_000 if q else 100_000, prefetch=50)}
     finally:
         cluster.stop()
         client_on_cpu(True)
@@ -448,13 +476,14 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     finally:
         b.stop()
     # fsync on every write swings with the disk's mood more than anything else here: three
-    # rounds, a fresh server each, the order alternating; each side's median round is kept
+    # rounds, a fresh server each, the order rotating; each side's median round is kept
     n = 2_000 if q else 10_000
-    pair: tuple[tuple[str, Any, Target], ...] = (
-        ("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS))
-    rounds: dict[str, list[dict[str, Any]]] = {"shardq": [], "Redis": []}
+    trio: tuple[tuple[str, Any, Target], ...] = (
+        ("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS),
+        ("shardq_pure", shardq_pure, SHARDQ))
+    rounds: dict[str, list[dict[str, Any]]] = {"shardq": [], "Redis": [], "shardq_pure": []}
     for i in range(3):
-        for name, start, t in (pair if i % 2 == 0 else pair[::-1]):
+        for name, start, t in trio[i:] + trio[:i]:
             p = start(work, "always", logs)
             try:
                 rounds[name].append((await producers(p.port, t, 50, n)).summary())
@@ -462,8 +491,8 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
                 p.stop()
     for name, runs in rounds.items():
         res[name]["always50"] = C.median_round(runs)
-    for name, start, t in (("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS)):
-        p = start(work, "never" if name == "shardq" else "no", logs)
+    for name, start, t in trio:
+        p = start(work, "no" if name == "Redis" else "never", logs)
         try:
             res[name]["memory_per_job"] = await memory(p, t, 50_000 if q else 200_000)
         finally:
@@ -475,7 +504,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--drain", nargs=3, type=int, metavar=("PORT", "JOBS", "PREFETCH"),
+                   help="(internal) drain JOBS with the SDK worker, print the rate")
     args = p.parse_args(argv)
+    if args.drain:
+        try:
+            import uvloop
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+        print(asyncio.run(drain_shardq(*args.drain)))
+        return 0
     for binary in ("redis-server", "beanstalkd"):
         if shutil.which(binary) is None:
             print(f"{binary} is not installed: apt-get install -y redis-server beanstalkd",

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from shardq import native
+
 HERE = Path(__file__).resolve().parent
 
 ROWS = [
@@ -89,20 +91,23 @@ def section(res: dict[str, Any], command: str, meta: str, placement: str) -> str
         "`--fsync everysec` (its WAL), Redis "
         "AOF `appendfsync everysec`, beanstalkd binlog fsynced at most every second, BullMQ on "
         "that Redis. **shardq node**: one node; **shardq cluster**: 3 nodes behind a gateway, "
-        "the client talks to the gateway; **floor**: a minimal uvloop line server that parses "
+        "the client talks to the gateway (all compiled); **node, interpreted**: the same node "
+        "with `SHARDQ_PURE=1`; **floor**: a minimal uvloop line server that parses "
         "each line and answers a short one (loadtest/floor_server.py). Rates in jobs/s "
         "(cycles/s for push → pull → ack). BullMQ's figures come from its own Node.js client "
         "(no Python client exists), the others from one Python client (loadtest/"
         "bench_client.py), so every ratio but BullMQ's compares servers under the same "
         "client._",
         "",
-        "| workload | shardq node | shardq cluster | Redis | beanstalkd | BullMQ (Node) | floor "
-        "| node ÷ Redis | node ÷ beanstalkd | node ÷ BullMQ | node ÷ floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | shardq node | node, interpreted | shardq cluster | Redis | beanstalkd "
+        "| BullMQ (Node) | floor | node ÷ Redis | node ÷ beanstalkd | node ÷ BullMQ "
+        "| node ÷ floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, title in ROWS:
         s = (res["shardq"] or {}).get(key)
-        cells = [_cell((res.get(p) or {}).get(key)) for p in ["gateway", *peers, "floor"]]
+        cells = [_cell((res.get(p) or {}).get(key))
+                 for p in ["shardq_pure", "gateway", *peers, "floor"]]
         ratios = [_ratio(_rate(res, "shardq", key), _rate(res, p, PEER_KEY.get(key, key)))
                   for p in [*peers, "floor"]]
         out.append(f"| {title} | {_cell(s)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
@@ -111,9 +116,12 @@ def section(res: dict[str, Any], command: str, meta: str, placement: str) -> str
         "",
         f"**Memory per waiting 200-byte job** (RSS growth of the server): shardq "
         f"**{mem_s:,.0f} B**, Redis (a list element) **{mem_r:,.0f} B**: "
-        f"**{mem_s / mem_r:.2f}×** Redis.",
+        f"**{mem_s / mem_r:.2f}×** Redis (interpreted: "
+        f"**{res['shardq_pure']['memory_per_job']:,.0f} B**).",
         "",
-        "### Targets (issue 10)",
+        *targets18(res),
+        "",
+        "### Targets (issue 10), the compiled node",
         "",
         "| target | shardq | peer | ratio | bound | |",
         "|---|---:|---:|---:|---:|---|",
@@ -150,5 +158,80 @@ def versions() -> str:
     bean = first_line(["beanstalkd", "-v"])
     return (f"redis-server {redis_v[1] if redis_v else '?'}, {bean}, BullMQ {bull} on Node "
             f"{node_v}, Python {sys.version.split()[0]}")
+
+
+#: issue 18's targets: (what, shardq's key, the peer and its key or None, the bound, the
+#: figure before the compiled hot path); every bound is "at least" but memory's
+ISSUE18: list[tuple[str, str, tuple[str, str] | None, float, str]] = [
+    ("sequential push ÷ the loopback floor", "sequential", ("floor", "sequential"), 0.9,
+     "0.53×"),
+    ("sequential push ÷ Redis LPUSH", "sequential", ("Redis", "sequential"), 0.8, "0.47×"),
+    ("pipelined push ÷ Redis pipelined LPUSH", "pipelined", ("Redis", "pipelined"), 0.5,
+     "0.15×"),
+    ("batch push of 1,000 (jobs/s)", "batch", None, 1_000_000, "323,219"),
+    ("push → pull → ack ÷ beanstalkd put+reserve+delete", "cycle", ("beanstalkd", "cycle"),
+     1.0, "0.49×"),
+    ("fsync always, 50 producers ÷ Redis appendfsync always", "always50",
+     ("Redis", "always50"), 0.5, "0.22×"),
+    ("SDK worker draining 100k ÷ BullMQ worker, without prefetch", "drain",
+     ("BullMQ", "drain"), 5.0, "3.07×"),
+    ("memory per waiting 200-byte job ÷ Redis list element", "memory_per_job",
+     ("Redis", "memory_per_job"), 1.5, "2.42×"),
+]
+#: issue 18's targets measured elsewhere (or still to come), each with where
+ISSUE18_ELSEWHERE = [
+    ("push, pull and ack rates at 10 M waiting jobs ÷ at 10 k", "≥ 0.8",
+     "the compact-jobs work (issue 18, item 2-3) adds this row"),
+    ("recovery from a snapshot, per million jobs", "≤ 1 s",
+     "the compact-jobs work (issue 18, item 2-3) adds this row"),
+    ("the rates above at R = 3 ÷ R = 1", "≥ 0.6",
+     "loadtest/bench_replication.py (section Replication), compiled only"),
+]
+
+
+def _figure(res: dict[str, Any], target: str, key: str) -> float | None:
+    if key == "memory_per_job":
+        v = (res.get(target) or {}).get(key)
+        return float(v) if v else None
+    return _rate(res, target, key)
+
+
+def targets18(res: dict[str, Any]) -> list[str]:
+    """The table of issue 18's targets: the compiled node and its interpreted sources side
+    by side, each against the same peer figure of the same run."""
+    out = [
+        "### Targets (issue 18): compiled and interpreted",
+        "",
+        f"The node as built by `scripts/build_native.py` ({native.status().describe()} in the "
+        "benchmark's process) and the same node with `SHARDQ_PURE=1` (its interpreted "
+        "sources), one after the other in this run, the same client and CPU placement; the "
+        "SDK worker's drain runs compiled or interpreted like its node. Each cell: the ratio "
+        "to the peer (shardq's figure below it).",
+        "",
+        "| target | before | compiled | interpreted | peer | bound | compiled | interpreted |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for what, key, peer, bound, before in ISSUE18:
+        peer_v = _figure(res, *peer) if peer else None
+        at_most = key == "memory_per_job"
+        cells, verdicts = [], []
+        for name in ("shardq", "shardq_pure"):
+            mine = _figure(res, name, key)
+            if mine is None or (peer and not peer_v):
+                cells.append("—")
+                verdicts.append("not measured")
+                continue
+            value = mine / peer_v if peer_v else mine
+            met = value <= bound if at_most else value >= bound
+            cells.append(f"**{value:.2f}×**<br><sub>{mine:,.0f}</sub>" if peer_v
+                         else f"**{value:,.0f}**")
+            verdicts.append("**met**" if met else "**missed**")
+        peer_cell = f"{peer_v:,.0f}" if peer_v else "—"
+        out.append(f"| {what} | {before} | {' | '.join(cells)} | {peer_cell} | "
+                   f"{'≤' if at_most else '≥'} {bound:,g}{'' if peer is None else '×'} | "
+                   f"{' | '.join(verdicts)} |")
+    for what, bound, where in ISSUE18_ELSEWHERE:
+        out.append(f"| {what} | — | — | — | — | {bound} | {where} | |")
+    return out
 
 

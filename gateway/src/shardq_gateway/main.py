@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from shardq import native
 from shardq_server.auth import Auth
 from shardq_server.running import install_uvloop, until_signalled
 
@@ -90,6 +91,7 @@ async def serve(
     await gateway.start()
     log.info("gateway listening on %s:%d (topology epoch %d, %d nodes)", settings.host,
              gateway.port, gateway.router.epoch, len(gateway.router.members))
+    log.info("gateway runs %s", native.status().describe())
     if on_ready is not None:
         on_ready(gateway)
     try:

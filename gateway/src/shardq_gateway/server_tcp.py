@@ -159,9 +159,10 @@ class ClientSession(LineSession):
                 req = None
             if type(req) is not dict:
                 req = parse_line(line)  # raises the node's words for it
-            rid = req.get("reqId")
-            if rid is not None and type(rid) is not str and type(rid) is not int:
-                rid = None
+            got: Any = req.get("reqId")  # (compiled: checked before it is typed)
+            if got is None or type(got) is str or type(got) is int:
+                rid = got
+            else:
                 req_id_of(req)  # raises the node's words for it
             cmd = req.get("cmd")
             route = ROUTES.get(cmd) if type(cmd) is str else None

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from shardq_server.buckets import Buckets
 from shardq_server.limits import DROP_REASONS
+from shardq_server.running import build_info
 
 from . import replication as RP
 
@@ -164,6 +165,7 @@ class NodeCollector(Collector):
                                  "metrics)", labels=["node"])
         info.add_metric([node.settings.name], 1.0)
         yield info
+        yield build_info()
         requests = CounterMetricFamily("shardq_requests", "Requests answered, by command",
                                        labels=["command"])
         for cmd, count in sorted(node.requests.items()):

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from shardq.errors import InvalidRequest
 from shardq.wire.framing import LineSplitter
@@ -42,6 +43,7 @@ from .limits import Limits, PeerWatch, Stall, too_many_connections
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of bytes
 class TooLong(bytes):
     """Stands in a line list for a line that was too long: its error answer."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -96,7 +97,7 @@ def run_pull(args: argparse.Namespace) -> int:
             return None
         if args.ack:
             await client.ack(job)
-        return job.__dict__
+        return dataclasses.asdict(job)
 
     return call(args, pull)
 
@@ -181,7 +182,7 @@ def run_queue(args: argparse.Namespace) -> int:
         elif args.action == "resume":
             await client.resume(q)
         elif args.action == "dlq":
-            return [job.__dict__ for job in await client.dlq(q)]
+            return [dataclasses.asdict(job) for job in await client.dlq(q)]
         elif args.action == "retry":
             return {"retried": await client.retry_dlq(q)}
         else:
