@@ -20,9 +20,16 @@ trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAILED: $*" >&2; exit 1; }
 step() { printf '\n== %s\n' "$*"; }
 
+# the sdk/ folder as committed (the working tree's version of each file git tracks): no
+# build products (egg-info, the compiled hot path's .so files)
 mkdir "$tmp/src"
-cp -r "$ROOT/sdk" "$tmp/src/sdk"
-rm -rf "$tmp/src/sdk/build" "$tmp/src/sdk"/src/*.egg-info
+if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
+    (cd "$ROOT" && git ls-files -z sdk | xargs -0 tar -c) | tar -x -C "$tmp/src"
+else
+    cp -r "$ROOT/sdk" "$tmp/src/sdk"
+    rm -rf "$tmp/src/sdk/build" "$tmp/src/sdk"/src/*.egg-info
+    find "$tmp/src/sdk" -name '*.so' -delete
+fi
 "$PY" -m venv "$tmp/venv"
 venv_py="$tmp/venv/bin/python"
 
