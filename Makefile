@@ -45,7 +45,8 @@ unit:
 ## unit-pure: the engine, the protocol and the servers' main paths on the interpreted sources
 ## (SHARDQ_PURE=1: what a machine without a C compiler runs; shardq.native)
 PURE_TESTS ?= tests/unit/test_native.py tests/unit/test_engine.py tests/unit/test_command_table.py \
-	tests/unit/test_wal.py tests/integration/test_conformance.py tests/integration/test_gateway.py
+	tests/unit/test_wal.py tests/integration/test_conformance.py tests/integration/test_gateway.py \
+	tests/integration/test_features.py tests/integration/test_fuzz.py
 unit-pure:
 	SHARDQ_PURE=1 $(VENV)/python -m pytest -q $(PURE_TESTS)
 
