@@ -29,8 +29,9 @@ run: venv-server
 	$(VENV)/shardq up --port $(PORT) --http-port $(HTTP_PORT) --replicas $(or $(REPLICAS),1)
 
 ## test: set up and run everything CI runs: the whole suite on the compiled hot path (built by
-## the setup where a C compiler is found), then a fast subset on the interpreted sources
-test: venv-test packages-test lint typecheck unit unit-pure
+## the setup where a C compiler is found; the Debian packages come first: gcc is one), then a
+## fast subset on the interpreted sources
+test: packages-test venv-test lint typecheck unit unit-pure
 
 lint:
 	$(VENV)/ruff check sdk server node gateway operator tests $(wildcard loadtest) charts
