@@ -29,8 +29,9 @@ run: venv-server
 	$(VENV)/shardq up --port $(PORT) --http-port $(HTTP_PORT) --replicas $(or $(REPLICAS),1)
 
 ## test: set up and run everything CI runs: the whole suite on the compiled hot path (built by
-## the setup where a C compiler is found), then a fast subset on the interpreted sources
-test: venv-test packages-test lint typecheck unit unit-pure
+## the setup where a C compiler is found; the Debian packages come first: gcc is one), then a
+## fast subset on the interpreted sources
+test: packages-test venv-test lint typecheck unit unit-pure
 
 # The duplicate-code check's folders: every Python source outside tests/
 DUPCHECK := sdk/src server/src node/src gateway/src operator/src loadtest charts scripts
@@ -52,7 +53,8 @@ unit:
 ## unit-pure: the engine, the protocol and the servers' main paths on the interpreted sources
 ## (SHARDQ_PURE=1: what a machine without a C compiler runs; shardq.native)
 PURE_TESTS ?= tests/unit/test_native.py tests/unit/test_engine.py tests/unit/test_command_table.py \
-	tests/unit/test_wal.py tests/integration/test_conformance.py tests/integration/test_gateway.py
+	tests/unit/test_wal.py tests/integration/test_conformance.py tests/integration/test_gateway.py \
+	tests/integration/test_features.py tests/integration/test_fuzz.py
 unit-pure:
 	SHARDQ_PURE=1 $(VENV)/python -m pytest -q $(PURE_TESTS)
 

@@ -9,13 +9,15 @@ callgrind's instruction counts do not (the same binary, inputs and environment g
 same count whatever else runs). This script runs, in a child process under
 ``valgrind --tool=callgrind``, a memory-only node's request path in-process as a TCP
 session runs it (``Node.execute`` per line, ``flush`` and ``after_batch`` every 16 lines)
-for N PUSH, then N PULL, then N ACK lines, and once more with no request; the difference
-divided by 3N is the cost of one request. ``--base-pythonpath`` runs the same against
-another tree (e.g. an older commit's package tree) in the same session, for a before/after
-comparison; ``--pure`` the same tree interpreted (``SHARDQ_PURE=1``, shardq.native) against
-its compiled build. ``--top K`` prints the K functions with the most instructions of their
-own in the run with requests (``callgrind_annotate``): CPython's C, the mypyc-compiled
-functions (``CPyDef_…``), orjson, libc. Prints one line per tree. Must not: touch the network.
+for N PUSH, then N PULL, then N ACK lines, and once more with N/10 of each; the difference
+divided by the 2.7N requests between them is the cost of one request (what happens once, the
+first request of a kind importing a module, say, is in both runs). ``--base-pythonpath``
+runs the same against another tree (e.g. an older commit's package tree) in the same session,
+for a before/after comparison; ``--pure`` the same tree interpreted (``SHARDQ_PURE=1``,
+shardq.native) against its compiled build. ``--top K`` prints the K functions with the most
+instructions of their own per request (``callgrind_annotate``, the same difference): CPython's
+C, the mypyc-compiled functions (``CPyDef_…``), orjson, libc. Prints one line per tree.
+Must not: touch the network.
 """
 
 from __future__ import annotations
@@ -120,13 +122,15 @@ def per_request(n: int, pythonpath: str | None, pure: bool = False, top: int = 0
     instructions of their own per request (the run with requests less the run without)."""
     with_requests: dict[str, int] = {}
     without: dict[str, int] = {}
+    few = max(1, n // 10)
     total = (instructions(n, pythonpath, pure, with_requests if top else None)
-             - instructions(0, pythonpath, pure, without if top else None))
+             - instructions(few, pythonpath, pure, without if top else None))
+    requests = 3 * (n - few)
     if top:
-        own = {k: (v - without.get(k, 0)) / (3 * n) for k, v in with_requests.items()}
+        own = {k: (v - without.get(k, 0)) / requests for k, v in with_requests.items()}
         for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-            print(f"{count:>9,.0f} {100 * count * 3 * n / total:5.1f}%  {name}")
-    return total / (3 * n)
+            print(f"{count:>9,.0f} {100 * count * requests / total:5.1f}%  {name}")
+    return total / requests
 
 
 def main() -> int:

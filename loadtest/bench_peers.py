@@ -528,13 +528,16 @@ def main(argv: list[str] | None = None) -> int:
         pass
     logs = procs.ROOT / "build" / "bench" / "peers"
     work = Path(tempfile.mkdtemp(prefix="shardq-peers-", dir=os.environ.get("TMPDIR", "/tmp")))
+    load_start = os.getloadavg()
     try:
         res = asyncio.run(measure(args.quick, logs, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load_end = os.getloadavg()
     (logs / "peers.json").write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
-    meta = (f"{time.strftime('%Y-%m-%d %H:%M UTC')}, {os.cpu_count()} CPUs, "
-            f"{versions()}")
+    meta = (f"{time.strftime('%Y-%m-%d %H:%M UTC')}, {os.cpu_count()} CPUs (load average "
+            f"1/5/15 min at start {' '.join(f'{x:.2f}' for x in load_start)}, at end "
+            f"{' '.join(f'{x:.2f}' for x in load_end)}), {versions()}")
     body = section(res, " ".join(["loadtest/bench_peers.py", *(argv or sys.argv[1:])]), meta,
                    placement())
     print(body)

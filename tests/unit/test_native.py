@@ -10,12 +10,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from shardq import native
 
-from ..helpers import require
+from ..helpers import eventually_sync, free_port, require, start_node_process
 
 #: prints, for each compiled module, the file it was loaded from, then the build's verdict
 PROBE = """
@@ -64,7 +65,7 @@ def test_a_built_tree_loads_every_listed_module_compiled() -> None:
     assert result["compiled"] is True
 
 
-def test_a_source_edited_after_the_build_is_run_from_source(tmp_path: object) -> None:
+def test_a_source_edited_after_the_build_is_run_from_source() -> None:
     sources = {"shardq/wire/protocol.py": [1, 1]}  # the size and mtime of another file
     assert native._stale(sources) == "shardq/wire/protocol.py"
     here = os.path.join(os.path.dirname(native.__file__), "wire", "protocol.py")
@@ -76,3 +77,17 @@ def test_a_source_edited_after_the_build_is_run_from_source(tmp_path: object) ->
 def test_only_a_set_shardq_pure_forces_the_sources(value: str, pure: bool) -> None:
     decided = native._decide({"SHARDQ_PURE": value})
     assert (decided.reason == "SHARDQ_PURE is set") is pure
+
+
+def test_a_node_says_once_at_start_that_it_runs_interpreted(tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    with open(log, "wb") as out:
+        proc = start_node_process(free_port(), "--log-level", "INFO",
+                                  env={"SHARDQ_PURE": "1"}, log=out)
+    try:
+        eventually_sync(lambda: "runs interpreted: SHARDQ_PURE is set" in log.read_text(), 15,
+                        what="the node's line about its build")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert log.read_text().count("runs interpreted") == 1

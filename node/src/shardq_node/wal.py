@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from shardq.errors import StorageFailed
 
@@ -48,6 +49,7 @@ SEGMENT_SUFFIX = ".wal"
 INLINE_FSYNC_BELOW = 0.001
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' faulty disk is a subclass
 class Files:
     """The file operations the log uses; subclass to inject faults in tests."""
 

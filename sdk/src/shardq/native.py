@@ -66,6 +66,10 @@ MODULES: tuple[str, ...] = (
     "shardq_node.pulls",
     "shardq_node.payloads",
     "shardq_node.server_tcp",
+    # what a request's group commit runs: the log, the commit gate, the latency histogram
+    "shardq_node.wal",
+    "shardq_node.replication",
+    "shardq_server.buckets",
     # the gateway's forwarding path
     "shardq_gateway.server_tcp",
     "shardq_gateway.routes",
