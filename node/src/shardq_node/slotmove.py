@@ -16,14 +16,15 @@ from shardq.wire.slots import SLOTS, slot_of
 
 from . import records as R
 from .jobs import DEAD, ID_MASK, WAITING, BlobRef, Job
-from .snapshot import job_state
+from .snapshot import compact_records, job_state
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 
 def slot_jobs(engine: Engine, slots: Collection[int]) -> dict[int, Job]:
-    """Every live job of ``slots``, by id (ready heaps, DLQs, and the engine-wide indexes)."""
+    """Every live job of ``slots`` kept as a ``Job``, by id (ready heaps, DLQs, and the
+    engine-wide indexes; compact ones are in their queues' lanes)."""
     found: dict[int, Job] = {}
     jobs = engine.jobs
     for name in _queues(engine, slots):
@@ -60,6 +61,10 @@ def export(engine: Engine, slots: Collection[int]) -> list[R.Record]:
         q = engine.queues[name]
         if q.paused or q.rate or q.concurrency:
             out.append((R.QUEUE, now, name, q.settings()))
+    for name in _queues(engine, slots):
+        lane = engine.queues[name].lane
+        if lane is not None and lane.live:
+            out.extend(compact_records(name, lane, now, packed=False))
     found = slot_jobs(engine, slots)
     for jid in sorted(found):
         job = found[jid]
@@ -107,6 +112,9 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
         if result is not None:
             engine.result_bytes -= len(result)
     for name in _queues(engine, slots):
+        lane = engine.queues[name].lane
+        if lane is not None and lane.live:
+            engine.payload_bytes -= sum(len(d) for d in lane.data if d is not None)
         del engine.queues[name]
     for s in slots:
         engine.slot_queues.pop(s, None)
