@@ -22,7 +22,7 @@ from shardq.wire.slots import SLOTS, slot_of
 from shardq_node import records as R
 from shardq_node import slotmove
 from shardq_node.engine import Engine, EngineConfig
-from shardq_node.jobs import Finished, Job
+from shardq_node.jobs import MAX_LANES, Finished, Job
 from shardq_node.settings import StorageSettings
 from shardq_node.snapshot import dump
 from shardq_node.storage import (
@@ -161,12 +161,23 @@ def test_a_plain_waiting_job_has_no_job_object_until_pulled() -> None:
     assert e.jobs[ids[0]].state is State.ACTIVE and e.compact_count() == 2
 
 
-def test_jobs_with_options_a_delay_or_another_priority_are_full() -> None:
+def test_jobs_with_options_or_a_delay_are_full() -> None:
     e = engine()
     first = push(e)
-    others = [push(e, ttl=100), push(e, unique_key="k"), push(e, delay=10), push(e, priority=3),
+    others = [push(e, ttl=100), push(e, unique_key="k"), push(e, delay=10),
               push(e, depends_on=[first]), push(e, max_attempts=2)]
     assert e.compact_count() == 1 and set(e.jobs) == set(others)
+
+
+def test_each_priority_has_its_lane_up_to_max_lanes() -> None:
+    e = engine()
+    ids = {p: push(e, priority=p) for p in range(MAX_LANES + 1)}
+    assert e.compact_count() == MAX_LANES and set(e.jobs) == {ids[MAX_LANES]}
+    assert [lane.priority for lane in e.queues["a"].lanes] == list(range(MAX_LANES - 1, -1, -1))
+    assert [j.id for j in e.pull("a", 1, 100)] == [ids[p] for p in range(MAX_LANES, -1, -1)]
+    again = push(e, priority=MAX_LANES)  # the lanes are empty now: one is taken over
+    assert e.compact_count() == 1 and again not in e.jobs
+    assert e.queues["a"].lanes[0].priority == MAX_LANES
 
 
 def test_pull_merges_the_lane_and_the_heap_in_ready_order() -> None:
@@ -191,8 +202,7 @@ def test_a_lane_starts_again_at_the_priority_of_its_next_job() -> None:
     push(e, priority=1)
     assert [j.id for j in e.pull("a", 1, 1)]
     second = push(e, priority=7)
-    assert e.compact_count() == 1 and e.queues["a"].lane is not None
-    assert e.queues["a"].lane.priority == 7
+    assert e.compact_count() == 1 and [lane.priority for lane in e.queues["a"].lanes] == [7]
     assert [j.id for j in e.pull("a", 1, 1)] == [second]
 
 
@@ -203,8 +213,8 @@ def test_a_job_taken_from_the_middle_is_skipped_and_ids_are_found_after_the_fron
     assert e.get_job(ids[5]) == e.finished[ids[5]]
     pulled = [j.id for j in e.pull("a", 1, 6000)]
     assert pulled == ids[:5] + ids[6:6001]
-    lane = e.queues["a"].lane
-    assert lane is not None and len(lane.data) < 10_000  # the taken front was dropped
+    (lane,) = e.queues["a"].lanes
+    assert len(lane.data) < 10_000  # the taken front was dropped
     job = e.get_job(ids[9000])
     assert isinstance(job, Job) and job.data == b"9000"
     assert e.payload_bytes == sum(len(j.data) for j in e.live_jobs())
@@ -244,7 +254,7 @@ def test_cancel_of_a_compact_parent_kills_its_child() -> None:
 def mixed() -> Engine:
     e = engine()
     _journal_of_mixed(e)
-    assert e.compact_count() > 1000 and e.active and len(e.jobs) > len(e.active)
+    assert e.compact_count() > 2000 and e.active and len(e.jobs) > len(e.active)
     return e
 
 
@@ -272,7 +282,7 @@ def test_a_snapshot_of_full_jobs_only_loads_and_compacts(tmp_path: Path) -> None
     loaded = engine(clock=e.clock)  # type: ignore[arg-type]
     load_snapshot(loaded, path.read_bytes())
     assert state_of(loaded) == state_of(e)
-    assert loaded.compact_count() > 1000
+    assert loaded.compact_count() > 2000
 
 
 def test_a_packed_record_that_does_not_add_up_is_a_corrupt_snapshot(tmp_path: Path) -> None:

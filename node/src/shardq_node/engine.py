@@ -53,6 +53,7 @@ from .jobs import (
     Lane,
     Lease,
     QueueState,
+    first_lane,
     payload_size,
 )
 from .timers import Timers
@@ -194,11 +195,11 @@ class Engine:
             queues = self.queues
             for name in names:
                 q = queues[name]
-                lane = q.lane
-                if lane is not None and lane.live:
-                    i = lane.find(job_id)
-                    if i >= 0:
-                        return q, lane, i
+                for lane in q.lanes:
+                    if lane.live:
+                        i = lane.find(job_id)
+                        if i >= 0:
+                            return q, lane, i
         return None
 
     def unpack(self, job_id: int, index: bool = True) -> Job | None:
@@ -239,14 +240,13 @@ class Engine:
         """Every live job, compact ones as detached copies (to read)."""
         yield from list(self.jobs.values())
         for q in list(self.queues.values()):
-            lane = q.lane
-            if lane is not None and lane.live:
+            for lane in q.lanes:
                 for jid, run_at, data in lane.entries():
                     yield Job(jid, q, data, lane.priority, run_at, run_at, PLAIN)
 
     def compact_count(self) -> int:
         """How many waiting jobs are compact (kept in lanes, not in ``jobs``)."""
-        return sum(q.lane.live for q in self.queues.values() if q.lane is not None)
+        return sum(lane.live for q in self.queues.values() for lane in q.lanes)
 
     def job_count(self) -> int:
         """Every live job: ``jobs`` and the compact ones."""
@@ -362,11 +362,11 @@ class Engine:
         """Take up to ``n`` jobs in ready order (with ``budget``, until their payloads pass
         it): the smaller key of the lane's first job and the heap's top, each time."""
         heap = q.ready
-        lane = q.lane
         jobs = self.jobs
         picked: list[Job] = []
         while len(picked) < n:
-            if lane is not None and lane.live and (not heap or lane.head_key() < heap[0]):
+            lane = first_lane(q) if q.lanes else None
+            if lane is not None and (not heap or lane.head_key() < heap[0]):
                 jid, run_at, data = lane.pop()  # the next job is compact: made a Job now
                 job = Job(jid, q, data, lane.priority, run_at, run_at, PLAIN)
                 job.state = ACTIVE

@@ -255,7 +255,7 @@ class QueueState:
     """One named queue: its ready heap, counters, DLQ, unique keys and settings."""
 
     __slots__ = (
-        "completed", "concurrency", "dead_total", "dlq", "expired", "failed", "lane",
+        "completed", "concurrency", "dead_total", "dlq", "expired", "failed", "lanes",
         "n_active", "n_children", "n_delayed", "n_waiting", "name", "paused", "pushed", "rate",
         "ready", "retried", "slot", "unique",
     )
@@ -264,7 +264,8 @@ class QueueState:
         self.name = name
         self.slot = slot
         self.ready: list[int] = []  # heap of ready_key ints; stale entries are skipped
-        self.lane: Lane | None = None  # its compact waiting jobs (made at the first push)
+        #: its compact waiting jobs, a lane per priority, highest first (``lane_for``)
+        self.lanes: list[Lane] = []
         self.n_waiting = 0
         self.n_delayed = 0
         self.n_children = 0
@@ -301,17 +302,23 @@ class QueueState:
         }
 
 
+#: lanes (priorities kept compact) a queue has at most; jobs of other priorities are full
+MAX_LANES = 8
+
+
 class Lane:
-    """The compact waiting jobs of one queue: plain jobs (no options, no delay, no blob,
-    never pulled) of one priority, kept as three arrays in push order instead of a ``Job``
+    """The compact waiting jobs of one queue and one priority: plain jobs (no options, no
+    delay, no blob, never pulled), kept as three arrays in push order instead of a ``Job``
     each: the id and the run_at (= created_at) as 8-byte machine ints, the payload bytes.
 
     A job joins only behind the last one (a greater id, a run_at not earlier, the lane's
-    priority), so the lane is in ready-heap order and its first live entry is its next job;
-    the engine compares that entry's ready key with the top of the queue's heap (which
-    holds the other waiting jobs). A job leaves from the front (pulled) or, rarely, from
-    the middle (inspected, cancelled: its payload becomes None); the ``Job`` object is
-    made then (``Engine.unpack``). Ids are found by bisection (they ascend).
+    priority), so the lane is in ready-heap order and its first live entry is its next job.
+    A queue's lanes are sorted by priority, highest first, so the first lane holding jobs
+    has the queue's next compact job; the engine compares its ready key with the top of
+    the queue's heap (which holds the other waiting jobs). A job leaves from the front
+    (pulled) or, rarely, from the middle (cancelled: its payload becomes None); its ``Job``
+    object is made then (``Engine.unpack``); reading one makes a detached copy
+    (``Engine.peek``). Ids are found by bisection (they ascend).
     """
 
     __slots__ = ("data", "head", "ids", "live", "priority", "times")
@@ -326,16 +333,14 @@ class Lane:
 
     def fits(self, priority: int, run_at: int, job_id: int) -> bool:
         """May a waiting plain job with these keys join at the end (in ready order)?"""
-        if not self.live:
-            return True
-        return priority == self.priority and run_at >= self.times[-1] and \
-            job_id > self.ids[-1]
+        if priority != self.priority:
+            return False
+        return not self.live or (run_at >= self.times[-1] and job_id > self.ids[-1])
 
-    def add(self, job_id: int, run_at: int, data: bytes, priority: int) -> None:
+    def add(self, job_id: int, run_at: int, data: bytes) -> None:
         """Append a job that ``fits``."""
         if not self.live:
             self.clear()
-            self.priority = priority
         self.ids.append(job_id)
         self.times.append(run_at)
         self.data.append(data)
@@ -409,6 +414,39 @@ class Lane:
             if d is not None:
                 out.append((ids[i], times[i], d))
         return out
+
+
+def lane_for(q: QueueState, priority: int) -> Lane | None:
+    """The lane of ``priority`` in ``q``: made, or an empty one taken over, when there is
+    none yet (None: ``MAX_LANES`` lanes all hold jobs of other priorities)."""
+    spare = None
+    for lane in q.lanes:
+        if lane.priority == priority:
+            return lane
+        if spare is None and not lane.live:
+            spare = lane
+    if spare is None:
+        if len(q.lanes) >= MAX_LANES:
+            return None
+        spare = Lane(priority)
+        q.lanes.append(spare)
+    else:
+        spare.clear()
+        spare.priority = priority
+    q.lanes.sort(key=_by_priority)
+    return spare
+
+
+def _by_priority(lane: Lane) -> int:
+    return -lane.priority
+
+
+def first_lane(q: QueueState) -> Lane | None:
+    """The lane with the queue's next compact job (the highest priority that has one)."""
+    for lane in q.lanes:
+        if lane.live:
+            return lane
+    return None
 
 
 #: Lease owners: a TCP connection is 1, 2, ...; ``HTTP`` holds what was pulled over HTTP

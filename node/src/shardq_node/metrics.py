@@ -98,8 +98,9 @@ class NodeCollector(Collector):
                     job = jobs.get(q.ready[0] & ((1 << 53) - 1))
                     if job is not None:
                         ages.append(max(0, now - job.run_at) / 1000)
-                if q.lane is not None and q.lane.live:  # the first of its compact jobs
-                    ages.append(max(0, now - q.lane.times[q.lane.head]) / 1000)
+                for lane in q.lanes:  # the first of its compact jobs of each priority
+                    if lane.live:
+                        ages.append(max(0, now - lane.times[lane.head]) / 1000)
             oldest.add_metric([name], max(ages) if ages else 0.0)
         yield depth
         yield oldest

@@ -61,10 +61,7 @@ def export(engine: Engine, slots: Collection[int]) -> list[R.Record]:
         q = engine.queues[name]
         if q.paused or q.rate or q.concurrency:
             out.append((R.QUEUE, now, name, q.settings()))
-    for name in _queues(engine, slots):
-        lane = engine.queues[name].lane
-        if lane is not None and lane.live:
-            out.extend(compact_records(name, lane, now, packed=False))
+    out.extend(_compact(engine, slots, now))
     found = slot_jobs(engine, slots)
     for jid in sorted(found):
         job = found[jid]
@@ -82,6 +79,16 @@ def export(engine: Engine, slots: Collection[int]) -> list[R.Record]:
     for parent, children in sorted(engine.deps.watchers.items()):
         if parent % SLOTS in slots:
             out.extend((R.WATCH, now, parent, child) for child in sorted(children))
+    return out
+
+
+def _compact(engine: Engine, slots: Collection[int], now: int) -> list[R.Record]:
+    """The CJOBS records of the slots' compact jobs, in JSON form (an EXPORT answer's)."""
+    out: list[R.Record] = []
+    for name in _queues(engine, slots):
+        for lane in engine.queues[name].lanes:
+            if lane.live:
+                out.extend(compact_records(name, lane, now, packed=False))
     return out
 
 
@@ -112,8 +119,7 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
         if result is not None:
             engine.result_bytes -= len(result)
     for name in _queues(engine, slots):
-        lane = engine.queues[name].lane
-        if lane is not None and lane.live:
+        for lane in engine.queues[name].lanes:
             engine.payload_bytes -= sum(len(d) for d in lane.data if d is not None)
         del engine.queues[name]
     for s in slots:

@@ -34,6 +34,7 @@ from .jobs import (
     Lane,
     Lease,
     QueueState,
+    lane_for,
 )
 
 if TYPE_CHECKING:
@@ -73,9 +74,10 @@ def dump(engine: Engine, slots: Container[int] | None = None, expand: bool = Fal
 def _jobs(engine: Engine, slots: Container[int] | None, now: int, expand: bool
           ) -> Iterator[R.Record]:
     for q in engine.queues.values():
-        lane = q.lane
-        if lane is not None and lane.live and _in(slots, q.slot):
-            if not expand:
+        if not _in(slots, q.slot):
+            continue
+        for lane in q.lanes:
+            if lane.live and not expand:
                 yield from compact_records(q.name, lane, now)
                 continue
             for jid, run_at, data in lane.entries():
@@ -163,10 +165,8 @@ def load_compact(engine: Engine, rec: R.Record) -> None:
         return
     data = list(map(raw.__getitem__, map(slice, [0, *ends[:-1]], ends)))
     q = engine.queue(queue)
-    lane = q.lane
-    if lane is None:
-        lane = q.lane = Lane(priority)
-    if engine.compact and lane.fits(priority, times[0], ids[0]) and (packed or (
+    lane = lane_for(q, priority) if engine.compact else None
+    if lane is not None and lane.fits(priority, times[0], ids[0]) and (packed or (
             all(map(lt, ids, islice(ids, 1, None)))
             and all(map(le, times, islice(times, 1, None))))):
         if not lane.live:
@@ -185,12 +185,10 @@ def load_compact(engine: Engine, rec: R.Record) -> None:
 def _waiting(engine: Engine, q: QueueState, jid: int, priority: int, run_at: int,
              data: bytes) -> None:
     """A plain job never pulled, waiting: compact if it fits the lane, else a full job."""
-    lane = q.lane
-    if lane is None:
-        lane = q.lane = Lane(priority)
+    lane = lane_for(q, priority) if engine.compact else None
     q.n_waiting += 1
-    if engine.compact and lane.fits(priority, run_at, jid):
-        lane.add(jid, run_at, data, priority)
+    if lane is not None and lane.fits(priority, run_at, jid):
+        lane.add(jid, run_at, data)
         return
     job = Job(jid, q, data, priority, run_at, run_at, PLAIN)
     engine.jobs[jid] = job

@@ -36,10 +36,10 @@ from .jobs import (
     Finished,
     Job,
     JobOpts,
-    Lane,
     Lease,
     QueueState,
     TokenBucket,
+    lane_for,
     ready_key,
 )
 
@@ -60,10 +60,8 @@ def apply_push(e: Engine, rec: R.Record) -> list[int]:
     seqs = e.seqs
     jobs = e.jobs
     ready = q.ready
-    lane = q.lane
-    if lane is None:
-        lane = q.lane = Lane(0)
     compact = e.compact
+    lane = q.lanes[0] if q.lanes else None
     out = []
     for row in rows:
         jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps, blob = row
@@ -76,10 +74,13 @@ def apply_push(e: Engine, rec: R.Record) -> list[int]:
             data = BlobRef(blob)
         else:
             e.payload_bytes += len(data)
-            if plain and run_at == now and compact and lane.fits(prio, now, jid):
-                lane.add(jid, now, data, prio)
-                q.n_waiting += 1
-                continue
+            if plain and run_at == now and compact:
+                if lane is None or lane.priority != prio:
+                    lane = lane_for(q, prio)
+                if lane is not None and lane.fits(prio, now, jid):
+                    lane.add(jid, now, data)
+                    q.n_waiting += 1
+                    continue
         opts = PLAIN if plain else JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps or ()))
         job = Job(jid, q, data, prio, now, run_at, opts)
         jobs[jid] = job
