@@ -9,8 +9,10 @@ on a busy machine):
   waiting 200-byte jobs in one queue (``Engine.push`` of 1,000), then runs
   request lines as a TCP session does (``Node.execute``, the journal flushed
   every 100 lines): PUSH to that queue, PULL from it (its oldest jobs) and ACK
-  of what was pulled. Each phase runs ``--rounds`` times, interleaved; the
-  median round counts. N = 10 thousand, 1 million and 10 million: the rate at
+  of what was pulled. The nodes of all sizes are filled first; then each round
+  runs the three phases on every node in turn (the order alternating), so a
+  machine that gets busier meanwhile weighs on every size alike; the median
+  of ``--rounds`` counts. N = 10 thousand, 1 million and 10 million: the rate at
   10 million ÷ the rate at 10 thousand is the figure (target ≥ 0.8).
 * **Memory per waiting job.** The process's RSS growth while the node took its
   N jobs, per job; and Redis' ``used_memory`` growth for 1 million LPUSH of
@@ -23,7 +25,8 @@ on a busy machine):
   steadier figure).
 
 The node's own GC settings apply (``shardq_node.main``). Writes the ``scale``
-section of BENCHMARKS.md; memory use peaks near 3 GiB at 10 million jobs.
+section of BENCHMARKS.md; memory use peaks near 3 GiB (10 million jobs and the
+smaller nodes, all held at once).
 """
 
 from __future__ import annotations
@@ -104,45 +107,68 @@ def _run(node: Node, caller: _Caller, lines: list[bytes]) -> tuple[float, list[b
     return len(lines) / (time.perf_counter() - t0), out
 
 
-def rates(n: int, ops: int, rounds: int) -> dict[str, Any]:
-    """PUSH, PULL and ACK lines/s with ``n`` jobs waiting in the queue they use."""
-    import orjson
+class Filled:
+    """A node holding ``n`` waiting jobs, and what it cost to fill."""
 
-    node = _node()
-    caller = _Caller()
-    gc.collect()
-    rss0 = _rss()
-    t0 = time.perf_counter()
-    fill(node.engine, n)
-    fill_s = time.perf_counter() - t0
-    gc.collect()
-    rss1 = _rss()
-    gc.freeze()  # as the node does with its recovered state (shardq_node.main)
-    data = orjson.dumps("x" * (PAYLOAD - 2)).decode()
-    push = [b'{"cmd":"PUSH","queue":"%s","data":%s}' % (QUEUE.encode(), data.encode())] * ops
-    pull = [b'{"cmd":"PULL","queue":"%s","timeout":0}' % QUEUE.encode()] * ops
-    got: dict[str, list[float]] = {"push": [], "pull": [], "ack": []}
-    for _ in range(rounds):
-        rate, _out = _run(node, caller, push)
-        got["push"].append(rate)
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.node = _node()
+        gc.collect()
+        rss0 = _rss()
+        t0 = time.perf_counter()
+        fill(self.node.engine, n)
+        self.fill_s = time.perf_counter() - t0
+        gc.collect()
+        self.rss_per_job = (_rss() - rss0) / n
+        self.got: dict[str, list[float]] = {"push": [], "pull": [], "ack": []}
+
+    def round(self, ops: int) -> None:
+        """One round: ``ops`` PUSH, then ``ops`` PULL, then ACK of what was pulled."""
+        import orjson
+
+        node, caller = self.node, _Caller()
+        data = orjson.dumps("x" * (PAYLOAD - 2))
+        push = [b'{"cmd":"PUSH","queue":"%b","data":%b}' % (QUEUE.encode(), data)] * ops
+        pull = [b'{"cmd":"PULL","queue":"%b","timeout":0}' % QUEUE.encode()] * ops
+        rate, _ = _run(node, caller, push)
+        self.got["push"].append(rate)
         rate, answers = _run(node, caller, pull)
-        got["pull"].append(rate)
+        self.got["pull"].append(rate)
         ids = [orjson.loads(a)["job"]["id"] for a in answers]
-        ack = [b'{"cmd":"ACK","id":%d}' % i for i in ids]
-        rate, answers = _run(node, caller, ack)
-        got["ack"].append(rate)
+        rate, answers = _run(node, caller, [b'{"cmd":"ACK","id":%d}' % i for i in ids])
+        self.got["ack"].append(rate)
         if any(b'"ok":true' not in a for a in answers):
             raise RuntimeError(f"ACK refused: {answers[0]!r}")
-    waiting = node.engine.queues[QUEUE].n_waiting
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "jobs": self.n, "waiting_after": self.node.engine.queues[QUEUE].n_waiting,
+            "fill_s": self.fill_s, "rss_per_job": self.rss_per_job,
+            **{k: statistics.median(v) for k, v in self.got.items()}, "rounds": self.got,
+        }
+
+
+def rates(sizes: list[int], ops: int, rounds: int) -> list[dict[str, Any]]:
+    """PUSH, PULL and ACK lines/s with each of ``sizes`` jobs waiting in the queue they use:
+    one node per size, all filled first, then the rounds go over the sizes in turn (so a
+    machine that gets busier meanwhile weighs on every size alike)."""
+    nodes = []
+    for n in sizes:
+        nodes.append(Filled(n))
+        print(f"{n:,} waiting: RSS {nodes[-1].rss_per_job:,.0f} B/job "
+              f"(filled in {nodes[-1].fill_s:.1f} s)", file=sys.stderr)
+    gc.freeze()  # as the node does with its recovered state (shardq_node.main)
+    for r in range(rounds):
+        for f in (nodes if r % 2 == 0 else nodes[::-1]):
+            f.round(ops)
+    out = [f.result() for f in nodes]
+    for r in out:
+        print(f"{r['jobs']:,} waiting: push {r['push']:,.0f}/s pull {r['pull']:,.0f}/s "
+              f"ack {r['ack']:,.0f}/s", file=sys.stderr)
     gc.unfreeze()
-    del node
+    del nodes
     gc.collect()
-    return {
-        "jobs": n, "waiting_after": waiting, "fill_s": fill_s,
-        "rss_per_job": (rss1 - rss0) / n,
-        **{k: statistics.median(v) for k, v in got.items()},
-        "rounds": got,
-    }
+    return out
 
 
 # -- Redis ---------------------------------------------------------------------------------------
@@ -320,14 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes, args.ops, args.rounds, args.recovery_jobs = [1000, 20_000], 2000, 2, 20_000
     gc.set_threshold(100_000, 50, 100)  # as the node runs (shardq_node.main)
     work = Path(tempfile.mkdtemp(prefix="shardq-scale-", dir=args.dir))
-    res: dict[str, Any] = {"rates": []}
+    res: dict[str, Any] = {}
     try:
-        for n in sizes:
-            r = rates(n, args.ops, args.rounds)
-            print(f"{n:,} waiting: push {r['push']:,.0f}/s pull {r['pull']:,.0f}/s "
-                  f"ack {r['ack']:,.0f}/s, RSS {r['rss_per_job']:,.0f} B/job "
-                  f"(filled in {r['fill_s']:.1f} s)", file=sys.stderr)
-            res["rates"].append(r)
+        res["rates"] = rates(sizes, args.ops, args.rounds)
         res["redis"] = redis_memory(max(min(sizes[-1], 1_000_000), 1000), work)
         if res["redis"] is not None:
             print(f"Redis: {res['redis']['bytes_per_job']:,.0f} B/job", file=sys.stderr)
