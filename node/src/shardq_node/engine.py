@@ -202,10 +202,10 @@ class Engine:
                             return q, lane, i
         return None
 
-    def unpack(self, job_id: int, index: bool = True) -> Job | None:
-        """The compact job ``job_id`` made a full ``Job`` in ``jobs`` (still waiting; with
-        ``index``, in its queue's ready heap: False when it leaves waiting at once). None
-        if no compact job has that id."""
+    def unpack(self, job_id: int) -> Job | None:
+        """The compact job ``job_id`` taken from its lane and made a full ``Job`` in ``jobs``,
+        for a record that takes it out of waiting now (START, CANCEL); None if no compact
+        job has that id."""
         where = self._compact(job_id)
         if where is None:
             return None
@@ -213,8 +213,6 @@ class Engine:
         run_at = lane.times[i]
         job = Job(job_id, q, lane.take(i), lane.priority, run_at, run_at, PLAIN)
         self.jobs[job_id] = job
-        if index:
-            heapq.heappush(q.ready, job.ready_key())
         return job
 
     def peek(self, job_id: int) -> Job | None:
@@ -231,10 +229,6 @@ class Engine:
     def has_job(self, job_id: int) -> bool:
         """Is ``job_id`` a live job here (in any state, compact or not)?"""
         return job_id in self.jobs or self._compact(job_id) is not None
-
-    def job(self, job_id: int) -> Job | None:
-        """The live job ``job_id`` as stored, a compact one unpacked first; else None."""
-        return self.jobs.get(job_id) or self.unpack(job_id)
 
     def live_jobs(self) -> Iterator[Job]:
         """Every live job, compact ones as detached copies (to read)."""

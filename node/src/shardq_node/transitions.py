@@ -143,7 +143,7 @@ def apply_start(e: Engine, rec: R.Record) -> None:
     observe = e.observe_wait if e.emitting else None
     jobs = e.jobs
     for jid in ids:
-        job = jobs.get(jid) or e.unpack(jid, index=False)  # pulled compact: made on a replay
+        job = jobs.get(jid) or e.unpack(jid)  # pulled compact: made on a replay
         assert job is not None
         if observe is not None:
             observe(max(0, now - job.run_at) / 1000)
@@ -281,7 +281,7 @@ def apply_timeout(e: Engine, rec: R.Record) -> None:
 
 def apply_cancel(e: Engine, rec: R.Record) -> None:
     _, now, jid = rec
-    job = e.jobs.get(jid) or e.unpack(jid, index=False)
+    job = e.jobs.get(jid) or e.unpack(jid)
     assert job is not None
     leave_state(e, job)
     finish(e, job, CANCELLED, now, None)
