@@ -5,14 +5,15 @@
 In one run, in this process (no sockets: the node's own work, so sizes compare
 on a busy machine):
 
-* **Rates with N waiting jobs.** A ``Node`` (memory only) is filled with N
-  waiting 200-byte jobs in one queue (``Engine.push`` of 1,000), then runs
-  request lines as a TCP session does (``Node.execute``, the journal flushed
-  every 100 lines): PUSH to that queue, PULL from it (its oldest jobs) and ACK
-  of what was pulled. The nodes of all sizes are filled first; then each round
-  runs the three phases on every node in turn (the order alternating), so a
-  machine that gets busier meanwhile weighs on every size alike; the best of
-  ``--rounds`` counts (the round the machine's other work disturbed least).
+* **Rates with N waiting jobs** (per CPU second of this process). A ``Node``
+  (memory only) is filled with N waiting 200-byte jobs in one queue
+  (``Engine.push`` of 1,000), then runs request lines as a TCP session does
+  (``Node.execute``, the journal flushed every 100 lines): PUSH to that
+  queue, PULL from it (its oldest jobs) and ACK of what was pulled. The nodes
+  of all sizes are filled first; then each round runs the three phases on
+  every node in turn (the order alternating), so a machine that gets busier
+  meanwhile weighs on every size alike; the best of ``--rounds`` counts (the
+  round the machine's other work disturbed least).
   N = 10 thousand, 1 million and 10 million: the rate at 10 million ÷ the
   rate at 10 thousand is the figure (target ≥ 0.8).
 * **Memory per waiting job.** The process's RSS growth while the node took its
@@ -98,13 +99,15 @@ def _node() -> Node:
 
 
 def _run(node: Node, caller: _Caller, lines: list[bytes]) -> tuple[float, list[bytes]]:
+    """Run ``lines`` as a session does; lines per CPU second of this process (no I/O here:
+    its CPU time is the work, and the time other processes take the CPU is left out)."""
     execute = node.execute
     out: list[bytes] = []
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for i in range(0, len(lines), BATCH):
         out.extend([execute(x, caller) or b"" for x in lines[i : i + BATCH]])
         node.flush()
-    return len(lines) / (time.perf_counter() - t0), out
+    return len(lines) / (time.process_time() - t0), out
 
 
 class Filled:
@@ -286,6 +289,7 @@ def section(res: dict[str, Any], command: str) -> str:
         "## Scale: cost with 10 thousand to 10 million waiting jobs",
         "",
         f"`{command}` · {res['meta']}. In process (`Node.execute` over request lines, the "
+        "rates per CPU second of the process, so the machine's other work is left out; the "
         f"journal flushed every {BATCH} lines; no sockets), one queue holding the waiting "
         "jobs (200-byte payloads) that PUSH adds to, PULL takes the oldest of and ACK "
         "settles; the best of the rounds (each round visits every size in turn).",
@@ -325,7 +329,10 @@ def section(res: dict[str, Any], command: str) -> str:
         f"{rec['log_cpu'] * per_m:.2f} |",
         "",
         f"Target ≤ 1 s per million from a snapshot: "
-        f"{'met' if rec['snapshot'] * per_m <= 1 else 'missed'}.",
+        f"{'met' if rec['snapshot'] * per_m <= 1 else 'missed'} by wall time, "
+        f"{'met' if rec['snapshot_cpu'] * per_m <= 1 else 'missed'} by CPU time (recovery "
+        f"does no I/O but reading the files; wall time counts the machine's other work too: "
+        f"load average {res['load']:.1f} on {os.cpu_count()} CPUs during the run).",
     ]
     return "\n".join(lines)
 
@@ -356,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recovery: {res['recovery']}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    res["load"] = os.getloadavg()[1]
     res["meta"] = f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, " \
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     command = " ".join(["loadtest/bench_scale.py", *(argv if argv is not None else sys.argv[1:])])
