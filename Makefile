@@ -86,6 +86,7 @@ e2e-node: venv-test packages-test
 bench: venv-test packages-bench
 	$(VENV)/python loadtest/bench.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_durability.py --write BENCHMARKS.md
+	$(VENV)/python loadtest/bench_scale.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_replication.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_gateway.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_publish.py --write BENCHMARKS.md

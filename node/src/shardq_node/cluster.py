@@ -398,7 +398,7 @@ class Cluster:
         if type(recs) is not list:
             raise InvalidRequest("field 'records' must be an array of records")
         engine = self.node.engine
-        allowed = {R.SLOT, R.QUEUE, R.JOB, R.FINISHED, R.CRON, R.WATCH}
+        allowed = {R.SLOT, R.QUEUE, R.JOB, R.CJOBS, R.FINISHED, R.CRON, R.WATCH}
         decoded = []
         for rec in recs:
             if type(rec) is not list or not rec or rec[0] not in allowed:

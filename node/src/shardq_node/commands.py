@@ -152,10 +152,10 @@ class Commands:
         data = self.raw(spec.data)
         if len(data) > self.max_payload:
             raise PayloadTooLarge(len(data), self.max_payload)
-        job = self.payloads.push(queue, [spec], [data])[0]
-        if type(job.data) is not bytes:
-            return {"ok": True, "id": job.id, "stored": "disk"}
-        return Encoded(b'{"ok":true,"id":%d}\n' % job.id)
+        job_id = self.payloads.push(queue, [spec], [data])[0]
+        if self.payloads.spilled:
+            return {"ok": True, "id": job_id, "stored": "disk"}
+        return Encoded(b'{"ok":true,"id":%d}\n' % job_id)
 
     def pushb(self, req: P.Request, caller: Caller) -> Answer:
         queue = P.check_queue(req)
@@ -166,8 +166,7 @@ class Commands:
         for blob in payloads:
             if len(blob) > limit:
                 raise PayloadTooLarge(len(blob), limit)
-        jobs = self.payloads.push(queue, specs, payloads)
-        return {"ok": True, "ids": [j.id for j in jobs]}
+        return {"ok": True, "ids": self.payloads.push(queue, specs, payloads)}
 
     # -- jobs out -----------------------------------------------------------------------------
 

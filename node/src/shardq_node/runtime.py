@@ -191,7 +191,7 @@ class Node:
             report.released = self.engine.release(sorted(self.engine.active), "node restarted")
         log.info(
             "recovered %d jobs in %.2fs (snapshot %s with %d records, %d WAL records replayed%s)",
-            len(self.engine.jobs), report.seconds, report.snapshot, report.snapshot_records,
+            self.engine.job_count(), report.seconds, report.snapshot, report.snapshot_records,
             report.replayed, f"; stopped early: {report.torn}" if report.torn else "",
         )
 
