@@ -96,8 +96,8 @@ class Controller:
         conn = self._conns.get(address)
         try:
             if conn is None or conn.closed:
-                conn = self._conns[address] = await Connection(
-                    address, self.settings.token).open(timeout)
+                conn = self._conns[address] = await open_bounded(
+                    address, self.settings.token, timeout)
             return await asyncio.wait_for(conn.call(req), timeout)
         except BaseException:
             dead = self._conns.pop(address, None)
@@ -369,6 +369,19 @@ class Controller:
                     and f.get("storage_id") == sid:
                 promote[member] = sid
         return record, demote, promote
+
+
+async def open_bounded(address: str, token: str | None, timeout: float) -> Connection:
+    """A connection to a node, opened (connect and AUTH) within ``timeout`` as a whole: a
+    stopped node accepts the TCP connection (the kernel does) but never answers the AUTH;
+    the transport of a connection given up on is closed."""
+    conn = Connection(address, token)
+    try:
+        await asyncio.wait_for(conn.open(timeout), timeout)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 def _choose(votes: dict[str, tuple[int, int]], prefer: str | None) -> str:

@@ -36,12 +36,11 @@ from typing import Any
 
 import kopf
 
-from shardq.connection import Connection
 from shardq.errors import ShardqError
 from shardq.wire.topology import NodeInfo, Shard, Topology
 
 from . import reconcile as rc
-from .controller import Controller, ControllerSettings, Seen
+from .controller import Controller, ControllerSettings, Seen, open_bounded
 from .kube import Kube
 from .kubestore import KubeStore, store_name
 from .rebalance import Rebalancer
@@ -104,7 +103,7 @@ async def reachable(address: str, timeout: float) -> bool:
 
 
 async def storage_id(address: str, token: str | None) -> str:
-    conn = await Connection(address, token).open(5)
+    conn = await open_bounded(address, token, 5)
     try:
         return str((await asyncio.wait_for(conn.call({"cmd": "STATUS"}), 10))["storage_id"])
     finally:
