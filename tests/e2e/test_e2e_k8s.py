@@ -1146,8 +1146,10 @@ async def test_replicated_lost_volume_rebuilds_as_a_learner(replicated: Replicat
     assert new.uid != old.uid
     claim_uid = r.api.core.read_namespaced_persistent_volume_claim(claim, NS_R).metadata.uid
     assert any(claim_uid[:8] in a for a in new.argv), new.argv  # a new, empty volume
-    rebuilding = await asyncio.to_thread(r.events, "MemberRebuilding")
-    insync = await asyncio.to_thread(r.events, "MemberInSync")
+    rebuilding = await async_wait_until("a MemberRebuilding event", lambda: [
+        m for m in r.events("MemberRebuilding") if follower in m], 30)
+    insync = await async_wait_until("a MemberInSync event", lambda: [
+        m for m in r.events("MemberInSync") if follower in m], 30)
     print(f"[e2e-k8s] lost volume of {follower}: a learner after {learner_at:.1f}s, in sync "
           f"after {took:.1f}s; events {rebuilding[-1:]} {insync[-1:]}", flush=True)
     assert any(follower in m for m in rebuilding) and any(follower in m for m in insync)

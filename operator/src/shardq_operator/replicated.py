@@ -392,7 +392,7 @@ class Supervisor:
         self.name = str(body["metadata"]["name"])
         self.controller = Controller(store, ControllerSettings(
             failure_timeout=spec.failure_timeout_ms / 1000, token=token))
-        self.last: dict[str, tuple[int, str, tuple[str, ...]]] = {}
+        self.last: dict[str, tuple[int, str, tuple[str, ...], dict[str, str]]] = {}
         self.rebuilding: dict[str, float] = {}
         self.restarting: dict[str, float] = {}
         self.pending: dict[str, float] = {}  # pod uid -> first seen without an address
@@ -484,10 +484,14 @@ class Supervisor:
             del self.pending[uid]
 
     def _events(self, topo: Topology, shards: dict[str, dict[str, Any]]) -> None:
+        """Events from what changed since the last tick: a new primary or term (Failover); a
+        member that came back on a new volume (its storage id changed, or it became a
+        learner: MemberRebuilding), and the same member voting again (MemberInSync), even
+        when its whole time as a learner fell between two ticks."""
         now = time.monotonic()
         for key, sh in topo.shards.items():
             was = self.last.get(key)
-            state = (sh.term, sh.primary, tuple(sh.learners))
+            state = (sh.term, sh.primary, tuple(sh.learners), dict(sh.ids))
             self.last[key] = state
             if was is None:
                 continue
@@ -495,17 +499,20 @@ class Supervisor:
                 kopf.info(self.body, reason="Failover",
                           message=f"{key}: {sh.primary} is primary in term {sh.term} (was "
                                   f"{was[1] or 'none'} in term {was[0]})")
-            for m in set(sh.learners) - set(was[2]):
+            renewed = {m for m, sid in sh.ids.items() if m in was[3] and was[3][m] != sid}
+            for m in (set(sh.learners) - set(was[2])) | renewed:
+                if m in self.rebuilding:
+                    continue
                 self.rebuilding[m] = now
                 kopf.warn(self.body, reason="MemberRebuilding",
                           message=f"{m} came back with an empty volume: a learner of {key}, "
                                   f"rebuilding from {sh.primary or 'the primary'}")
-            for m in set(was[2]) - set(sh.learners):
-                since = self.rebuilding.pop(m, None)
-                took = f" after {now - since:.1f}s" if since is not None else ""
+            for m in [m for m in self.rebuilding if m in sh.members and m not in sh.learners
+                      and shards.get(key, {}).get("inSync", 0) >= len(sh.members)]:
+                since = self.rebuilding.pop(m)
                 kopf.info(self.body, reason="MemberInSync",
-                          message=f"{m} caught up with {key}'s primary{took}: a voting "
-                                  "member again")
+                          message=f"{m} caught up with {key}'s primary after {now - since:.1f}s: "
+                                  "a voting member in sync again")
 
     async def _roll(self, topo: Topology, shards: dict[str, dict[str, Any]],
                     pods: list[Any]) -> None:
