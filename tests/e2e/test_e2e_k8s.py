@@ -990,7 +990,8 @@ async def _finish(load: SteadyLoad, tasks: list[asyncio.Task[None]], what: str) 
     print(f"[e2e-k8s] {what}: load {len(load.pushed)} pushed, {len(load.completed)} "
           f"completed, {load.lost()} lost, {load.duplicates()} duplicated, "
           f"{len(load.errors)} failed requests {load.errors[:3]}, longest request "
-          f"{load.longest * 1000:.0f} ms", flush=True)
+          f"{load.longest * 1000:.0f} ms; duplicated (number: job ids acked) "
+          f"{load.duplicate_evidence()}", flush=True)
 
 
 def _queue_of(topo: dict[str, Any], shard: str, tag: str) -> str:
