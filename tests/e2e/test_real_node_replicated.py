@@ -169,7 +169,7 @@ def test_replicated_install_three_shards_of_three(replicated: Replicated) -> Non
     columns = r.node.kubectl("get", "sqc", "-n", NS)
     print(f"[real-node] replicated pods:\n{wide}\n[real-node] kubectl get sqc:\n{columns}",
           flush=True)
-    assert "In-Sync" in columns.splitlines()[0] and "9/9" in columns
+    assert "IN-SYNC" in columns.splitlines()[0] and "9/9" in columns
     assert sorted(r.store()["shards"]) == ["shard-0", "shard-1", "shard-2"]
     assert all(e["inSync"] == 3 for e in status["shards"])
 
