@@ -983,10 +983,25 @@ async def _load_on(r: Replicated, tag: str) -> tuple[SteadyLoad, list[asyncio.Ta
 
 
 async def _finish(load: SteadyLoad, tasks: list[asyncio.Task[None]], what: str) -> None:
+    """Stop pushing, drain (workers go on until every pushed job completed, at most 150 s),
+    print the counts; jobs never completed are looked up and printed with their state."""
     load.stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks[:2], return_exceptions=True), 30)
-    await asyncio.wait_for(asyncio.gather(*tasks[2:], return_exceptions=True), 180)
+    _, pending = await asyncio.wait(tasks[2:], timeout=150)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks[2:], return_exceptions=True)
     await load.settle_unsure()
+    missing_jobs = sorted(load.outstanding())
+    if missing_jobs:
+        states = {}
+        async with AsyncClient(load.worker_address, token=TOKEN) as c:
+            for number in missing_jobs[:10]:
+                job = await c.get_job(load.ids[number])
+                states[number] = (load.ids[number], (job or {}).get("state", "gone"),
+                                  (job or {}).get("attempts"))
+        print(f"[e2e-k8s] {what}: {len(missing_jobs)} pushed jobs not completed after the "
+              f"drain: (number: id, state, attempts) {states}", flush=True)
     print(f"[e2e-k8s] {what}: load {len(load.pushed)} pushed, {len(load.completed)} "
           f"completed, {load.lost()} lost, {load.duplicates()} duplicated, "
           f"{len(load.errors)} failed requests {load.errors[:3]}, longest request "
@@ -1174,15 +1189,38 @@ async def test_replicated_operator_killed_mid_failover_is_finished_by_the_next(
     load, tasks = await _load_on(r, "midfailover")
     try:
         await load.progressed("before the failover")
-        for run in (primary, follower):
-            assert run.proc is not None
-            run.proc.send_signal(signal.SIGSTOP)
-            stopped.append(run)
-            if run is primary:
-                await asyncio.sleep(1.0)  # the fault: the follower stops 1 s after the primary
-        mid = await async_wait_until("the failover begun: a new term, no primary", lambda: (
-            (sh := r.store()["shards"][shard])["term"] > before["term"] and not sh["primary"]
-            and sh), 60, every=0.05, hint=r.hint)
+        mid: dict[str, Any] | None = None
+        # the follower must stop after the operator last heard it but before the failover
+        # fences: the operator probes every member each tick (a tick lasts ~1.2 s once a
+        # member is silent), so a few delays are tried, each from a cluster in sync again
+        for delay in (1.5, 1.8, 1.2, 2.1):
+            for run in (primary, follower):
+                assert run.proc is not None
+                run.proc.send_signal(signal.SIGSTOP)
+                stopped.append(run)
+                if run is primary:
+                    await asyncio.sleep(delay)  # the fault's timing, not a wait for a state
+            try:
+                mid = await async_wait_until(
+                    "the failover begun: a new term, no primary", lambda term=before["term"]: (
+                        (sh := r.store()["shards"][shard])["term"] > term
+                        and not sh["primary"] and sh), 15, every=0.05)
+            except AssertionError:
+                print(f"[e2e-k8s] follower stopped {delay}s after the primary: no failover "
+                      "began (both silent too long); again", flush=True)
+                for run in stopped:
+                    assert run.proc is not None
+                    run.proc.send_signal(signal.SIGCONT)
+                stopped.clear()
+                await async_wait_until("in sync", lambda: r.converged(3), 120, every=0.5,
+                                       hint=r.hint)
+                before = (await asyncio.to_thread(r.store))["shards"][shard]
+                primary = r.member(before["primary"])
+                follower = r.member(next(m for m in before["members"]
+                                         if m != before["primary"]))
+                continue
+            break
+        assert mid is not None, "no delay between the two stops caught the failover's middle"
         dep.operator.send_signal(signal.SIGKILL)
         dep.operator.wait(10)
         killed = time.monotonic()
