@@ -165,9 +165,9 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec: rc.Spec,
             kopf.adopt(narrow, owner=body)
             await kube.apply(narrow)
     await _remove_gone(kube, body, name, namespace, spec, topo)
-    members = [n.tcp for n in topo.nodes]
-    gw = rc.gateway_deployment(name, namespace, spec,
-                               await _gateway_seeds(kube, name, namespace, members))
+    await _write_seeds(kube, body, name, namespace, [n.tcp for n in topo.nodes])
+    gw = rc.gateway_deployment(name, namespace, spec, [])
+    _seeds_from_config_map(gw, name)
     kopf.adopt(gw, owner=body)
     await kube.apply(gw)
     return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.shards),
@@ -189,8 +189,8 @@ async def _apply_objects(kube: Kube, body: kopf.Body, name: str, namespace: str,
         if kind == "Deployment":
             if not seeds:
                 continue  # the gateway needs a node to ask for the topology: later
-            manifest["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = \
-                ",".join(await _gateway_seeds(kube, name, namespace, seeds))
+            await _write_seeds(kube, body, name, namespace, seeds)
+            _seeds_from_config_map(manifest, name)
         if kind == "StatefulSet":
             live = await kube.statefulset(namespace, mname)
             index = rc.shard_index(name, mname)
@@ -249,11 +249,30 @@ async def _remove_gone(kube: Kube, body: kopf.Body, name: str, namespace: str, s
                           "were deleted")
 
 
-async def _gateway_seeds(kube: Kube, name: str, namespace: str,
-                         addresses: list[str]) -> list[str]:
-    current = await kube.container_env(namespace, rc.gateway_name(name), "SHARDQ_SEED")
-    kept = [s for s in (current or "").split(",") if s]
-    return kept if set(kept) & set(addresses) else addresses
+def seeds_name(cluster: str) -> str:
+    return f"{cluster}-seeds"
+
+
+def _seeds_from_config_map(gateway: rc.Manifest, cluster: str) -> None:
+    """The gateways read ``SHARDQ_SEED`` from the ConfigMap ``<cluster>-seeds``: the members'
+    addresses change with every restarted pod (a rolling restart changes all of them), and
+    a seed list in the pod template would restart every gateway, cutting every client's
+    connection, each time. A ConfigMap changes no template: a gateway that starts reads the
+    addresses of the moment, a running one follows the topology."""
+    env = gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+    env[0] = {"name": "SHARDQ_SEED", "valueFrom": {"configMapKeyRef": {
+        "name": seeds_name(cluster), "key": "seeds"}}}
+
+
+async def _write_seeds(kube: Kube, body: kopf.Body, cluster: str, namespace: str,
+                       seeds: list[str]) -> None:
+    manifest: rc.Manifest = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": seeds_name(cluster), "namespace": namespace,
+                     "labels": rc.labels(cluster, "gateway")},
+        "data": {"seeds": ",".join(sorted(seeds))}}
+    kopf.adopt(manifest, owner=body)
+    await kube.apply(manifest)
 
 
 async def _admit(store: KubeStore, topo: Topology | None, wanted: dict[str, list[NodeInfo]],
@@ -456,6 +475,8 @@ class Supervisor:
             return topo
         log.info("new addresses published: %s", {n: i.tcp for n, i in moved.items()})
         await self.controller.publish(written)
+        await _write_seeds(self.kube, self.body, self.name, self.namespace,
+                           [n.tcp for n in written.nodes])
         return written
 
     async def _lost_volumes(self, pods: list[Any]) -> None:
