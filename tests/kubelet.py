@@ -12,8 +12,8 @@ process standing for the container:
   line is what runs) with the container's env (``value``, ``valueFrom``
   ``fieldRef`` of the pod's metadata and status, ``secretKeyRef`` and
   ``configMapKeyRef`` read from the API; ``$(VAR)`` expanded in env values,
-  command and args as Kubernetes does); ``--host 0.0.0.0`` becomes the pod's address, and every volume mount
-  path in the args becomes a directory under ``workdir/volumes`` named after
+  command and args as Kubernetes does); ``--host 0.0.0.0`` becomes the pod's
+  address, and every volume mount path in the args becomes a directory under ``workdir/volumes`` named after
   the PersistentVolumeClaim and its uid (a pod recreated with the same claim finds
   its data; a claim deleted and made again is a new, empty volume) or, for other
   volumes, after the pod; a pod whose claim is missing or being deleted stays
