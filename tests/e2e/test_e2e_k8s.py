@@ -975,8 +975,11 @@ def replicated(plane: Plane) -> Iterator[Replicated]:
 async def _load_on(r: Replicated, tag: str) -> tuple[SteadyLoad, list[asyncio.Task[None]]]:
     gateways = await async_wait_until("2 ready gateways", lambda: len(g := r.gateways()) == 2
                                       and g, 120, hint=r.hint)
+    # a lease of 10 s (load.py's too): a job whose pull answer was lost in a failover is
+    # handed out again after it, within the drain
     load = SteadyLoad([f"{tag}-{i}" for i in range(12)], gateways[0], gateways[-1],
-                      token=TOKEN, pause=0.01, work_pause=0.01, error_pause=0.05)
+                      token=TOKEN, pause=0.01, work_pause=0.01, error_pause=0.05,
+                      job_timeout=10_000)
     tasks = [asyncio.create_task(load.produce(i)) for i in range(2)]
     tasks += [asyncio.create_task(load.work(load.queues[i::2])) for i in range(2)]
     return load, tasks

@@ -187,7 +187,9 @@ class Controller:
         if self.silent_for(shard.primary) > timeout:
             return f"primary {shard.primary} silent for {self.silent_for(shard.primary):.1f}s"
         status = self.seen.get(shard.primary, Seen()).status
-        if not status:
+        if not status or not int(status.get("epoch", 0)):
+            # no topology yet (a new node, or one on an empty volume): this tick's probe
+            # published it; the next one sees what the node makes of it
             return None
         if status.get("role") != "primary" or status.get("term") != shard.term:
             if self.silent_for(shard.primary) < timeout and status.get("term", 0) > shard.term:
