@@ -322,6 +322,7 @@ class SteadyLoad:
         self.pushed: set[int] = set()
         self.ids: dict[int, int] = {}  # number -> job id
         self.completed: dict[int, int] = {}
+        self.acked_ids: dict[int, list[int]] = {}  # number -> the job ids acked for it
         self.unsure: set[int] = set()  # numbers whose ACK failed without an answer
         self.longest = 0.0
         self.errors: list[str] = []
@@ -367,6 +368,7 @@ class SteadyLoad:
                                 raise
                             self.timed(started)
                             self.completed[number] = self.completed.get(number, 0) + 1
+                            self.acked_ids.setdefault(number, []).append(job.id)
                     except ShardqError as exc:
                         self.errors.append(f"work: {exc}")
                         await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
@@ -393,6 +395,11 @@ class SteadyLoad:
                 if job is not None and job.get("state") == "completed":
                     self.completed[number] = 1
         self.unsure.clear()
+
+    def duplicate_evidence(self) -> dict[int, list[int]]:
+        """Each number completed more than once, with the job ids its acks named (one id
+        twice: a job acked twice; two ids: the number pushed twice)."""
+        return {n: ids for n, ids in self.acked_ids.items() if len(ids) > 1}
 
     def duplicates(self) -> int:
         return sum(1 for count in self.completed.values() if count > 1)

@@ -6,18 +6,17 @@ and, for each one bound to no node, does what a kubelet would, with a local
 process standing for the container:
 
 - gives the pod its own loopback address ``127.0.0.x`` (never reused);
-- runs the first container's ``command + args`` (the image is ignored: the
-  command's program is looked up in ``bin_dir``, the test's virtualenv, so the
-  local ``shardq`` CLI stands for the image and the manifests' own command
-  line is what runs) with the container's env (``value``, ``valueFrom``
-  ``fieldRef`` of the pod's metadata and status, ``secretKeyRef`` read from
-  the API; ``$(VAR)`` expanded in env values, command and args as Kubernetes
-  does); ``--host 0.0.0.0`` becomes the pod's address, and every volume mount
-  path in the args becomes a directory under ``workdir/volumes`` named after
-  the PersistentVolumeClaim and its uid (a pod recreated with the same claim finds
-  its data; a claim deleted and made again is a new, empty volume) or, for other
-  volumes, after the pod; a pod whose claim is missing or being deleted stays
-  Pending, as the scheduler leaves it;
+- runs the first container's ``command + args`` (the image is ignored: the command's
+  program is looked up in ``bin_dir``, the test's virtualenv, so the local ``shardq``
+  CLI stands for the image and the manifests' own command line is what runs) with the
+  container's env (``value``, ``valueFrom`` ``fieldRef`` of the pod's metadata and
+  status, ``secretKeyRef`` and ``configMapKeyRef`` read from the API; ``$(VAR)``
+  expanded in env values, command and args as Kubernetes does); ``--host 0.0.0.0``
+  becomes the pod's address, and every volume mount path in the args becomes a directory
+  under ``workdir/volumes`` named after the PersistentVolumeClaim and its uid (a pod
+  recreated with the same claim finds its data; a claim deleted and made again is a new,
+  empty volume) or, for other volumes, after the pod; a pod whose claim is missing or
+  being deleted stays Pending, as the scheduler leaves it;
 - patches the pod's status: ``Running``, ``podIP``, ``hostIP``, container
   status, and the ``Ready`` condition from the container's ``readinessProbe``
   (``httpGet`` on the pod's address), probed again every ``probe_every``
@@ -325,6 +324,18 @@ class Kubelet:
             if path not in fields:
                 raise RuntimeError(f"fieldRef {path} is not supported")
             return fields[path]
+        if src.config_map_key_ref is not None:
+            ref = src.config_map_key_ref
+            try:
+                cm = core.read_namespaced_config_map(ref.name, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404 and ref.optional:
+                    return None
+                raise
+            value = (cm.data or {}).get(ref.key)
+            if value is None and not ref.optional:
+                raise RuntimeError(f"configmap {ref.name} has no key {ref.key}")
+            return value
         if src.secret_key_ref is not None:
             ref = src.secret_key_ref
             try:

@@ -86,7 +86,12 @@ class Replicated:
         ok = (s.get("phase") == "Running" and s.get("nodes") == shards
               and s.get("inSync") == f"{shards * 3}/{shards * 3}"
               and conds.get("Replicated") == "True" and len(s.get("shards") or []) == shards)
-        return s if ok else None
+        return s if ok and self.gateways_ready() == 2 else None
+
+    def gateways_ready(self) -> int:
+        """Ready addresses behind the gateway Service (what the load's connections reach)."""
+        ep = self.api.core.read_namespaced_endpoints(f"{CLUSTER}-gateway", NS)
+        return sum(len(subset.addresses or []) for subset in ep.subsets or [])
 
     def wait_converged(self, shards: int, timeout: float = 300) -> dict[str, Any]:
         found: dict[str, Any] = eventually(
@@ -169,7 +174,7 @@ def test_replicated_install_three_shards_of_three(replicated: Replicated) -> Non
     columns = r.node.kubectl("get", "sqc", "-n", NS)
     print(f"[real-node] replicated pods:\n{wide}\n[real-node] kubectl get sqc:\n{columns}",
           flush=True)
-    assert "In-Sync" in columns.splitlines()[0] and "9/9" in columns
+    assert "IN-SYNC" in columns.splitlines()[0] and "9/9" in columns
     assert sorted(r.store()["shards"]) == ["shard-0", "shard-1", "shard-2"]
     assert all(e["inSync"] == 3 for e in status["shards"])
 

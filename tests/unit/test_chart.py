@@ -377,7 +377,7 @@ NAMESPACED_RULES = {
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("", "services"): {"get", "create", "patch", "update"},
     ("", "pods"): {"get", "list", "watch", "delete"},  # rolling restarts of replicated shards
-    ("", "configmaps"): {"get", "create", "update"},  # the topology store of replicated shards
+    ("", "configmaps"): {"get", "create", "update", "patch"},  # replicated: store, seeds
     ("", "persistentvolumeclaims"): {"get", "list", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "events"): {"create", "patch"},

@@ -96,8 +96,8 @@ class Controller:
         conn = self._conns.get(address)
         try:
             if conn is None or conn.closed:
-                conn = self._conns[address] = await Connection(
-                    address, self.settings.token).open(timeout)
+                conn = self._conns[address] = await open_bounded(
+                    address, self.settings.token, timeout)
             return await asyncio.wait_for(conn.call(req), timeout)
         except BaseException:
             dead = self._conns.pop(address, None)
@@ -187,7 +187,9 @@ class Controller:
         if self.silent_for(shard.primary) > timeout:
             return f"primary {shard.primary} silent for {self.silent_for(shard.primary):.1f}s"
         status = self.seen.get(shard.primary, Seen()).status
-        if not status:
+        if not status or not int(status.get("epoch", 0)):
+            # no topology yet (a new node, or one on an empty volume): this tick's probe
+            # published it; the next one sees what the node makes of it
             return None
         if status.get("role") != "primary" or status.get("term") != shard.term:
             if self.silent_for(shard.primary) < timeout and status.get("term", 0) > shard.term:
@@ -369,6 +371,19 @@ class Controller:
                     and f.get("storage_id") == sid:
                 promote[member] = sid
         return record, demote, promote
+
+
+async def open_bounded(address: str, token: str | None, timeout: float) -> Connection:
+    """A connection to a node, opened (connect and AUTH) within ``timeout`` as a whole: a
+    stopped node accepts the TCP connection (the kernel does) but never answers the AUTH;
+    the transport of a connection given up on is closed."""
+    conn = Connection(address, token)
+    try:
+        await asyncio.wait_for(conn.open(timeout), timeout)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 def _choose(votes: dict[str, tuple[int, int]], prefer: str | None) -> str:

@@ -35,6 +35,7 @@ from shardq.connection import Connection
 from shardq.errors import ShardqConnectionError, ShardqError
 from shardq.wire.topology import ACTIVE, LEAVING, NodeInfo, Topology
 
+from .controller import open_bounded
 from .ring import initial, pending_moves
 from .store import TopologyStore, update
 
@@ -79,7 +80,7 @@ class Rebalancer:
             try:
                 conn = self._conns.get(address)
                 if conn is None or conn.closed:
-                    conn = self._conns[address] = await Connection(address, self.token).open(5)
+                    conn = self._conns[address] = await open_bounded(address, self.token, 5)
                 return await asyncio.wait_for(conn.call(req), 120)
             except (TimeoutError, ShardqConnectionError, OSError) as exc:
                 self._conns.pop(address, None)

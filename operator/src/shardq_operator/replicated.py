@@ -36,12 +36,11 @@ from typing import Any
 
 import kopf
 
-from shardq.connection import Connection
 from shardq.errors import ShardqError
 from shardq.wire.topology import NodeInfo, Shard, Topology
 
 from . import reconcile as rc
-from .controller import Controller, ControllerSettings, Seen
+from .controller import Controller, ControllerSettings, Seen, open_bounded
 from .kube import Kube
 from .kubestore import KubeStore, store_name
 from .rebalance import Rebalancer
@@ -104,7 +103,7 @@ async def reachable(address: str, timeout: float) -> bool:
 
 
 async def storage_id(address: str, token: str | None) -> str:
-    conn = await Connection(address, token).open(5)
+    conn = await open_bounded(address, token, 5)
     try:
         return str((await asyncio.wait_for(conn.call({"cmd": "STATUS"}), 10))["storage_id"])
     finally:
@@ -166,9 +165,9 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec: rc.Spec,
             kopf.adopt(narrow, owner=body)
             await kube.apply(narrow)
     await _remove_gone(kube, body, name, namespace, spec, topo)
-    members = [n.tcp for n in topo.nodes]
-    gw = rc.gateway_deployment(name, namespace, spec,
-                               await _gateway_seeds(kube, name, namespace, members))
+    await _write_seeds(kube, body, name, namespace, [n.tcp for n in topo.nodes])
+    gw = rc.gateway_deployment(name, namespace, spec, [])
+    _seeds_from_config_map(gw, name)
     kopf.adopt(gw, owner=body)
     await kube.apply(gw)
     return {"phase": "Running", "epoch": topo.epoch, "nodes": len(topo.shards),
@@ -190,8 +189,8 @@ async def _apply_objects(kube: Kube, body: kopf.Body, name: str, namespace: str,
         if kind == "Deployment":
             if not seeds:
                 continue  # the gateway needs a node to ask for the topology: later
-            manifest["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = \
-                ",".join(await _gateway_seeds(kube, name, namespace, seeds))
+            await _write_seeds(kube, body, name, namespace, seeds)
+            _seeds_from_config_map(manifest, name)
         if kind == "StatefulSet":
             live = await kube.statefulset(namespace, mname)
             index = rc.shard_index(name, mname)
@@ -250,11 +249,30 @@ async def _remove_gone(kube: Kube, body: kopf.Body, name: str, namespace: str, s
                           "were deleted")
 
 
-async def _gateway_seeds(kube: Kube, name: str, namespace: str,
-                         addresses: list[str]) -> list[str]:
-    current = await kube.container_env(namespace, rc.gateway_name(name), "SHARDQ_SEED")
-    kept = [s for s in (current or "").split(",") if s]
-    return kept if set(kept) & set(addresses) else addresses
+def seeds_name(cluster: str) -> str:
+    return f"{cluster}-seeds"
+
+
+def _seeds_from_config_map(gateway: rc.Manifest, cluster: str) -> None:
+    """The gateways read ``SHARDQ_SEED`` from the ConfigMap ``<cluster>-seeds``: the members'
+    addresses change with every restarted pod (a rolling restart changes all of them), and
+    a seed list in the pod template would restart every gateway, cutting every client's
+    connection, each time. A ConfigMap changes no template: a gateway that starts reads the
+    addresses of the moment, a running one follows the topology."""
+    env = gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+    env[0] = {"name": "SHARDQ_SEED", "valueFrom": {"configMapKeyRef": {
+        "name": seeds_name(cluster), "key": "seeds"}}}
+
+
+async def _write_seeds(kube: Kube, body: kopf.Body, cluster: str, namespace: str,
+                       seeds: list[str]) -> None:
+    manifest: rc.Manifest = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": seeds_name(cluster), "namespace": namespace,
+                     "labels": rc.labels(cluster, "gateway")},
+        "data": {"seeds": ",".join(sorted(seeds))}}
+    kopf.adopt(manifest, owner=body)
+    await kube.apply(manifest)
 
 
 async def _admit(store: KubeStore, topo: Topology | None, wanted: dict[str, list[NodeInfo]],
@@ -393,7 +411,7 @@ class Supervisor:
         self.name = str(body["metadata"]["name"])
         self.controller = Controller(store, ControllerSettings(
             failure_timeout=spec.failure_timeout_ms / 1000, token=token))
-        self.last: dict[str, tuple[int, str, tuple[str, ...]]] = {}
+        self.last: dict[str, tuple[int, str, tuple[str, ...], dict[str, str]]] = {}
         self.rebuilding: dict[str, float] = {}
         self.restarting: dict[str, float] = {}
         self.pending: dict[str, float] = {}  # pod uid -> first seen without an address
@@ -457,6 +475,8 @@ class Supervisor:
             return topo
         log.info("new addresses published: %s", {n: i.tcp for n, i in moved.items()})
         await self.controller.publish(written)
+        await _write_seeds(self.kube, self.body, self.name, self.namespace,
+                           [n.tcp for n in written.nodes])
         return written
 
     async def _lost_volumes(self, pods: list[Any]) -> None:
@@ -485,10 +505,14 @@ class Supervisor:
             del self.pending[uid]
 
     def _events(self, topo: Topology, shards: dict[str, dict[str, Any]]) -> None:
+        """Events from what changed since the last tick: a new primary or term (Failover); a
+        member that came back on a new volume (its storage id changed, or it became a
+        learner: MemberRebuilding), and the same member voting again (MemberInSync), even
+        when its whole time as a learner fell between two ticks."""
         now = time.monotonic()
         for key, sh in topo.shards.items():
             was = self.last.get(key)
-            state = (sh.term, sh.primary, tuple(sh.learners))
+            state = (sh.term, sh.primary, tuple(sh.learners), dict(sh.ids))
             self.last[key] = state
             if was is None:
                 continue
@@ -496,17 +520,20 @@ class Supervisor:
                 kopf.info(self.body, reason="Failover",
                           message=f"{key}: {sh.primary} is primary in term {sh.term} (was "
                                   f"{was[1] or 'none'} in term {was[0]})")
-            for m in set(sh.learners) - set(was[2]):
+            renewed = {m for m, sid in sh.ids.items() if m in was[3] and was[3][m] != sid}
+            for m in (set(sh.learners) - set(was[2])) | renewed:
+                if m in self.rebuilding:
+                    continue
                 self.rebuilding[m] = now
                 kopf.warn(self.body, reason="MemberRebuilding",
                           message=f"{m} came back with an empty volume: a learner of {key}, "
                                   f"rebuilding from {sh.primary or 'the primary'}")
-            for m in set(was[2]) - set(sh.learners):
-                since = self.rebuilding.pop(m, None)
-                took = f" after {now - since:.1f}s" if since is not None else ""
+            for m in [m for m in self.rebuilding if m in sh.members and m not in sh.learners
+                      and shards.get(key, {}).get("inSync", 0) >= len(sh.members)]:
+                since = self.rebuilding.pop(m)
                 kopf.info(self.body, reason="MemberInSync",
-                          message=f"{m} caught up with {key}'s primary{took}: a voting "
-                                  "member again")
+                          message=f"{m} caught up with {key}'s primary after {now - since:.1f}s: "
+                                  "a voting member in sync again")
 
     async def _roll(self, topo: Topology, shards: dict[str, dict[str, Any]],
                     pods: list[Any]) -> None:
