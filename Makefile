@@ -87,6 +87,7 @@ bench: venv-test packages-bench
 	$(VENV)/python loadtest/bench.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_durability.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_scale.py --write BENCHMARKS.md
+	SHARDQ_PURE=1 $(VENV)/python loadtest/bench_scale.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_replication.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_gateway.py --write BENCHMARKS.md
 	$(VENV)/python loadtest/bench_publish.py --write BENCHMARKS.md

@@ -27,8 +27,9 @@ on a busy machine):
   steadier figure).
 
 The node's own GC settings apply (``shardq_node.main``). Writes the ``scale``
-section of BENCHMARKS.md; memory use peaks near 3 GiB (10 million jobs and the
-smaller nodes, all held at once).
+section of BENCHMARKS.md, or with ``SHARDQ_PURE=1`` (the interpreted sources,
+shardq.native) the ``scale-interpreted`` one, beside it. Memory use peaks near
+3 GiB (10 million jobs and the smaller nodes, all held at once).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 
 import bench_report as report
 
+from shardq import native
 from shardq.wire.protocol import JobSpec
 from shardq_node.engine import Engine
 from shardq_node.runtime import Node, wall_clock_ms
@@ -55,6 +57,8 @@ from shardq_node.storage import SNAP_PREFIX, Storage, snapshot_name, write_snaps
 from shardq_node.wal import frames, segment_name
 
 QUEUE = "scale"
+#: BENCHMARKS.md sections: the compiled node's figures, and the interpreted fallback's
+_SECTIONS = {"compiled": "scale", "interpreted": "scale-interpreted"}
 PAYLOAD = 200  # bytes of each job's JSON payload
 BATCH = 100  # request lines between two flushes (a read's worth)
 
@@ -286,7 +290,7 @@ def section(res: dict[str, Any], command: str) -> str:
     rows = res["rates"]
     first = rows[0]
     lines = [
-        "## Scale: cost with 10 thousand to 10 million waiting jobs",
+        f"## Scale: cost with 10 thousand to 10 million waiting jobs ({res['mode']})",
         "",
         f"`{command}` · {res['meta']}. In process (`Node.execute` over request lines, the "
         "rates per CPU second of the process, so the machine's other work is left out; the "
@@ -364,13 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["load"] = os.getloadavg()[1]
+    build = native.status()
+    res["mode"] = "compiled" if build.compiled else "interpreted"
     res["meta"] = f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, " \
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     command = " ".join(["loadtest/bench_scale.py", *(argv if argv is not None else sys.argv[1:])])
     body = section(res, command)
     print(body)
     if args.write:
-        report.write_section(Path(args.write), "scale", body)
+        report.write_section(Path(args.write), _SECTIONS[res["mode"]], body)
     return 0
 
 

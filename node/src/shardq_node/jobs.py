@@ -2,9 +2,9 @@
 
 Plain data with ``__slots__`` and no behaviour beyond small helpers. A plain
 waiting job has no ``Job`` at all: it sits in its queue's ``Lane`` (its id,
-run_at and payload in arrays, about 265 bytes with a 200-byte payload). A job's
-payload is kept as the raw JSON bytes it arrived as (never re-parsed by the
-node) and sent back with ``orjson.Fragment``. No I/O here.
+run_at and payload in arrays, about 265 bytes with a 200-byte payload). A
+job's payload is kept as the raw JSON bytes it arrived as (never re-parsed by
+the node) and sent back with ``orjson.Fragment``. No I/O here.
 """
 
 from __future__ import annotations
