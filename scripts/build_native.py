@@ -11,7 +11,7 @@ and exits 0: the same sources run interpreted. The ``.so`` files land beside the
 in ``<dist>/src/…`` (ignored by git); one shared library, ``shardq/_hotpath__mypyc*.so``,
 holds the C of every module, and ``shardq/_hotpath.json`` records the size and mtime of
 each source it was built from (``shardq.native`` loads the sources when they differ).
-The C files and objects go to ``build/mypyc``.
+The C files, objects and the build's log go to ``build/mypyc``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def source_of(module: str) -> str:
 
 def compiler_missing() -> str:
     """Why no extension can be built here, or ''."""
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return f"no C compiler ({cc}) found"
     include = sysconfig.get_paths()["include"]
@@ -149,7 +149,15 @@ setup(name="shardq-native", script_name="build_native",
       ext_modules=mypycify({paths!r}, group_name={group!r}, target_dir="build/mypyc",
                            opt_level="3", debug_level="0"))
 """
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    log = os.path.join(BUILD_DIR, "build.log")
+    with open(log, "wb") as out:  # mypyc's and gcc's lines: shown only when the build fails
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=out,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            sys.stderr.write("".join(f.readlines()[-60:]))
+        raise SystemExit(f"build_native: the build failed (the whole log: {log})")
 
 
 def main() -> int:
