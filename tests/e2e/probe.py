@@ -46,7 +46,8 @@ async def states(c: AsyncClient, ids: list[int]) -> dict[str, str]:
     return out
 
 
-async def outage(c: AsyncClient, shard: str, limit: float) -> dict[str, Any]:
+async def outage(c: AsyncClient, shard: str, limit: float, address: str,
+                 token: str | None) -> dict[str, Any]:
     import sys
     import time
 
@@ -57,13 +58,22 @@ async def outage(c: AsyncClient, shard: str, limit: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     loop.add_reader(sys.stdin.fileno(), stop.set)
     oks: list[float] = []
+    client: AsyncClient | None
     failures = 0
     deadline = time.monotonic() + limit
+    client = c
     while time.monotonic() < deadline and not stop.is_set():
         try:
-            await asyncio.wait_for(c.push(queue, {"probe": True}), 1.0)
+            if client is None:
+                client = await asyncio.wait_for(AsyncClient(address, token=token).__aenter__(),
+                                                1.0)
+            await asyncio.wait_for(client.push(queue, {"probe": True}), 1.0)
         except (Exception, TimeoutError):
             failures += 1
+            # a push cut short leaves its answer on the way: never reuse that connection
+            if client is not None and client is not c:
+                await client.close()
+            client = None
         else:
             if not oks:
                 print("ready", file=sys.stderr, flush=True)
@@ -78,7 +88,7 @@ async def outage(c: AsyncClient, shard: str, limit: float) -> dict[str, Any]:
 async def main(args: argparse.Namespace) -> Any:
     async with AsyncClient(args.address, token=args.token) as c:
         if args.what == "outage":
-            return await outage(c, args.shard, args.limit)
+            return await outage(c, args.shard, args.limit, args.address, args.token)
         if args.what == "markers":
             return await markers(c, args.node, args.count, args.prefix)
         return await states(c, args.ids)
