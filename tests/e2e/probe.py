@@ -6,9 +6,9 @@ Run inside the node's network namespace (``RealNode.probe``)::
     python -m tests.e2e.probe --address ADDR --token T states 12 13 14
 
 ``outage --shard S`` pushes to a queue of shard S (replicated clusters) every 50 ms, each push
-bounded by 1 s, until a line (or EOF) on stdin or ``--limit`` seconds; it writes ``ready`` to
-stderr once a push went through, and prints the longest gap between two successful pushes
-with its wall-clock ends.
+bounded by 2 s (a new connection, bounded by 5 s, after a failed one), until a line (or EOF) on
+stdin or ``--limit`` seconds; it writes ``ready`` to stderr once a push went through, and
+prints the longest gap between two successful pushes with its wall-clock ends.
 ``markers`` pushes one job to each of ``count`` queues whose slots the node ``--node`` owns
 (per the topology the gateway serves) and prints ``{queue: id}``; ``states`` prints each job's
 state (``gone`` when the cluster has no such job). Must not: pull or ack anything.
@@ -65,9 +65,10 @@ async def outage(c: AsyncClient, shard: str, limit: float, address: str,
     while time.monotonic() < deadline and not stop.is_set():
         try:
             if client is None:
+                # (a slow machine: connecting through the Service's DNS name can take seconds)
                 client = await asyncio.wait_for(AsyncClient(address, token=token).__aenter__(),
-                                                1.0)
-            await asyncio.wait_for(client.push(queue, {"probe": True}), 1.0)
+                                                5.0)
+            await asyncio.wait_for(client.push(queue, {"probe": True}), 2.0)
         except (Exception, TimeoutError):
             failures += 1
             # a push cut short leaves its answer on the way: never reuse that connection

@@ -211,6 +211,7 @@ def test_replicated_primary_sigkill_shard_takes_pushes_again(replicated: Replica
         finally:
             probe.kill()
         counts = run.finish()
+    assert gap["first_ok_after"] is not None, f"no push to {shard} went through twice: {gap}"
     took = gap["first_ok_after"] - killed
     print(f"[real-node] primary {before['primary']} SIGKILLed: {after['primary']} primary in "
           f"term {after['term']}; pushes to {shard} worked again {took:.2f}s after the kill "
