@@ -4,9 +4,11 @@
 #   podman run localhost/shardq:dev operator [--namespace N]
 # Flags are also environment variables (SHARDQ_PORT, SHARDQ_TOKEN, …).
 #
-# Built offline by scripts/k8s/build_image.sh, which first puts the wheels of shardq and every
-# dependency of shardq[server] in build/wheels/ (the only files .dockerignore lets into the
-# context), then runs `podman build --pull=never --network=none --format docker`.
+# Built offline by scripts/k8s/build_image.sh, which first puts the wheels of the five
+# distributions (shardq, shardq-server, shardq-node, shardq-gateway, shardq-operator) and of
+# every dependency in build/wheels/ (the only files .dockerignore lets into the context), then
+# runs `podman build --pull=never --network=none --format docker`. The servers register their
+# sub-commands with `shardq` (entry-point group shardq.commands); the build checks they all load.
 
 # --- stage 1: a virtualenv with shardq's dependencies, from wheels only ----------------------
 FROM python:3.11-slim AS deps
@@ -41,10 +43,27 @@ RUN groupadd --system --gid 10001 shardq \
 # `python3` on PATH is the venv's, which has no pip).
 COPY --from=deps /opt/shardq /opt/shardq
 COPY build/wheels/shardq/ /tmp/shardq-wheel/
+# The hot path compiled with mypyc (build/wheels/native: compiled on the build host, since this
+# build is offline and has no C compiler; empty without one) goes beside the sources, and
+# `native.stamp()` checks they are the sources compiled (else the image runs
+# them interpreted, and the node says so at start).
+COPY build/wheels/native/ /tmp/shardq-native/
 RUN /usr/bin/python3 -m pip --python /opt/shardq/bin/python install --no-index --no-cache-dir \
         --no-deps /tmp/shardq-wheel/*.whl \
  && /usr/bin/python3 -m pip --python /opt/shardq/bin/python check \
- && rm -rf /tmp/shardq-wheel
+ && /opt/shardq/bin/python -c "from shardq.cli.subcommands import discover; \
+        missing = discover()[1]; assert not missing, missing" \
+ && rm -rf /tmp/shardq-wheel /tmp/shardq-native/.keep \
+ && cp -a /tmp/shardq-native/. /opt/shardq/lib/python3.11/site-packages/ \
+ && rm -rf /tmp/shardq-native \
+ && if [ -f /opt/shardq/lib/python3.11/site-packages/shardq/_hotpath.json ]; then \
+        /opt/shardq/bin/python -c 'from shardq import native; print(native.stamp())'; fi \
+ && if ! /opt/shardq/bin/python -c 'import shardq_node.runtime, shardq_gateway.main'; then \
+        echo "the compiled modules do not load here: the image runs interpreted"; \
+        rm -f /opt/shardq/lib/python3.11/site-packages/shardq/_hotpath.json \
+              /opt/shardq/lib/python3.11/site-packages/shardq*/*.so \
+              /opt/shardq/lib/python3.11/site-packages/shardq*/*/*.so; fi \
+ && /opt/shardq/bin/python -c 'from shardq import native; print(native.status().describe())'
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import pstats
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_cli as cli
 import bench_client as C
 import bench_procs as procs
 import bench_report as report
@@ -237,7 +237,7 @@ async def run_round(
             place.apply(s.cores, servers[target])
             m = await s.fn(cfg, servers[target].port, target)
             out[s.key][target] = m
-            _progress(f"round {n + 1} {s.title:<26} {target:<5} {m.rate:>12,.0f} {s.unit}"
+            cli.progress(f"round {n + 1} {s.title:<26} {target:<5} {m.rate:>12,.0f} {s.unit}"
                       + (f"  p50 {m.pct_us(0.5):,.0f} µs" if m.latencies_ns else ""))
     place.release()
     return out
@@ -303,10 +303,10 @@ def memory(cfg: Config) -> dict[str, Any]:
 
     with procs.node(OUT_DIR, "node-mem") as server:
         rss = asyncio.run(_rss_workload(cfg, server))
-    _progress(f"memory: node RSS {rss['bytes_per_job']:,.0f} bytes/job "
+    cli.progress(f"memory: node RSS {rss['bytes_per_job']:,.0f} bytes/job "
               f"({rss['jobs']:,} jobs, {rss['bytes'] / 2**20:,.1f} MiB)")
     tm = bench_inproc.engine_memory(_data(cfg), cfg.mem_jobs)
-    _progress(f"memory: tracemalloc {tm['bytes_per_job']:,.0f} bytes/job")
+    cli.progress(f"memory: tracemalloc {tm['bytes_per_job']:,.0f} bytes/job")
     return {"rss": rss, "tracemalloc": tm}
 
 
@@ -323,7 +323,7 @@ def inproc(cfg: Config) -> dict[str, Any]:
             C.pushb_line("q", data, cfg.batch_size), max(1, n // cfg.batch_size), 1,
             jobs_per_line=cfg.batch_size),
     }
-    _progress("in-process: " + ", ".join(
+    cli.progress("in-process: " + ", ".join(
         f"{k} {v:,.0f}/s" for k, v in out.items() if isinstance(v, float)))
     return out
 
@@ -407,8 +407,6 @@ def profile(cfg: Config, place: Placement) -> list[dict[str, Any]]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _version(mod: str) -> str:
@@ -485,14 +483,14 @@ def full(cfg: Config, place: Placement) -> dict[str, Any]:
     """The workloads, ``rounds`` times: one floor throughout, a fresh node per round."""
     rounds: Rounds = []
     with procs.floor(OUT_DIR) as floor:
-        _progress(f"floor pid {floor.pid} port {floor.port}")
+        cli.progress(f"floor pid {floor.pid} port {floor.port}")
         for n in range(cfg.rounds):
             with procs.node(OUT_DIR, f"node-round{n + 1}") as node:
-                _progress(f"round {n + 1}: node pid {node.pid} port {node.port}")
+                cli.progress(f"round {n + 1}: node pid {node.pid} port {node.port}")
                 servers = {"node": node, "floor": floor}
                 rounds.append(asyncio.run(run_round(cfg, servers, place, n)))
                 rss = node.rss_bytes()
-            _progress(f"round {n + 1}: node RSS at the end {rss / 2**20:,.0f} MiB")
+            cli.progress(f"round {n + 1}: node RSS at the end {rss / 2**20:,.0f} MiB")
     return {"workloads": summarize(cfg, rounds), "memory": memory(cfg), "inproc": inproc(cfg)}
 
 
@@ -508,31 +506,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
                         "PUSH→PULL→ACK")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin client and servers to CPUs (see Placement)")
-    defaults = Config()
-    for name, value in asdict(defaults).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
-                       help=f"default {value} ({QUICK.get(name, value)} with --quick)")
-    args = p.parse_args(argv)
-    cfg = Config(**{**asdict(defaults), **(QUICK if args.quick else {}),
-                    **{k: v for k, v in vars(args).items() if k in asdict(defaults)
-                       and v is not None}})
-    return args, cfg
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    return cli.parse_config(p, Config, QUICK, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # stop the servers on SIGTERM too
-    try:
-        import uvloop
-    except ImportError:
-        _progress("uvloop not installed: the client runs on asyncio's own loop")
-    else:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    cli.prepare_process()  # stop the servers on SIGTERM too
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     place = Placement(not args.no_pin)
     res: dict[str, Any] = {"meta": meta(cfg, argv), "config": asdict(cfg)}
@@ -558,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             report.write_section(path, "profile", report.profile_section(res))
         else:
             report.write_section(path, "node", report.node_section(res))
-        _progress(f"wrote {path}")
+        cli.progress(f"wrote {path}")
     return 0
 
 

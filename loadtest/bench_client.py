@@ -112,6 +112,24 @@ class Measure:
 # -- the connection -----------------------------------------------------------------------------
 
 
+def complete_lines(parts: list[bytes], data: bytes) -> bytes | None:
+    """The complete lines of what ``parts`` held and ``data``, as one block without its last
+    newline (None: no line is complete yet); the unfinished rest stays in ``parts``. One
+    ``rfind`` per read, as the node's TCP server frames (the floor server uses it too)."""
+    end = data.rfind(b"\n")
+    if end < 0:
+        parts.append(data)
+        return None
+    head = data[:end]
+    tail = data[end + 1 :]
+    if parts:
+        head = b"".join(parts) + head
+        parts.clear()
+    if tail:
+        parts.append(tail)
+    return head
+
+
 class LineConn(asyncio.Protocol):
     """A client connection that hands complete answer lines to its workload."""
 
@@ -128,19 +146,9 @@ class LineConn(asyncio.Protocol):
             self.workload.fail(BenchError(f"connection lost: {exc!r}"))
 
     def data_received(self, data: bytes) -> None:
-        end = data.rfind(b"\n")
-        if end < 0:
-            self.parts.append(data)
-            return
-        head = data[:end]
-        tail = data[end + 1 :]
-        if self.parts:
-            head = b"".join(self.parts) + head
-            self.parts = []
-        if tail:
-            self.parts.append(tail)
+        head = complete_lines(self.parts, data)
         workload = self.workload
-        if workload is None:
+        if head is None or workload is None:
             return
         try:
             workload.on_lines(head.split(b"\n"))

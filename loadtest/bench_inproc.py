@@ -21,18 +21,22 @@ from typing import Any
 
 from shardq.wire.protocol import JobSpec
 from shardq_node.engine import Engine
+from shardq_node.jobs import Job
 from shardq_node.runtime import Node, wall_clock_ms
 from shardq_node.settings import NodeSettings
 
 
-def _push_many(engine: Engine, queue: str, data: Any, n: int) -> None:
-    """Push ``n`` single jobs as ``Commands.push`` does (its own payload encoder)."""
+def _push_many(engine: Engine, queue: str, data: Any, n: int) -> int:
+    """Push ``n`` single jobs as ``Commands.push`` does (its own payload encoder); the last
+    job's id."""
     push = engine.push
     encode = Node(NodeSettings(), clock=wall_clock_ms).commands.payload
+    last = 0
     for _ in range(n):
         payload = encode(data)  # the bytes the job keeps, made as the node makes them
-        push(queue, [JobSpec(data)], [payload])
+        last = push(queue, [JobSpec(data)], [payload])[0]
         engine.journal = []  # as Node.flush() drains it after each batch
+    return last
 
 
 def engine_memory(data: Any, n: int) -> dict[str, Any]:
@@ -44,7 +48,7 @@ def engine_memory(data: Any, n: int) -> dict[str, Any]:
     try:
         first = tracemalloc.take_snapshot()
         before = tracemalloc.get_traced_memory()[0]
-        _push_many(engine, "bench.mem", data, n)
+        last_id = _push_many(engine, "bench.mem", data, n)
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]
         last = tracemalloc.take_snapshot()
@@ -58,7 +62,8 @@ def engine_memory(data: Any, n: int) -> dict[str, Any]:
             "where": f"{_short(frame.filename)}:{frame.lineno}", "code": code,
             "bytes_per_job": stat.size_diff / n,
         })
-    job = engine.jobs[max(engine.jobs)]
+    job = engine.get_job(last_id)
+    assert isinstance(job, Job)
     return {
         "jobs": n, "bytes": after - before, "bytes_per_job": (after - before) / n,
         "payload_len": len(job.data), "payload_getsizeof": sys.getsizeof(job.data),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 import bench_client as C
 import bench_procs as procs
 import bench_report as report
+
+from shardq_operator.local import free_port
 
 
 def node(log_dir: Path, tag: str, http_port: int, metrics: bool) -> procs.Server:
@@ -78,13 +79,6 @@ async def main_async(quick: bool) -> dict[str, list[float]]:
             print(f"  metrics {key:<3} pipelined {pipe:>10,.0f}/s  cycle {cycle:>8,.0f}/s",
                   file=sys.stderr)
     return res
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def main(argv: list[str] | None = None) -> int:

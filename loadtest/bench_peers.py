@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -43,19 +42,14 @@ import bench_gateway as gw
 import bench_procs as procs
 import bench_report as report
 import orjson
+from bench_peers_report import section, versions
 
 from shardq import AsyncClient, AsyncWorker
+from shardq_operator.local import free_port
 
 HERE = Path(__file__).resolve().parent
 PAYLOAD = C.payload(200)
 RAW = orjson.dumps(PAYLOAD)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -104,10 +98,11 @@ def placement() -> str:
 class Proc:
     """A server subprocess stopped by its PID."""
 
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+    def __init__(self, argv: list[str], port: int, log: Path,
+                 env: dict[str, str] | None = None) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as f:
-            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
         self.port = port
         wait_port(port, self.proc)
 
@@ -293,6 +288,25 @@ async def producers(port: int, t: Target, count: int, total: int) -> C.Measure:
             c.close()
 
 
+def build_env(pure: bool) -> dict[str, str]:
+    """The environment of a shardq process: the compiled hot path as built, or (``pure``) its
+    interpreted sources (``SHARDQ_PURE=1``, shardq.native)."""
+    env = {k: v for k, v in os.environ.items() if k != "SHARDQ_PURE"}
+    return {**env, "SHARDQ_PURE": "1"} if pure else env
+
+
+async def drain(port: int, n: int, prefetch: int = 0, pure: bool = False) -> float:
+    """``drain_shardq`` in a child process (on this process's CPU), so the SDK worker runs
+    compiled or interpreted like the node it drains."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--drain", str(port), str(n), str(prefetch),
+        env=build_env(pure), stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the drain exited with {proc.returncode}")
+    return float(out.decode().split()[-1])
+
+
 async def drain_shardq(port: int, n: int, prefetch: int = 0) -> float:
     async with AsyncClient(f"127.0.0.1:{port}") as client:
         for _ in range(n // 1000):
@@ -326,12 +340,18 @@ async def suite(port: int, t: Target, q: bool) -> dict[str, Any]:
 # -- servers --------------------------------------------------------------------------------
 
 
-def shardq_node(work: Path, fsync: str, logs: Path) -> Proc:
+def shardq_node(work: Path, fsync: str, logs: Path, pure: bool = False) -> Proc:
+    """A node with the compiled hot path (as built), or its interpreted sources (``pure``)."""
     port = free_port()
+    kind = "pure" if pure else "built"
     return Proc(on_server_cpu([
         sys.executable, "-m", "shardq.cli", "node", "--port", str(port), "--http-port", "0",
-        "--data-dir", str(work / f"node-{fsync}-{port}"), "--fsync", fsync,
-        "--log-level", "WARNING"]), port, logs / f"node-{fsync}.log")
+        "--data-dir", str(work / f"node-{fsync}-{kind}-{port}"), "--fsync", fsync,
+        "--log-level", "WARNING"]), port, logs / f"node-{fsync}-{kind}.log", build_env(pure))
+
+
+def shardq_pure(work: Path, fsync: str, logs: Path) -> Proc:
+    return shardq_node(work, fsync, logs, pure=True)
 
 
 class Cluster:
@@ -413,22 +433,24 @@ async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
 
 async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    node = shardq_node(work, "everysec", logs)
-    try:
-        res["shardq"] = await suite(node.port, SHARDQ, q)
-        res["shardq"]["drain"] = {"rate": await drain_shardq(node.port, 20_000 if q else 100_000)}
-        res["shardq"]["drain_prefetch"] = {
-            "rate": await drain_shardq(node.port, 20_000 if q else 100_000, prefetch=50)}
-    finally:
-        node.stop()
+    for name, pure in (("shardq", False), ("shardq_pure", True)):
+        node = shardq_node(work, "everysec", logs, pure)
+        try:
+            res[name] = await suite(node.port, SHARDQ, q)
+            res[name]["drain"] = {"rate": await drain(node.port, 20_000 if q else 100_000,
+                                                      pure=pure)}
+            res[name]["drain_prefetch"] = {
+                "rate": await drain(node.port, 20_000 if q else 100_000, 50, pure)}
+        finally:
+            node.stop()
     cluster = Cluster(work, logs)
     client_on_cpu(False)  # four processes: the scheduler spreads them (and the client)
     try:
         port = await cluster.start()
         res["gateway"] = await suite(port, SHARDQ, q)
-        res["gateway"]["drain"] = {"rate": await drain_shardq(port, 20_000 if q else 100_000)}
+        res["gateway"]["drain"] = {"rate": await drain(port, 20_000 if q else 100_000)}
         res["gateway"]["drain_prefetch"] = {
-            "rate": await drain_shardq(port, 20_000 if q else 100_000, prefetch=50)}
+            "rate": await drain(port, 20_000 if q else 100_000, prefetch=50)}
     finally:
         cluster.stop()
         client_on_cpu(True)
@@ -454,13 +476,14 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     finally:
         b.stop()
     # fsync on every write swings with the disk's mood more than anything else here: three
-    # rounds, a fresh server each, the order alternating; each side's median round is kept
+    # rounds, a fresh server each, the order rotating; each side's median round is kept
     n = 2_000 if q else 10_000
-    pair: tuple[tuple[str, Any, Target], ...] = (
-        ("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS))
-    rounds: dict[str, list[dict[str, Any]]] = {"shardq": [], "Redis": []}
+    trio: tuple[tuple[str, Any, Target], ...] = (
+        ("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS),
+        ("shardq_pure", shardq_pure, SHARDQ))
+    rounds: dict[str, list[dict[str, Any]]] = {"shardq": [], "Redis": [], "shardq_pure": []}
     for i in range(3):
-        for name, start, t in (pair if i % 2 == 0 else pair[::-1]):
+        for name, start, t in trio[i:] + trio[:i]:
             p = start(work, "always", logs)
             try:
                 rounds[name].append((await producers(p.port, t, 50, n)).summary())
@@ -468,8 +491,8 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
                 p.stop()
     for name, runs in rounds.items():
         res[name]["always50"] = C.median_round(runs)
-    for name, start, t in (("shardq", shardq_node, SHARDQ), ("Redis", redis, REDIS)):
-        p = start(work, "never" if name == "shardq" else "no", logs)
+    for name, start, t in trio:
+        p = start(work, "no" if name == "Redis" else "never", logs)
         try:
             res[name]["memory_per_job"] = await memory(p, t, 50_000 if q else 200_000)
         finally:
@@ -477,148 +500,21 @@ async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     return res
 
 
-# -- the report -----------------------------------------------------------------------------
-
-
-ROWS = [
-    ("sequential", "Sequential push (1 in flight)"),
-    ("pipelined", "Pipelined push (1,000 in flight)"),
-    ("batch", "Batch push of 1,000"),
-    ("cycle", "Push → pull → ack, one at a time"),
-    ("concurrent10", "10 concurrent producers"),
-    ("concurrent50", "50 concurrent producers"),
-    ("always50", "fsync every write, 50 producers <sub>median of 3 rounds</sub>"),
-    ("drain", "Worker draining 100k jobs (concurrency 50)"),
-    ("drain_prefetch", "… the SDK worker with `prefetch=50` (BullMQ: the row above)"),
-]
-#: rows whose peers' figure is another row's (BullMQ has no prefetch setting)
-PEER_KEY = {"drain_prefetch": "drain"}
-
-
-def _cell(m: dict[str, Any] | None) -> str:
-    if not m:
-        return "—"
-    lat = m.get("latency_us") or {}
-    extra = f" <sub>p50 {lat['p50']:,.0f} / p99 {lat['p99']:,.0f} µs</sub>" if lat else ""
-    if "p50_us" in m and m["p50_us"] is not None:
-        extra = f" <sub>p50 {m['p50_us']:,.0f} / p99 {m['p99_us']:,.0f} µs</sub>"
-    return f"{m['rate']:,.0f}{extra}"
-
-
-def _rate(res: dict[str, Any], target: str, key: str) -> float | None:
-    m = (res.get(target) or {}).get(key)
-    return float(m["rate"]) if m and m.get("rate") else None
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a and b else "—"
-
-
-# (what, shardq's figure, the peer's figure or None for an absolute target, the bound);
-# every bound is "at least" except memory's, which is "at most"
-def targets(res: dict[str, Any]) -> list[tuple[str, float | None, float | None, float]]:
-    r = res
-    s = lambda key: _rate(r, "shardq", key)  # noqa: E731
-    mem_s, mem_r = r["shardq"]["memory_per_job"], r["Redis"]["memory_per_job"]
-    return [
-        ("sequential push ÷ the loopback floor", s("sequential"), _rate(r, "floor", "sequential"),
-         0.9),
-        ("sequential push ÷ Redis LPUSH", s("sequential"), _rate(r, "Redis", "sequential"), 0.7),
-        ("pipelined push ÷ Redis pipelined LPUSH", s("pipelined"),
-         _rate(r, "Redis", "pipelined"), 0.5),
-        ("batch push of 1,000 (jobs/s)", s("batch"), None, 300_000),
-        ("fsync every write, 50 producers ÷ Redis appendfsync always", s("always50"),
-         _rate(r, "Redis", "always50"), 0.5),
-        ("push → pull → ack ÷ Redis LPUSH+LMOVE+LREM", s("cycle"), _rate(r, "Redis", "cycle"),
-         1.0),
-        ("push → pull → ack ÷ beanstalkd put+reserve+delete", s("cycle"),
-         _rate(r, "beanstalkd", "cycle"), 1.0),
-        ("SDK worker draining 100k ÷ BullMQ worker", s("drain"), _rate(r, "BullMQ", "drain"), 3.0),
-        ("SDK worker with prefetch=50 draining 100k ÷ BullMQ worker", s("drain_prefetch"),
-         _rate(r, "BullMQ", "drain"), 3.0),
-        ("through the gateway ÷ direct, pipelined push", _rate(r, "gateway", "pipelined"),
-         s("pipelined"), 0.7),
-        ("memory per waiting 200-byte job (bytes) ÷ Redis", mem_s, mem_r, 2.0),
-    ]
-
-
-def section(res: dict[str, Any], command: str, meta: str) -> str:
-    peers = ["Redis", "beanstalkd", "BullMQ"]
-    out = [
-        "## shardq vs Redis, beanstalkd and BullMQ",
-        "",
-        f"_Written by `loadtest/bench_peers.py`. Command: `{command}`. {meta}. CPU placement: "
-        f"{placement()}. Loopback, one target at a time; durability comparable: shardq "
-        "`--fsync everysec` (its WAL), Redis "
-        "AOF `appendfsync everysec`, beanstalkd binlog fsynced at most every second, BullMQ on "
-        "that Redis. **shardq node**: one node; **shardq cluster**: 3 nodes behind a gateway, "
-        "the client talks to the gateway; **floor**: a minimal uvloop line server that parses "
-        "each line and answers a short one (loadtest/floor_server.py). Rates in jobs/s "
-        "(cycles/s for push → pull → ack). BullMQ's figures come from its own Node.js client "
-        "(no Python client exists), the others from one Python client (loadtest/"
-        "bench_client.py), so every ratio but BullMQ's compares servers under the same "
-        "client._",
-        "",
-        "| workload | shardq node | shardq cluster | Redis | beanstalkd | BullMQ (Node) | floor "
-        "| node ÷ Redis | node ÷ beanstalkd | node ÷ BullMQ | node ÷ floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for key, title in ROWS:
-        s = (res["shardq"] or {}).get(key)
-        cells = [_cell((res.get(p) or {}).get(key)) for p in ["gateway", *peers, "floor"]]
-        ratios = [_ratio(_rate(res, "shardq", key), _rate(res, p, PEER_KEY.get(key, key)))
-                  for p in [*peers, "floor"]]
-        out.append(f"| {title} | {_cell(s)} | {' | '.join(cells)} | {' | '.join(ratios)} |")
-    mem_s, mem_r = res["shardq"]["memory_per_job"], res["Redis"]["memory_per_job"]
-    out += [
-        "",
-        f"**Memory per waiting 200-byte job** (RSS growth of the server): shardq "
-        f"**{mem_s:,.0f} B**, Redis (a list element) **{mem_r:,.0f} B**: "
-        f"**{mem_s / mem_r:.2f}×** Redis.",
-        "",
-        "### Targets (issue 10)",
-        "",
-        "| target | shardq | peer | ratio | bound | |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for what, mine, peer, least in targets(res):
-        if mine is None:
-            out.append(f"| {what} | — | — | — | {least:g} | not measured |")
-            continue
-        at_most = what.startswith("memory")
-        value = mine / peer if peer else mine
-        shown = f"{value:.2f}" if peer else f"{value:,.0f}"
-        met = value <= least if at_most else value >= least
-        bound = f"{'≤' if at_most else '≥'} {least:,g}"
-        out.append(f"| {what} | {mine:,.0f} | {f'{peer:,.0f}' if peer else '—'} | {shown} | "
-                   f"{bound} | {'**met**' if met else '**missed**'} |")
-    return "\n".join(out)
-
-
-def _versions() -> str:
-    def first_line(argv: list[str]) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, timeout=10).stdout.decode()
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
-        return out.strip().splitlines()[0] if out.strip() else "?"
-
-    redis_v = re.search(r"v=([\d.]+)", first_line(["redis-server", "--version"]))
-    node_v = first_line(["node", "--version"])
-    bull = "?"
-    pkg = HERE / "bullmq" / "node_modules" / "bullmq" / "package.json"
-    if pkg.exists():
-        bull = orjson.loads(pkg.read_bytes())["version"]
-    bean = first_line(["beanstalkd", "-v"])
-    return (f"redis-server {redis_v[1] if redis_v else '?'}, {bean}, BullMQ {bull} on Node "
-            f"{node_v}, Python {sys.version.split()[0]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--write")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--drain", nargs=3, type=int, metavar=("PORT", "JOBS", "PREFETCH"),
+                   help="(internal) drain JOBS with the SDK worker, print the rate")
     args = p.parse_args(argv)
+    if args.drain:
+        try:
+            import uvloop
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+        print(asyncio.run(drain_shardq(*args.drain)))
+        return 0
     for binary in ("redis-server", "beanstalkd"):
         if shutil.which(binary) is None:
             print(f"{binary} is not installed: apt-get install -y redis-server beanstalkd",
@@ -632,14 +528,18 @@ def main(argv: list[str] | None = None) -> int:
         pass
     logs = procs.ROOT / "build" / "bench" / "peers"
     work = Path(tempfile.mkdtemp(prefix="shardq-peers-", dir=os.environ.get("TMPDIR", "/tmp")))
+    load_start = os.getloadavg()
     try:
         res = asyncio.run(measure(args.quick, logs, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load_end = os.getloadavg()
     (logs / "peers.json").write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
-    meta = (f"{time.strftime('%Y-%m-%d %H:%M UTC')}, {os.cpu_count()} CPUs, "
-            f"{_versions()}")
-    body = section(res, " ".join(["loadtest/bench_peers.py", *(argv or sys.argv[1:])]), meta)
+    meta = (f"{time.strftime('%Y-%m-%d %H:%M UTC')}, {os.cpu_count()} CPUs (load average "
+            f"1/5/15 min at start {' '.join(f'{x:.2f}' for x in load_start)}, at end "
+            f"{' '.join(f'{x:.2f}' for x in load_end)}), {versions()}")
+    body = section(res, " ".join(["loadtest/bench_peers.py", *(argv or sys.argv[1:])]), meta,
+                   placement())
     print(body)
     if args.write:
         report.write_section(Path(args.write), "peers", body)

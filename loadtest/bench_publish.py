@@ -26,6 +26,8 @@ from pathlib import Path
 import bench_report as report
 import orjson
 
+from shardq_operator.local import free_port
+
 BODY = orjson.dumps({"type": "user_registration", "userId": "12345",
                      "email": "user@example.com", "pad": "x" * 120})
 REQUEST = (b"POST /publish?queue=pmq HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -125,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write")
     p.add_argument("--seconds", type=float, default=10)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cpus = os.cpu_count() or 1
     node_cpu, client_cpus = ({cpus - 1}, set(range(cpus - 1))) if cpus > 1 else (None, None)
     node = subprocess.Popen(

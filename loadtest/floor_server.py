@@ -19,6 +19,7 @@ import signal
 import sys
 
 import orjson
+from bench_client import complete_lines
 
 
 class FloorSession(asyncio.Protocol):
@@ -34,17 +35,9 @@ class FloorSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        end = data.rfind(b"\n")
-        if end < 0:
-            self.parts.append(data)
+        head = complete_lines(self.parts, data)
+        if head is None:
             return
-        head = data[:end]
-        tail = data[end + 1 :]
-        if self.parts:
-            head = b"".join(self.parts) + head
-            self.parts = []
-        if tail:
-            self.parts.append(tail)
         loads = orjson.loads
         n = FloorSession.counter
         out = []

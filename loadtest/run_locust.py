@@ -35,14 +35,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-from shardq_operator.local import LocalCluster  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from shardq_operator.local import LocalCluster, free_port  # noqa: E402
 
 
 def locust(out: Path, tcp: str, http: str, users: int, seconds: int, classes: list[str],

@@ -3,7 +3,9 @@
 # distributions (sdk, server, node, gateway, operator) editable, plus the workspace's extras.
 # Usage: scripts/bootstrap.sh server        # the servers: what `make run` needs
 #        scripts/bootstrap.sh server,test   # and the test tools
-# Re-installs only when a pyproject.toml changed since the last install.
+# Re-installs only when a pyproject.toml changed since the last install. Then compiles the hot
+# path with mypyc (scripts/build_native.py: only when a compiled module changed since the last
+# build; without a C compiler it says so and the sources run interpreted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-server}"
@@ -37,8 +39,9 @@ if [ "$stale" = 1 ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
     args=()
     for p in "${packages[@]}"; do args+=(-e "./$p"); done
-    extra=${extras//server/}; extra=${extra//,/ }; extra=$(echo $extra | tr ' ' ',')
-    if [ -n "$extra" ]; then args+=(-e ".[$extra]"); fi
+    extra=${extras//server/}; extra=${extra//,/ }; extra=$(echo native $extra | tr ' ' ',')
+    args+=(-e ".[$extra]")
     .venv/bin/python -m pip install -q --disable-pip-version-check "${args[@]}"
     touch "$stamp"
 fi
+.venv/bin/python scripts/build_native.py

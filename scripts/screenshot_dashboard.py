@@ -21,7 +21,6 @@ import contextlib
 import math
 import random
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 from playwright.async_api import async_playwright
 
 from shardq.client import AsyncClient
-from shardq_operator.local import LocalCluster
+from shardq_operator.local import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = [
@@ -39,13 +38,6 @@ CHROMIUM_ARGS = [
 #: queue -> (pushes per second on average, share of attempts that fail)
 LOAD = {"emails": (40.0, 0.0), "webhooks": (25.0, 0.15), "thumbnails": (12.0, 0.02),
         "reports": (2.0, 0.0)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def produce(client: AsyncClient, queue: str, rate: float, stop: asyncio.Event) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from shardq import AsyncClient
 from shardq.errors import ShardqError, Unavailable
+from shardq_operator.local import free_port as free_port  # one free_port: the local cluster's
 
 if TYPE_CHECKING:
     from shardq_node.runtime import Node
@@ -218,13 +219,6 @@ class RawClient:
             await self.writer.wait_closed()
         except ConnectionError:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def listens(port: int, host: str = "127.0.0.1") -> bool:

@@ -54,10 +54,13 @@ GATEWAY_METRICS = {
 
 
 def load_generator() -> ModuleType:
-    """charts/shardq/dashboards/generate.py as a module (it is a script, not a package)."""
+    """charts/shardq/dashboards/generate.py as a module (it is a script, not a package; its
+    folder goes on ``sys.path`` for the modules beside it, as when it runs as a script)."""
     name = "shardq_dashboards_generate"
     if name in sys.modules:
         return sys.modules[name]
+    if str(DASHBOARDS) not in sys.path:
+        sys.path.append(str(DASHBOARDS))
     spec = importlib.util.spec_from_file_location(name, DASHBOARDS / "generate.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

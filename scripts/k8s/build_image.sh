@@ -15,6 +15,12 @@
 #      shardq-operator, built again when their sources changed (stamp: shardq/.stamp),
 #      with SOURCE_DATE_EPOCH fixed, and replaced only when its bytes changed, so podman's layer
 #      cache holds when the code did not change.
+#    - native/: the hot path compiled with mypyc (scripts/build_native.py --into: the
+#      checkout's build, made again when a compiled module changed), laid out like
+#      site-packages; the image's build stage puts it beside the installed sources and checks
+#      that they are the sources compiled (shardq.native.stamp()). The host's
+#      compiler does it: the build runs offline, and the image's Python (3.11, glibc) has the
+#      same ABI. Without a C compiler native/ stays empty and the image runs interpreted.
 # 3. podman build --pull=never --network=none --format docker (the docker format keeps the
 #    HEALTHCHECK; OCI images drop it).
 #
@@ -79,6 +85,7 @@ fi
 DISTRIBUTIONS=(sdk server node gateway operator)
 srchash=$(tar -c --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
               --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
+              --exclude='*.so' --exclude=_hotpath.json \
               "${DISTRIBUTIONS[@]}" | sha256sum | cut -c1-16)
 if [ "$(cat "$WHEELS/shardq/.stamp" 2>/dev/null)" = "$srchash" ] && ls "$WHEELS"/shardq/*.whl >/dev/null 2>&1; then
     log "shardq wheels cached ($srchash)"
@@ -87,8 +94,8 @@ else
     tmp=$(mktemp -d "$ROOT/build/wheel.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     mkdir "$tmp/src" "$tmp/out"
-    tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' "${DISTRIBUTIONS[@]}" \
-        | tar -x -C "$tmp/src"
+    tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' --exclude='*.so' \
+        --exclude=_hotpath.json "${DISTRIBUTIONS[@]}" | tar -x -C "$tmp/src"
     for dist in "${DISTRIBUTIONS[@]}"; do
         if ! timeout 300 "$PY" "${PIP[@]}" wheel --no-deps --no-index \
                 --find-links "$ROOT/$WHEELS/build" --wheel-dir "$tmp/out" "$tmp/src/$dist" \
@@ -112,6 +119,12 @@ else
     done
     echo "$srchash" >"$WHEELS/shardq/.stamp"
 fi
+
+# --- the compiled hot path (mypyc; empty without a C compiler) ---------------------------------
+log "compiled hot path: scripts/build_native.py --into $WHEELS/native"
+timeout 1200 "$PY" scripts/build_native.py --into "$WHEELS/native" >&2 \
+    || die "scripts/build_native.py failed"
+touch "$WHEELS/native/.keep"   # COPY needs a file even when nothing was compiled
 
 # --- the image ---------------------------------------------------------------------------------
 args=(build --pull=never --network=none --format docker -t "$TAG")

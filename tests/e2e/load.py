@@ -100,7 +100,7 @@ class Load:
                     c = await self.fresh(c, exc)
                     continue
                 self.counts.pushed[number] = job_id
-                await asyncio.sleep(self.args.pause)
+                await asyncio.sleep(self.args.pause)  # the load's pace: a steady rate, not a wait
         finally:
             await c.close()
 
@@ -121,7 +121,7 @@ class Load:
                 except (ShardqError, TimeoutError, OSError) as exc:
                     c = await self.fresh(c, exc)
                 if not got:
-                    await asyncio.sleep(self.args.pause)
+                    await asyncio.sleep(self.args.pause)  # empty: poll at the load's pace
         finally:
             await c.close()
 
@@ -130,14 +130,14 @@ class Load:
         if isinstance(exc, (ShardqConnectionError, TimeoutError, OSError)):
             await c.close()
             c = self.client()
-        await asyncio.sleep(ERROR_PAUSE)
+        await asyncio.sleep(ERROR_PAUSE)  # back off after a failed request
         return c
 
     async def settle(self, drain_deadline: list[float]) -> None:
         """While draining: look up the jobs not acked yet; one the server has completed (its
         ack was applied, the answer lost) is settled, so the drain need not wait for it."""
         while time.monotonic() < drain_deadline[0]:
-            await asyncio.sleep(SETTLE_EVERY)
+            await asyncio.sleep(SETTLE_EVERY)  # the settle loop's period
             await self.look_up(self.counts.missing()[:SETTLE_BATCH])
 
     async def look_up(self, numbers: list[int]) -> dict[str, int]:
@@ -204,6 +204,7 @@ class Load:
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         await reader.readline()  # a line, or EOF: stop pushing (after --min-seconds)
+        # pushing lasts at least --min-seconds, a bound on the load, not a wait for a state
         await asyncio.sleep(max(0.0, self.args.min_seconds - (time.monotonic() - self.began)))
         self.stop.set()
 

@@ -79,7 +79,7 @@ async def outage(c: AsyncClient, shard: str, limit: float, address: str,
             if not oks:
                 print("ready", file=sys.stderr, flush=True)
             oks.append(time.time())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the probe's pace: one push every 50 ms
     gaps = [(b - a, a, b) for a, b in itertools.pairwise(oks)]
     gap, before, after = max(gaps) if gaps else (0.0, None, None)
     return {"queue": queue, "pushes": len(oks), "failures": failures, "longest_gap": gap,

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from shardq.wire.topology import NodeInfo, Shard, Topology
 from shardq_operator.ring import initial, ring_owners
 from shardq_operator.store import FileStore
 
-from ..helpers import eventually
+from ..helpers import eventually, free_port
 from .proxy import Proxy
 
 # ------------------------------------------------------------------------------------------------
@@ -64,13 +63,6 @@ STORAGE_FLAGS = ("--segment-bytes", "65536", "--snapshot-bytes", "262144")
 
 def member_ip(index: int) -> str:
     return f"127.0.0.{11 + index}"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _die_with_parent() -> None:  # in the child between fork and exec

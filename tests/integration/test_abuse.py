@@ -44,7 +44,7 @@ from shardq_operator.ring import initial
 from shardq_server.limits import Limits
 
 from ..cluster import Cluster, start_gateway
-from ..helpers import RawClient, free_port, start_node_process, wait_port
+from ..helpers import RawClient, eventually, free_port, start_node_process, wait_port
 
 MiB = 1024 * 1024
 TOO_DEEP = "Invalid: nesting deeper than 128"
@@ -64,21 +64,6 @@ def line(req: dict[str, Any], **values: bytes) -> bytes:
     for name, raw in values.items():
         out = out.replace(b'"@' + name.encode() + b'"', raw)
     return out + b"\n"
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.01)
-
-
-async def until_async(cond: Callable[[], Awaitable[bool]], timeout: float = 20.0,
-                      what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.05)
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -105,7 +90,7 @@ async def settles(read: Callable[[], Awaitable[float]], polls: int = 5) -> float
     deadline = time.monotonic() + 30
     while same < polls:
         assert time.monotonic() < deadline, "the counter never settled"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the counter must hold still across polls, not just reach a value
         value = await read()
         same = same + 1 if value == last and value > 0 else 0
         last = value
@@ -242,7 +227,7 @@ async def test_deep_lines_through_a_gateway_cost_the_clients_beside_them_nothing
         ]
         answers = []
         for burst in range(3):  # three lines at a time, while the others are in full flow
-            await until(lambda b=burst: len(ids) + len(failures) >= 9000 * (b + 1),
+            await eventually(lambda b=burst: len(ids) + len(failures) >= 9000 * (b + 1),
                         what="the others under way")
             await bad.send(*deep_lines[burst::3])
             answers += [await bad.recv(10) for _ in range(3)]
@@ -478,13 +463,13 @@ async def test_connections_past_the_cap_are_refused_with_the_reason() -> None:
             await second.close()
             await third.close()
             sessions = node.sessions if port == node.tcp_port else gateway.sessions
-            await until(lambda s=sessions: len(s) == 1, what="a place free again")
+            await eventually(lambda s=sessions: len(s) == 1, what="a place free again")
             fourth = await RawClient.connect(port)
             assert (await fourth.call({"cmd": "STATS"}))["ok"]
             await first.close()
             await fourth.close()
         held = [socket.create_connection(("127.0.0.1", node.http_port)) for _ in range(2)]
-        await until(lambda: len(node._http.server.connections) == 2, what="2 HTTP conns")
+        await eventually(lambda: len(node._http.server.connections) == 2, what="2 HTTP conns")
         async with aiohttp.ClientSession() as http, \
                 http.get(f"http://127.0.0.1:{node.http_port}/stats") as resp:
             assert resp.status == 503
@@ -533,15 +518,16 @@ async def test_a_client_that_reads_nothing_is_disconnected_with_a_log_line_and_a
     pusher = await RawClient.connect(node.tcp_port)
     job = await pusher.call({"cmd": "PUSH", "queue": "q", "data": "x" * (512 * 1024)})
     await pusher.close()
-    await until(lambda: not node.sessions)
+    await eventually(lambda: not node.sessions)
     client = Silent(node.tcp_port)
     await client.send(b'{"cmd":"GETJOB","id":%d}\n' % job["id"] * 256)
     with caplog.at_level(logging.WARNING, "shardq_node.tcp"):
-        await until(lambda: node.drops.get("output_stalled") == 1, what="the stalled client cut")
+        await eventually(lambda: node.drops.get("output_stalled") == 1,
+                         what="the stalled client cut")
     assert any("disconnecting client" in r.getMessage() and "output_timeout" in r.getMessage()
                for r in caplog.records)
     assert node.requests["GETJOB"] < 256
-    await until(lambda: not node.sessions, what="the session gone")
+    await eventually(lambda: not node.sessions, what="the session gone")
     client.close()
 
 
@@ -553,8 +539,8 @@ async def test_an_answer_past_the_hard_limit_disconnects_at_once(
     big = await other.call({"cmd": "PUSH", "queue": "q", "data": "x" * (7 * MiB)})
     client = Silent(node.tcp_port)  # the kernels hold at most ~4.2 MiB of the 7 MiB answer
     await client.send(b'{"cmd":"GETJOB","id":%d}\n' % big["id"])
-    await until(lambda: node.drops.get("output_limit") == 1, what="the hard limit")
-    await until(lambda: len(node.sessions) == 1, what="only the other client left")
+    await eventually(lambda: node.drops.get("output_limit") == 1, what="the hard limit")
+    await eventually(lambda: len(node.sessions) == 1, what="only the other client left")
     assert (await other.call({"cmd": "STATS"}))["ok"]
     client.close()
     await other.close()
@@ -572,7 +558,8 @@ async def test_the_gateway_disconnects_a_client_that_reads_nothing(
         await client.send(b'{"cmd":"GETJOB","id":%d}\n' % job["id"] * 256)
         drops = gateway.router.metrics.drops
         with caplog.at_level(logging.WARNING, "shardq_gateway.tcp"):
-            await until(lambda: drops.get("output_stalled") == 1, what="the stalled client cut")
+            await eventually(lambda: drops.get("output_stalled") == 1,
+                             what="the stalled client cut")
         assert any("disconnecting client" in r.getMessage() for r in caplog.records)
         answered = gateway.router.metrics.requests.get(("GETJOB", "ok"), 0)
         assert answered < 256
@@ -698,16 +685,16 @@ async def test_lines_behind_a_blocked_pull_are_bounded_in_bytes_and_freed_on_clo
     sock = client.writer.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.writer.transport.abort()
-    await until_async(lambda: _zero(http_port), what="the backlog freed after a reset")
+    await eventually(lambda: _zero(http_port), 20, what="the backlog freed after a reset")
     # A client that sent all it had and closed (FIN) is noticed while its reading is paused
     # (paused here by max_backlog_lines: small lines, all of them in the node's buffers)
     second = await RawClient.connect(port)
     await second.send({"cmd": "PULL", "queue": "empty"})
     second.writer.write(b'{"cmd":"STATS"}\n' * 10_050)
     await asyncio.wait_for(second.writer.drain(), 10)
-    await until_async(lambda: _paused(http_port), what="reading paused")
+    await eventually(lambda: _paused(http_port), 20, what="reading paused")
     await second.close()
-    await until_async(lambda: _zero(http_port), what="the backlog freed after a close")
+    await eventually(lambda: _zero(http_port), 20, what="the backlog freed after a close")
     stats = await RawClient.connect(port)
     assert (await stats.call({"cmd": "STATS"}))["jobs"] == 0  # none of them ran
     await stats.close()

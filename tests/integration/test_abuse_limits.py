@@ -8,12 +8,12 @@ the refusal is clear, that nothing was lost, and that the node keeps serving.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import resource
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -31,7 +31,7 @@ from shardq_node.settings import NodeSettings
 from shardq_operator.local import LocalCluster
 
 from ..cluster import Cluster, node_call, start_gateway
-from ..helpers import FakeClock, RawClient, free_port, wait_port
+from ..helpers import FakeClock, RawClient, eventually, free_port, wait_port
 
 INTERNAL_REQUESTS: list[dict[str, Any]] = [
     {"cmd": "DROPSLOTS", "slots": [0]},
@@ -146,14 +146,10 @@ BLOB = "b" * 100_000  # above the 64 KiB blob threshold: written to the blob sto
 
 async def poll(check: Callable[[], Awaitable[bool]], timeout: float,
                interval: float = 0.05) -> float:
-    """Await ``check`` until it is true; the seconds that took (TimeoutError past ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not await check():
-        if loop.time() - started > timeout:
-            raise TimeoutError(f"not true after {timeout} s")
-        await asyncio.sleep(interval)
-    return loop.time() - started
+    """Await ``check`` until it is true (``eventually``); the seconds that took."""
+    started = time.monotonic()
+    await eventually(check, timeout, interval)
+    return time.monotonic() - started
 
 
 def open_fds(pid: int) -> int:
@@ -715,9 +711,10 @@ def test_a_cron_tick_pushes_nothing_past_the_memory_budget() -> None:
 
 def test_every_limit_is_a_flag_and_an_environment_variable(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from shardq.cli import _node_settings, build_parser
+    from shardq.cli import build_parser
+    from shardq_node.cli import node_settings
 
-    defaults = _node_settings(build_parser().parse_args(["node"]))
+    defaults = node_settings(build_parser().parse_args(["node"]))
     assert (defaults.engine.max_queues, defaults.engine.queue_idle_ms,
             defaults.engine.max_crons, defaults.engine.results_max_bytes) == (
         100_000, 60_000, 1_000, 256 * 2**20)
@@ -729,6 +726,6 @@ def test_every_limit_is_a_flag_and_an_environment_variable(
     monkeypatch.setenv("SHARDQ_MAX_RESULT", "1024")
     args = build_parser().parse_args(["node", "--max-crons", "3", "--max-message", "99",
                                       "--storage-retry-seconds", "0.5"])
-    s = _node_settings(args)
+    s = node_settings(args)
     assert (s.engine.max_queues, s.engine.max_crons, s.request_limits.max_result,
             s.request_limits.max_message, s.storage.retry_seconds) == (7, 3, 1024, 99, 0.5)

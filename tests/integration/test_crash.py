@@ -190,3 +190,31 @@ async def test_sigkill_at_random_instants_loses_no_acknowledged_job(node_proc: A
         f"jobs still in the DLQ; states seen over all checks "
         f"{orjson.dumps(ledger.checked).decode()}"
     )
+
+
+async def test_a_node_stopped_with_sigterm_writes_nothing_after_its_log_closed(
+        node_proc: Any, tmp_path: Path) -> None:
+    """A graceful stop with a worker still connected: the node used to release the worker's
+    lease into its closed WAL (`storage failed … Bad file descriptor` on every stop). Now it
+    writes nothing once stopping, and a single copy releases the job when it starts again."""
+    proc = node_proc()
+    worker = await RawClient.connect(node_proc.port)
+    pushed = await worker.call({"cmd": "PUSH", "queue": QUEUE, "data": {"n": 1}})
+    pulled = await worker.call({"cmd": "PULL", "queue": QUEUE, "timeout": 0})
+    job = pulled["job"]
+    assert (pushed["ok"], job["id"], job["state"]) == (True, pushed["id"], "active")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    await worker.close()
+    log = (tmp_path / "node.log").read_text()
+    assert "stopping" in log and "storage failed" not in log, log
+
+    node_proc()
+    client = await RawClient.connect(node_proc.port)
+    try:
+        state = await client.call({"cmd": "GETJOB", "id": job["id"]})
+        assert state["job"]["state"] == "waiting", state
+        again = await client.call({"cmd": "PULL", "queue": QUEUE, "timeout": 0})
+        assert again["job"]["id"] == job["id"], again
+    finally:
+        await client.close()

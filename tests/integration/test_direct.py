@@ -23,7 +23,7 @@ async def test_direct_mode_routes_by_topology_and_follows_moves(tmp_path: Path) 
             for n in nodes:  # each job sits on its queue's owner: no MOVED was needed
                 for name in n.engine.queues:
                     assert topo.owner_of_queue(name) == n.settings.name
-            assert {len(n.engine.jobs) > 0 for n in nodes} == {True}
+            assert {n.engine.job_count() > 0 for n in nodes} == {True}
             await reb.converge(infos(nodes[:2]))  # the client does not know yet
             for q in QUEUES:
                 job = await client.pull(q, timeout=1000)
@@ -31,7 +31,7 @@ async def test_direct_mode_routes_by_topology_and_follows_moves(tmp_path: Path) 
                 await client.ack(job, {"done": q})
                 assert await client.get_result(ids[q]) == {"done": q}
             assert client.routing is not None and client.routing.epoch > topo.epoch
-            assert not nodes[2].engine.jobs and not nodes[2].engine.finished
+            assert not nodes[2].engine.job_count() and not nodes[2].engine.finished
     finally:
         await reb.close()
         for n in nodes:

@@ -23,7 +23,7 @@ OWNER = 1
 
 def push(engine: Engine, queue: str = "q", data: object = None, **opts: object) -> int:
     spec = JobSpec(data, **opts)  # type: ignore[arg-type]
-    return engine.push(queue, [spec], [orjson.dumps(data)])[0].id
+    return engine.push(queue, [spec], [orjson.dumps(data)])[0]
 
 
 def pull(engine: Engine, queue: str = "q", count: int = 1, owner: int = OWNER) -> list[int]:

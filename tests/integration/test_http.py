@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
+from shardq import native
 from shardq.wire.job import EVENTS
 from shardq.wire.slots import SLOTS
 from shardq.wire.topology import NodeInfo, Topology
@@ -555,7 +556,8 @@ async def test_health_is_healthy_until_memory_is_nearly_spent(
     api: Api = await api_for(storage=StorageSettings(memory_budget=1000))
     status, health = await api.call("GET", "/health")
     assert status == 200 and set(health) == {"status", "memoryOk", "queueOk", "timestamp",
-                                             "role", "shard", "term"}
+                                             "role", "shard", "term", "compiled"}
+    assert health["compiled"] is native.status().compiled
     assert (health["status"], health["memoryOk"], health["queueOk"]) == ("healthy", True, True)
     # a node also says its role in its shard (DESIGN §9): a single copy is standalone
     assert (health["role"], health["shard"], health["term"]) == ("standalone", "", 0)

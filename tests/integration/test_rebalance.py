@@ -117,7 +117,7 @@ async def census(nodes: list[Node]) -> Counter[str]:
     """Jobs by state over the whole cluster."""
     total: Counter[str] = Counter()
     for n in nodes:
-        for job in n.engine.jobs.values():
+        for job in n.engine.live_jobs():
             total[job.state.value] += 1
         total["finished"] += len(n.engine.finished)
     return total
@@ -128,7 +128,7 @@ async def check_owners(nodes: list[Node]) -> None:
     for n in nodes:
         topo = n.cluster.topology
         assert topo is not None
-        for job in n.engine.jobs.values():
+        for job in n.engine.live_jobs():
             assert topo.owners[job.queue.slot] == n.settings.name, (job.id, n.settings.name)
         for jid in n.engine.finished:
             assert topo.owners[jid % 1024] == n.settings.name
@@ -186,7 +186,7 @@ async def test_a_coordinator_that_died_mid_move_is_finished_by_the_next(tmp_path
         await fresh.close()
         assert not done.moving
         assert done.owners == ring_owners(["node-0", "node-1"])
-        assert sum(len(n.engine.jobs) for n in nodes) == len(QUEUES)
+        assert sum(n.engine.job_count() for n in nodes) == len(QUEUES)
         await check_owners(nodes)
     finally:
         await direct.close()

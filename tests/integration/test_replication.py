@@ -112,7 +112,7 @@ async def test_followers_hold_a_warm_copy_and_send_clients_to_the_primary(shard:
     await c.close()
     for name in ("b", "c"):
         node = shard.nodes[name]
-        await eventually(lambda node=node: all(i in node.engine.jobs for i in ids), 5,
+        await eventually(lambda node=node: all(node.engine.has_job(i) for i in ids), 5,
                          what=f"{name} holds every pushed job")
         assert node.replication.role == "follower"
         f = await conn(shard, name)
@@ -144,10 +144,10 @@ async def test_a_push_is_answered_only_once_a_majority_holds_it(shard: Shard3) -
     await shard.start_node("b")  # one follower back: two of three again
     answer = await eventually(lambda: _push_ok(refused), 10, what="writes accepted again")
     follower = shard.nodes["b"].engine
-    assert answer["id"] in follower.jobs
-    held_jobs = [j for j in follower.jobs.values() if j.data == b'"held"']
+    assert follower.has_job(answer["id"])
+    held_jobs = [j for j in follower.live_jobs() if j.data == b'"held"']
     assert len(held_jobs) == 1, "the unconfirmed push was applied after all (as it was told)"
-    assert not [j for j in follower.jobs.values() if j.data == b'"refused"']
+    assert not [j for j in follower.live_jobs() if j.data == b'"refused"']
     await c.close()
     await refused.close()
 
@@ -200,7 +200,7 @@ async def test_the_old_primary_cuts_its_unconfirmed_tail_when_it_returns(shard: 
     await shard.stop_node("c")
     lost = asyncio.ensure_future(c.call({"cmd": "PUSH", "queue": "q", "data": "never confirmed"}))
     await asyncio.wait({lost}, timeout=0.3)
-    tail_id = max(shard.nodes["a"].engine.jobs)
+    tail_id = max(j.id for j in shard.nodes["a"].engine.live_jobs())
     assert tail_id != kept and not lost.done()
     await shard.stop_node("a")  # its tail: on its disk, on no follower
     with pytest.raises((ShardqError, OSError)):
@@ -215,8 +215,8 @@ async def test_the_old_primary_cuts_its_unconfirmed_tail_when_it_returns(shard: 
                      and old.engine.terms == shard.nodes[new].engine.terms
                      and old.log.seq == shard.nodes[new].log.seq, 10,
                      what="a follows the new primary's log (its term 2 included)")
-    assert kept in old.engine.jobs
-    assert tail_id not in old.engine.jobs, "the unconfirmed push must be cut, not kept"
+    assert old.engine.has_job(kept)
+    assert not old.engine.has_job(tail_id), "the unconfirmed push must be cut, not kept"
     assert old.engine.terms == shard.nodes[new].engine.terms
 
 
@@ -246,7 +246,7 @@ async def test_a_wiped_member_comes_back_as_a_learner_and_catches_up(tmp_path: P
 
         await eventually(made_learner, 10, what="c demoted to a learner (new storage id)")
         await eventually(member_again, 20, what="c caught up and made a member again")
-        assert len(learner.engine.jobs) == len(primary.engine.jobs) == 400
+        assert learner.engine.job_count() == primary.engine.job_count() == 400
         assert learner.recovery is not None and learner.recovery.snapshot is not None
     finally:
         await s.close()

@@ -6,8 +6,8 @@ import pytest
 
 from shardq.wire import commands as C
 from shardq.wire import protocol as P
-from shardq_gateway.commands import ROUTES
 from shardq_gateway.metrics import _KNOWN
+from shardq_gateway.routes import ROUTES
 from shardq_node import cluster, runtime
 from shardq_node.commands import CLIENT, Commands
 

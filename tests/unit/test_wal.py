@@ -51,8 +51,8 @@ def scripted_engine(seed: int, steps: int = 120) -> tuple[Engine, list[R.Record]
                 engine.ack(rnd.choice(sorted(engine.active)), orjson.dumps({"r": i}))
             elif op < 0.8 and engine.active:
                 engine.fail(rnd.choice(sorted(engine.active)), f"e{i}")
-            elif op < 0.85 and engine.jobs:
-                engine.cancel(rnd.choice(sorted(engine.jobs)))
+            elif op < 0.85 and engine.job_count():
+                engine.cancel(rnd.choice(sorted(j.id for j in engine.live_jobs())))
             elif op < 0.9:
                 engine.set_queue(queue, paused=rnd.random() < 0.3, rate_limit=rnd.choice([None, 5]))
             elif op < 0.93:
@@ -71,7 +71,7 @@ def scripted_engine(seed: int, steps: int = 120) -> tuple[Engine, list[R.Record]
 def state_of(engine: Engine) -> list[bytes]:
     """The engine's whole state, comparable across engines (dump time zeroed)."""
     return sorted(
-        frame(r if r[0] == R.FINISHED else (r[0], 0, *r[2:])) for r in dump(engine)
+        frame(r if r[0] == R.FINISHED else (r[0], 0, *r[2:])) for r in dump(engine, expand=True)
     )
 
 

@@ -1,8 +1,10 @@
 """Requests in flight through the gateway, from routing to the answer a client gets.
 
-Each client request becomes one ``Pending`` at the back of its session's FIFO;
-the session writes answers from the front as they fill in, so a client sees its
-answers in request order whichever node answered first.
+Each request becomes one ``Pending``, added to its ``Client`` (clients.py): a TCP
+session keeps them in a FIFO and writes answers from the front as they fill in, so
+a client sees its answers in request order whichever node answered first; an
+in-process HTTP call waits for its one answer. ``forward``, ``split``, ``fan_out``
+and ``local`` start each kind for a client (routes.py calls them).
 
 - ``Forward``: a request one node answers (queue and id commands, PUSHB and
   PULLB too: they name one queue). The original line goes out and the node's
@@ -29,30 +31,24 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from shardq.errors import ShardqError, Unavailable
+from shardq.wire.retry import ERROR_PREFIX, MOVED, TRYAGAIN, Retry, refusal
 from shardq.wire.slots import SLOTS
 
 if TYPE_CHECKING:
+    from .clients import Client
     from .router import Router
-    from .server_tcp import ClientSession
     from .upstream import NodeLink
 
 log = logging.getLogger("shardq_gateway")
 
 #: Forward flags.
-BLOCKING = 1  # a PULL/PULLB that may wait: on the session's dedicated connection
+BLOCKING = 1  # a PULL/PULLB that may wait: on the client's dedicated connection
 FOREVER = 2  # the client gave no timeout: send again each time it comes back empty
 TRACK = 4  # a non-blocking pull on a shared connection: remember the leased ids
 
-MOVED = 1
-TRYAGAIN = 2
-FIRST_DELAY = 0.01
-MAX_DELAY = 0.2
 #: A blocked pull refused after waiting this long had been accepted: its budget starts over.
 ACCEPTED_AFTER = 1.0
 
-#: How a node writes an error answer (``protocol.error_answer``): ok, error, then reqId.
-ERROR_PREFIX = b'{"ok":false,"error":"'
-_AT = len(ERROR_PREFIX)
 OK_PREFIX = b'{"ok":true'
 EMPTY_PULL = (b'{"ok":true,"job":null', b'{"ok":true,"jobs":[]')
 
@@ -70,32 +66,14 @@ def answer_line(answer: dict[str, Any], rid: str | int | None) -> bytes:
     return orjson.dumps(answer)
 
 
-def refusal(answer: bytes) -> tuple[int, int] | None:
-    """``(MOVED, epoch)`` or ``(TRYAGAIN, 0)`` when a node refused for a slot move. A
-    follower's ``MOVED <epoch> NOTPRIMARY <name>`` (a failover is under way or just done)
-    counts as TRYAGAIN: look at the topology again and retry after a pause."""
-    if answer.startswith(b"MOVED ", _AT):
-        end = answer.find(b'"', _AT + 6)
-        word = answer[_AT + 6 : end]
-        if b" NOTPRIMARY" in word:
-            return TRYAGAIN, 0
-        try:
-            return MOVED, int(word)
-        except ValueError:
-            return None
-    if answer.startswith(b'TRYAGAIN"', _AT):
-        return TRYAGAIN, 0
-    return None
-
-
 def moving(slot: int) -> str:
     return Unavailable(f"slot {slot} is moving, try again").text
 
 
 class Pending:
-    """One answer a client waits for, in its session's FIFO (``answer`` has no newline).
+    """One answer a client waits for, in its place of the order (``answer`` has no newline).
 
-    ``cmd`` and ``started`` are set by the session for the gateway's metrics, ``cost``
+    ``cmd`` and ``started`` are set by the client for the gateway's metrics, ``cost``
     (the request line's bytes, held while it is in flight) for its output budget."""
 
     __slots__ = ("answer", "cmd", "cost", "started")
@@ -107,53 +85,44 @@ class Pending:
         self.cost = 0
 
 
-class Retry:
-    """The retry budget of one request: when it began, and the next pause."""
+def schedule(retry: Retry, router: Router, kind: int, epoch: int,
+             then: Callable[[], None]) -> bool:
+    """Plan the next attempt of a refused request (the policy of shardq.wire.retry: after
+    MOVED the topology is read again first); False when the budget is spent."""
+    moved = kind == MOVED and epoch > router.epoch
+    pause = retry.moved_pause() if moved else retry.pause()
+    if pause is None:
+        router.metrics.retry("timeout")
+        return False
+    router.metrics.retry("MOVED" if kind == MOVED else "TRYAGAIN")
+    loop = asyncio.get_running_loop()
+    if moved:
+        if pause == 0:
+            router.refresh(epoch, then)
+        else:  # refreshed before and still behind: do not spin
+            loop.call_later(pause, router.refresh, epoch, then)
+    else:
+        loop.call_later(pause, then)
+        if kind == TRYAGAIN:
+            router.look_again()
+    return True
 
-    __slots__ = ("delay", "sent", "since")
 
-    def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        self.since = self.sent = time.monotonic()
-        self.delay = FIRST_DELAY
-
-    def waited(self) -> bool:
-        """Was the refused attempt first accepted (a pull that waited before the move came)?"""
-        return time.monotonic() - self.sent > ACCEPTED_AFTER
-
-    def schedule(self, router: Router, kind: int, epoch: int, then: Callable[[], None]) -> bool:
-        """Plan the next attempt; False when the budget is spent."""
-        now = time.monotonic()
-        if now - self.since > router.settings.retry_budget:
-            router.metrics.retry("timeout")
-            return False
-        router.metrics.retry("MOVED" if kind == MOVED else "TRYAGAIN")
-        loop = asyncio.get_running_loop()
-        if kind == MOVED and epoch > router.epoch:
-            if self.delay == FIRST_DELAY:
-                router.refresh(epoch, then)
-            else:  # refreshed before and still behind: do not spin
-                loop.call_later(self.delay, router.refresh, epoch, then)
-        else:
-            loop.call_later(self.delay, then)
-            if kind == TRYAGAIN:
-                router.look_again()
-        self.delay = min(self.delay * 1.5, MAX_DELAY)
-        return True
+def accepted(retry: Retry) -> bool:
+    """Was the refused attempt first accepted (a pull that waited before the move came)?"""
+    return time.monotonic() - retry.sent > ACCEPTED_AFTER
 
 
 class Forward(Pending):
     """A request for the owner of one slot; line and answer pass through unchanged."""
 
-    __slots__ = ("delivered", "flags", "line", "looked", "retry", "rid", "session", "slot")
+    __slots__ = ("client", "delivered", "flags", "line", "looked", "retry", "rid", "slot")
 
     def __init__(
-        self, session: ClientSession, line: bytes, slot: int, rid: str | int | None, flags: int
+        self, client: Client, line: bytes, slot: int, rid: str | int | None, flags: int
     ) -> None:
         self.answer = None
-        self.session = session
+        self.client = client
         self.line = line
         self.slot = slot
         self.rid = rid
@@ -165,25 +134,25 @@ class Forward(Pending):
         self.delivered = False
 
     def dispatch(self) -> None:
-        session = self.session
-        if session.closed:
+        client = self.client
+        if client.closing:
             return
-        link = session.router.by_slot[self.slot]
+        link = client.router.by_slot[self.slot]
         if self.retry is not None:
             self.retry.sent = time.monotonic()
         if link is None:
-            if session.router.topology.shards:  # a failover is choosing its primary
+            if client.router.topology.shards:  # a failover is choosing its primary
                 self._again(TRYAGAIN, 0)
                 return
             self.unavailable(Unavailable(f"slot {self.slot} has no owner").text)
         elif self.flags & BLOCKING:
-            conn = session.dedicated(link)
+            conn = client.dedicated(link)
             if conn is None:
                 self.unavailable(link.unreachable())
             else:
                 conn.send(self)
         else:
-            link.send(self, session.index)
+            link.send(self, client.index)
 
     def done(self, answer: bytes) -> None:
         if answer.startswith(ERROR_PREFIX):
@@ -196,28 +165,28 @@ class Forward(Pending):
                 self.dispatch()
                 return
             if self.flags & TRACK:
-                self.session.took(answer)
+                self.client.took(answer)
         self.finish(answer)
 
     def _again(self, kind: int, epoch: int) -> None:
         retry = self.retry
         if retry is None:
-            retry = self.retry = Retry()
-            self.session.retry_begin()
-        elif self.flags & BLOCKING and retry.waited():
+            retry = self.retry = Retry(self.client.router.settings.retry_budget)
+            self.client.retry_begin()
+        elif self.flags & BLOCKING and accepted(retry):
             retry.restart()
-        if not retry.schedule(self.session.router, kind, epoch, self.dispatch):
+        if not schedule(retry, self.client.router, kind, epoch, self.dispatch):
             self.finish(error_line(moving(self.slot), self.rid))
 
     def unavailable(self, text: str) -> None:
         """The owner did not answer: read the topology again once (its pod may have moved
         to a new address, published meanwhile) and send there; else the clear error."""
-        router = self.session.router
+        router = self.client.router
         link = router.by_slot[self.slot]
         if router.replicated(self.slot) and not self.delivered:
             # the controller replaces a lost primary: wait for it (a request never sent)
             retry = self.retry
-            if retry is None or time.monotonic() - retry.since <= router.settings.retry_budget:
+            if retry is None or not retry.spent():
                 self._again(TRYAGAIN, 0)
                 return
         if not self.looked and link is not None:
@@ -227,22 +196,22 @@ class Forward(Pending):
         self.finish(error_line(text, self.rid))
 
     def _after_reread(self, before: NodeLink, text: str) -> None:
-        if self.session.closed:
+        if self.client.closing:
             return
-        if self.session.router.by_slot[self.slot] is not before:
+        if self.client.router.by_slot[self.slot] is not before:
             self.dispatch()  # a new owner, or the same node at a new address
         else:
             self.finish(error_line(text, self.rid))
 
     def finish(self, answer: bytes) -> None:
         self.answer = answer
-        session = self.session
+        client = self.client
         if self.retry is not None:
             self.retry = None
-            session.retry_end()
+            client.retry_end()
         if self.flags & BLOCKING:
-            session.pull_done()
-        session.ready(self)
+            client.pull_done()
+        client.ready(self)
 
 
 #: Per-id fields of ACKB and RELEASE: one entry per id, split along with the ids.
@@ -277,17 +246,17 @@ class Split(Pending):
 
     If one owner refuses (other than for a move) the client gets that error; the
     other owners' ids may have been acked meanwhile, as after a lost connection.
-    ``session`` is None for the RELEASE a closing session leaves behind.
+    ``client`` is None for the RELEASE a client that left leaves behind.
     """
 
-    __slots__ = ("cmd", "count", "error", "left", "retry", "rid", "router", "session")
+    __slots__ = ("client", "cmd", "count", "error", "left", "retry", "rid", "router")
 
     def __init__(
-        self, router: Router, session: ClientSession | None, cmd: str, rid: str | int | None
+        self, router: Router, client: Client | None, cmd: str, rid: str | int | None
     ) -> None:
         self.answer = None
         self.router = router
-        self.session = session
+        self.client = client
         self.cmd = cmd
         self.rid = rid
         self.count = 0
@@ -303,7 +272,7 @@ class Split(Pending):
 
     def _send(self, ids: list[int], fields: Fields, line: bytes | None) -> None:
         groups = self._group(ids, fields)
-        index = self.session.index if self.session is not None else 0
+        index = self.client.index if self.client is not None else 0
         for link, (part_ids, part_fields) in groups.items():
             self.left += 1
             if link is None:
@@ -338,14 +307,14 @@ class Split(Pending):
             self.part_failed(str(orjson.loads(answer).get("error")))
             return
         if self.retry is None:
-            self.retry = Retry()
-            if self.session is not None:
-                self.session.retry_begin()
-        if not self.retry.schedule(self.router, why[0], why[1], lambda: self._resend(part)):
+            self.retry = Retry(self.router.settings.retry_budget)
+            if self.client is not None:
+                self.client.retry_begin()
+        if not schedule(self.retry, self.router, why[0], why[1], lambda: self._resend(part)):
             self.part_failed(moving(part.ids[0] % SLOTS))
 
     def _resend(self, part: _Part) -> None:
-        if self.session is not None and self.session.closed and self.cmd != "RELEASE":
+        if self.client is not None and self.client.closing and self.cmd != "RELEASE":
             self._one_done()
             return
         self._send(part.ids, part.fields, None)
@@ -365,15 +334,15 @@ class Split(Pending):
         else:
             answer = answer_line({"ok": True, "ids": [self.count]}, self.rid)
         self.answer = answer
-        session = self.session
-        if session is None:
+        client = self.client
+        if client is None:
             if self.error is not None and not self.router.closing:
                 log.warning("%s after a client left: %s", self.cmd, self.error)
             return
         if self.retry is not None:
             self.retry = None
-            session.retry_end()
-        session.ready(self)
+            client.retry_end()
+        client.ready(self)
 
 
 Merge = Callable[[list[tuple[str, dict[str, Any]]], "Router"], dict[str, Any]]
@@ -397,11 +366,11 @@ class _FanPart:
 class FanOut(Pending):
     """A cluster-wide read: the same line to every node, the answers merged."""
 
-    __slots__ = ("answers", "left", "merge", "names", "rid", "session")
+    __slots__ = ("answers", "client", "left", "merge", "names", "rid")
 
-    def __init__(self, session: ClientSession, merge: Merge, rid: str | int | None) -> None:
+    def __init__(self, client: Client, merge: Merge, rid: str | int | None) -> None:
         self.answer = None
-        self.session = session
+        self.client = client
         self.merge = merge
         self.rid = rid
         self.left = 0
@@ -409,14 +378,14 @@ class FanOut(Pending):
         self.answers: list[dict[str, Any]] = []
 
     def start(self, line: bytes) -> None:
-        links = self.session.router.members
+        links = self.client.router.members
         if not links:
             self.finish(error_line(Unavailable("the topology names no nodes").text, self.rid))
             return
         self.names = [link.name for link in links]
         self.answers = [{} for _ in links]
         self.left = len(links)
-        index = self.session.index
+        index = self.client.index
         for i, link in enumerate(links):
             link.send(_FanPart(self, i, line), index)
 
@@ -427,7 +396,7 @@ class FanOut(Pending):
             return
         try:
             merged = self.merge(list(zip(self.names, self.answers, strict=True)),
-                                self.session.router)
+                                self.client.router)
         except ShardqError as exc:
             self.finish(error_line(exc.text, self.rid))
             return
@@ -440,4 +409,42 @@ class FanOut(Pending):
 
     def finish(self, answer: bytes) -> None:
         self.answer = answer
-        self.session.ready(self)
+        self.client.ready(self)
+
+
+# -- starting a request for a client --------------------------------------------------------------
+
+
+def forward(client: Client, line: bytes, slot: int, rid: str | int | None, flags: int) -> None:
+    """To the owner of ``slot``: ``line`` as is (``flags``: BLOCKING, FOREVER, TRACK)."""
+    call = Forward(client, line, slot, rid, flags)
+    client.add(call)
+    if flags & BLOCKING:
+        client.pull_begin()
+    link = client.router.by_slot[slot]
+    if link is None or flags:
+        call.dispatch()
+    else:
+        link.send(call, client.index)  # the common case of Forward.dispatch
+
+
+def split(client: Client, cmd: str, ids: list[int], fields: Fields, rid: str | int | None,
+          line: bytes) -> None:
+    """ACKB, RELEASE: each owner its share of ``ids`` and of the per-id ``fields``."""
+    call = Split(client.router, client, cmd, rid)
+    client.add(call)
+    call.start(ids, fields, line)
+
+
+def fan_out(client: Client, line: bytes, merge: Merge, rid: str | int | None) -> None:
+    """To every node, the answers merged."""
+    call = FanOut(client, merge, rid)
+    client.add(call)
+    call.start(line)
+
+
+def local(client: Client, answer: bytes) -> None:
+    """An answer the gateway gives itself, in its place in the order."""
+    call = Pending(answer)
+    client.add(call)
+    client.ready(call)

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from shardq import native
+from shardq_server.auth import Auth
 from shardq_server.running import install_uvloop, until_signalled
 
 from .router import Router
@@ -29,6 +31,7 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        self.auth = Auth(settings.tokens)
         self.flusher = Flusher()
         self.router = Router(settings, self.flusher)
         self.sessions: set[ClientSession] = set()
@@ -88,6 +91,7 @@ async def serve(
     await gateway.start()
     log.info("gateway listening on %s:%d (topology epoch %d, %d nodes)", settings.host,
              gateway.port, gateway.router.epoch, len(gateway.router.members))
+    log.info("gateway runs %s", native.status().describe())
     if on_ready is not None:
         on_ready(gateway)
     try:

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from shardq.wire.commands import TABLE
 from shardq_server.buckets import Buckets
 from shardq_server.limits import DROP_REASONS
+from shardq_server.running import build_info
 
 if TYPE_CHECKING:
     from .main import Gateway
@@ -73,6 +74,7 @@ class GatewayCollector(Collector):
         for (cmd, outcome), count in sorted(m.requests.items()):
             requests.add_metric([cmd, outcome], float(count))
         yield requests
+        yield build_info()
         latency = HistogramMetricFamily("shardq_gateway_request_duration_seconds",
                                         "Time from a request's line to its answer",
                                         labels=["command"])

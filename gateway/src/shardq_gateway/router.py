@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from shardq.errors import ShardqError, Unavailable
-from shardq.wire.slots import SLOTS, slot_of
+from shardq.wire.slots import SLOTS, SlotCache
 from shardq.wire.topology import NodeInfo, Topology
 from shardq_server.running import Causes
 
@@ -51,7 +51,8 @@ class Router:
         self.seeds: list[NodeLink] = []
         #: Called after every topology change (sessions with subscriptions follow new nodes).
         self.listeners: set[Callable[[], None]] = set()
-        self._slots: dict[str, int] = {}
+        #: the slot of a queue name (remembered for the names seen lately)
+        self.slot_of_queue: Callable[[str], int] = SlotCache().slot_of
         self._refresh: asyncio.Task[None] | None = None
         self._waiters: list[Callable[[], None]] = []
         self._down_refresh_at = 0.0
@@ -68,15 +69,6 @@ class Router:
     @property
     def epoch(self) -> int:
         return self.topology.epoch
-
-    def slot_of_queue(self, queue: str) -> int:
-        cache = self._slots
-        slot = cache.get(queue)
-        if slot is None:
-            if len(cache) > 100_000:
-                cache.clear()
-            slot = cache[queue] = slot_of(queue)
-        return slot
 
     def replicated(self, slot: int) -> bool:
         return self._replicated[slot]

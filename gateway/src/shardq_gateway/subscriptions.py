@@ -5,10 +5,10 @@ subscribing client gets one dedicated connection per node and every node gets
 its SUBSCRIBE lines. The answer ``{"ok":true}`` is sent once every reachable
 node has answered, so events that happen after it are delivered. A node that
 joins the topology, or whose connection broke and comes back, gets every
-SUBSCRIBE line of the session again. Event lines are relayed to the client byte
+SUBSCRIBE line of the client again. Event lines are relayed to the client byte
 for byte, between its answers.
 
-Must not: share these connections with other sessions or with requests, or
+Must not: share these connections with other clients or with requests, or
 keep anything once the client has left.
 """
 
@@ -19,22 +19,22 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .inflight import Pending, answer_line
+from .inflight import Pending, answer_line, local
 from .upstream import CLOSED, Upstream
 
 if TYPE_CHECKING:
-    from .server_tcp import ClientSession
+    from .clients import Client
     from .upstream import NodeLink
 
 
 class _Group(Pending):
     """The answer to one SUBSCRIBE/UNSUBSCRIBE: ok once every node it went to answered."""
 
-    __slots__ = ("left", "rid", "session")
+    __slots__ = ("client", "left", "rid")
 
-    def __init__(self, session: ClientSession, rid: str | int | None) -> None:
+    def __init__(self, client: Client, rid: str | int | None) -> None:
         self.answer = None
-        self.session = session
+        self.client = client
         self.rid = rid
         self.left = 1
 
@@ -42,7 +42,7 @@ class _Group(Pending):
         self.left -= 1
         if not self.left:
             self.answer = answer_line({"ok": True}, self.rid)
-            self.session.ready(self)
+            self.client.ready(self)
 
 
 class _Sub:
@@ -64,9 +64,9 @@ class _Sub:
 
 
 class Subscriptions:
-    def __init__(self, session: ClientSession) -> None:
-        self.session = session
-        self.router = session.router
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.router = client.router
         #: queue -> the client's SUBSCRIBE line, sent again to nodes that (re)connect.
         self.lines: dict[str, bytes] = {}
         self.conns: dict[NodeLink, Upstream] = {}
@@ -80,13 +80,13 @@ class Subscriptions:
 
     def unsubscribe(self, queue: str, rid: str | int | None) -> None:
         if self.lines.pop(queue, None) is None:
-            self.session.local(answer_line({"ok": True}, rid))
+            local(self.client, answer_line({"ok": True}, rid))
             return
         self._to_all(orjson.dumps({"cmd": "UNSUBSCRIBE", "queue": queue}), rid)
 
     def _to_all(self, line: bytes, rid: str | int | None) -> None:
-        group = _Group(self.session, rid)
-        self.session.fifo.append(group)
+        group = _Group(self.client, rid)
+        self.client.add(group)
         for link in self.router.members:
             conn = self._conn(link)
             if conn is not None:
@@ -95,7 +95,7 @@ class Subscriptions:
         group.one_done()
 
     def _conn(self, link: NodeLink) -> Upstream | None:
-        """This session's event connection to ``link``; a new one replays every SUBSCRIBE."""
+        """This client's event connection to ``link``; a new one replays every SUBSCRIBE."""
         conn = self.conns.get(link)
         if conn is not None and conn.state != CLOSED:
             return conn
@@ -103,7 +103,7 @@ class Subscriptions:
         if conn is None:
             self._reopen_later(link)
             return None
-        conn.on_event = self.session.event
+        conn.on_event = self.client.event
         self.conns[link] = conn
         for line in self.lines.values():
             conn.send(_Sub(None, line))

@@ -30,7 +30,6 @@ Must not: decide anything about moves; the coordinator (shardq_operator.rebalanc
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from collections.abc import Callable
@@ -41,8 +40,9 @@ import orjson
 from shardq.errors import AuthenticationRequired, InvalidRequest, Moved, TryAgain, Unavailable
 from shardq.wire import commands as C
 from shardq.wire import protocol as P
-from shardq.wire.slots import SLOTS, slot_of
+from shardq.wire.slots import SLOTS, SlotCache
 from shardq.wire.topology import Topology
+from shardq_server.auth import Auth
 
 from . import records as R
 from . import replication as RP
@@ -126,12 +126,14 @@ class Cluster:
         data_dir = node.settings.storage.data_dir
         self.path = os.path.join(data_dir, "topology.json") if data_dir else None
         token = node.settings.cluster_token
-        self.tokens: tuple[str, ...] = (token,) if token else ()
+        #: AUTH: the client tokens, and the cluster token that also runs internal commands
+        self.auth = Auth(node.settings.tokens, token)
         #: Neither client nor cluster tokens: every caller may run internal commands.
-        self.open = not token and not node.settings.tokens
+        self.open = self.auth.open
         #: the token this node uses with its peers (a primary with its followers)
         self.token = token
-        self._slot_cache: dict[str, int] = {}
+        #: the slot of a queue name (remembered for the names seen lately)
+        self.slot_of_queue: Callable[[str], int] = SlotCache().slot_of
 
 
     def load(self) -> None:
@@ -197,15 +199,6 @@ class Cluster:
                 state[s] = FROZEN
         self.state = state
 
-    def slot_of_queue(self, queue: str) -> int:
-        cache = self._slot_cache
-        slot = cache.get(queue)
-        if slot is None:
-            if len(cache) > 100_000:
-                cache.clear()
-            slot = cache[queue] = slot_of(queue)
-        return slot
-
     def check(self, cmd: str, req: P.Request) -> None:
         """Raise Moved/TryAgain if this node may not serve ``cmd`` now."""
         if self.standalone:
@@ -266,18 +259,11 @@ class Cluster:
             return
         if cmd in READ_BY_CLIENTS and caller.authed:
             return
-        if not self.tokens:
+        if not self.auth.cluster:
             raise AuthenticationRequired(
                 f"{cmd} is an internal command and this node has client tokens but no "
                 "cluster token (--cluster-token), so it runs no internal command")
         raise AuthenticationRequired(f"{cmd} is an internal command: AUTH with the cluster token")
-
-    def authenticate(self, token: str) -> bool:
-        given = token.encode()
-        ok = False
-        for known in self.tokens:
-            ok |= hmac.compare_digest(given, known.encode())
-        return ok
 
     # -- internal commands ----------------------------------------------------------------------
 
@@ -412,7 +398,7 @@ class Cluster:
         if type(recs) is not list:
             raise InvalidRequest("field 'records' must be an array of records")
         engine = self.node.engine
-        allowed = {R.SLOT, R.QUEUE, R.JOB, R.FINISHED, R.CRON, R.WATCH}
+        allowed = {R.SLOT, R.QUEUE, R.JOB, R.CJOBS, R.FINISHED, R.CRON, R.WATCH}
         decoded = []
         for rec in recs:
             if type(rec) is not list or not rec or rec[0] not in allowed:

@@ -57,7 +57,7 @@ class Dependencies:
         if parent % SLOTS != child_slot:
             return
         e = self.engine
-        if parent in e.jobs or parent in e.finished:
+        if parent in e.finished or e.has_job(parent):
             return
         seq = parent // SLOTS
         if 0 < seq <= e.seqs[child_slot]:
@@ -75,8 +75,8 @@ class Dependencies:
                 pending.add(parent)  # decided by its owner: WATCH
                 continue
             pjob = e.jobs.get(parent)
-            if pjob is not None:
-                if pjob.state is DEAD:
+            if pjob is not None or e.has_job(parent):  # live (compact ones are waiting)
+                if pjob is not None and pjob.state is DEAD:
                     self._kill(job, now, parent, DEAD)
                     return True
                 pending.add(parent)
@@ -175,6 +175,8 @@ class Dependencies:
         job = e.jobs.get(parent)
         if job is not None:
             return DEAD.value if job.state is DEAD else "pending"
+        if e.has_job(parent):  # a compact job: waiting
+            return "pending"
         done = e.finished.get(parent)
         if done is not None:
             return str(done.state.value)

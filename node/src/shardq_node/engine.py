@@ -8,7 +8,8 @@ drains the journal into the WAL before the reply leaves, and recovery feeds the
 same records back through ``apply``. So the live path and the replay path are
 one code path.
 
-Indexes, one per state: waiting = each queue's ready heap, delayed = the
+Indexes, one per state: waiting = each queue's ready heap and its lane of compact
+jobs (``jobs.Lane``: plain waiting jobs without a ``Job`` object), delayed = the
 ``delayed`` timer heap, waiting-children = ``children``, active = ``active``,
 dead = each queue's ``dlq``, completed/cancelled/expired = ``finished``.
 Heaps hold single ints (see ``jobs.ready_key``) and are cleaned lazily: an
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import MethodType
 from typing import Any
@@ -44,12 +45,15 @@ from .dependencies import Dependencies
 from .jobs import (
     ACTIVE,
     ID_MASK,
+    PLAIN,
     WAITING,
     BlobRef,
     Finished,
     Job,
+    Lane,
     Lease,
     QueueState,
+    first_lane,
     payload_size,
 )
 from .timers import Timers
@@ -78,6 +82,8 @@ class EngineConfig:
     queue_idle_ms: int = 60_000
     #: Crons a node holds (each fires at most once a second).
     max_crons: int = 1_000
+    #: Keep plain waiting jobs compact (jobs.Lane); False: a ``Job`` each (to compare).
+    compact: bool = True
 
 
 class Engine:
@@ -111,6 +117,7 @@ class Engine:
         self.observe_wait: Callable[[float], None] | None = None
         self.observe_run: Callable[[float], None] | None = None
         self.payload_bytes = 0  # bytes of payloads held in memory
+        self.compact = self.config.compact  # plain waiting jobs kept in lanes (jobs.Lane)
         self.dropped_blobs: list[int] = []  # ids of finished jobs whose blob can go
         self.total_pushed = 0
         self.total_completed = 0
@@ -130,6 +137,7 @@ class Engine:
             R.QUEUE: own(T.apply_queue_settings), R.CRON: self.crons.apply_set,
             R.CRONDEL: self.crons.apply_delete, R.CRONFIRE: self.crons.apply_fire,
             R.SLOT: own(T.apply_slot_seq), R.JOB: own(snapshot.load_job),
+            R.CJOBS: own(snapshot.load_compact),
             R.DROP: own(slotmove.apply_drop),
             R.PARENTEND: self.deps.apply_parent_end, R.WATCH: self.deps.apply_watch,
             R.NOTIFIED: self.deps.apply_notified,
@@ -172,10 +180,71 @@ class Engine:
         return retention.reclaim_queues(self)
 
     def _job(self, job_id: int) -> Job:
-        job = self.jobs.get(job_id)
+        """A live job to read (a compact one as a detached ``Job``: see ``peek``)."""
+        job = self.jobs.get(job_id) or self.peek(job_id)
         if job is None:
             raise JobNotFound(job_id)
         return job
+
+    # -- compact waiting jobs (jobs.Lane) ---------------------------------------------------
+
+    def _compact(self, job_id: int) -> tuple[QueueState, Lane, int] | None:
+        """Where the compact job ``job_id`` is: its queue, lane and index there."""
+        names = self.slot_queues.get(job_id % SLOTS)
+        if names:
+            queues = self.queues
+            for name in names:
+                q = queues[name]
+                for lane in q.lanes:
+                    if lane.live:
+                        i = lane.find(job_id)
+                        if i >= 0:
+                            return q, lane, i
+        return None
+
+    def unpack(self, job_id: int) -> Job | None:
+        """The compact job ``job_id`` taken from its lane and made a full ``Job`` in ``jobs``,
+        for a record that takes it out of waiting now (START, CANCEL); None if no compact
+        job has that id."""
+        where = self._compact(job_id)
+        if where is None:
+            return None
+        q, lane, i = where
+        run_at = lane.times[i]
+        job = Job(job_id, q, lane.take(i), lane.priority, run_at, run_at, PLAIN)
+        self.jobs[job_id] = job
+        return job
+
+    def peek(self, job_id: int) -> Job | None:
+        """A compact job as a detached ``Job`` (to read: the lane keeps it); else None."""
+        where = self._compact(job_id)
+        if where is None:
+            return None
+        q, lane, i = where
+        run_at = lane.times[i]
+        data = lane.data[i]
+        assert data is not None
+        return Job(job_id, q, data, lane.priority, run_at, run_at, PLAIN)
+
+    def has_job(self, job_id: int) -> bool:
+        """Is ``job_id`` a live job here (in any state, compact or not)?"""
+        return job_id in self.jobs or self._compact(job_id) is not None
+
+    def live_jobs(self) -> Iterator[Job]:
+        """Every live job, compact ones as detached copies (to read)."""
+        yield from list(self.jobs.values())
+        for q in list(self.queues.values()):
+            for lane in q.lanes:
+                for jid, run_at, data in lane.entries():
+                    yield Job(jid, q, data, lane.priority, run_at, run_at, PLAIN)
+
+    def compact_count(self) -> int:
+        """How many waiting jobs are compact (kept in lanes, not in ``jobs``)."""
+        return sum(lane.live for q in self.queues.values() for lane in q.lanes)
+
+    def job_count(self) -> int:
+        """Every live job: ``jobs`` and the compact ones."""
+        return len(self.jobs) + self.compact_count()
 
     def _active(
         self, job_id: int, lease: int | None, not_found: type[JobNotFound], owner: int | None
@@ -199,9 +268,10 @@ class Engine:
 
     def push(
         self, queue: str, specs: list[JobSpec], payloads: list[bytes | BlobRef]
-    ) -> list[Job]:
-        """Create jobs (all or none). ``payloads[i]`` is the raw JSON of ``specs[i].data``,
-        or a BlobRef when the runtime keeps that payload in the blob store."""
+    ) -> list[int]:
+        """Create jobs (all or none); their ids. ``payloads[i]`` is the raw JSON of
+        ``specs[i].data``, or a BlobRef when the runtime keeps that payload in the blob
+        store."""
         if not specs:
             return []
         now = self.clock()
@@ -214,9 +284,9 @@ class Engine:
                     retention.note_emptied(self, q, now)
                 raise
         rec = (R.PUSH, now, queue, self.job_rows(q, specs, payloads, now))
-        jobs = T.apply_push(self, rec)
+        ids = T.apply_push(self, rec)
         self.journal.append(rec)
-        return jobs
+        return ids
 
     def next_ids(self, queue: str, count: int) -> list[int]:
         """The ids the next push of ``count`` jobs to ``queue`` gets (nothing changes)."""
@@ -273,26 +343,45 @@ class Engine:
             n = min(n, q.rate.available(now))
             if n <= 0:
                 return []
-        heap = q.ready
-        jobs = self.jobs
-        picked: list[Job] = []
-        budget = max_bytes if n > 1 else 0
-        while heap and len(picked) < n:
-            key = heappop(heap)
-            job = jobs.get(key & ID_MASK)
-            if job is not None and job.state is WAITING and job.ready_key() == key:
-                job.state = ACTIVE  # taken: a duplicate entry of the same key must not match
-                picked.append(job)
-                if budget:
-                    budget -= payload_size(job)
-                    if budget <= 0:
-                        break
+        picked = self._pick(q, n, max_bytes if n > 1 else 0)
         if not picked:
             return []
         if q.rate is not None:
             q.rate.take(len(picked))
         self.log_apply((R.START, now, [j.id for j in picked]))
         self._hold(owner, picked)
+        return picked
+
+    def _pick(self, q: QueueState, n: int, budget: int) -> list[Job]:
+        """Take up to ``n`` jobs in ready order (with ``budget``, until their payloads pass
+        it): the smaller key of the lane's first job and the heap's top, each time."""
+        heap = q.ready
+        jobs = self.jobs
+        picked: list[Job] = []
+        while len(picked) < n:
+            lane = first_lane(q) if q.lanes else None
+            if lane is not None and (not heap or lane.head_key() < heap[0]):
+                jid, run_at, data = lane.pop()  # the next job is compact: made a Job now
+                job = Job(jid, q, data, lane.priority, run_at, run_at, PLAIN)
+                job.state = ACTIVE
+                jobs[jid] = job
+                picked.append(job)
+                if budget:
+                    budget -= len(data)
+                    if budget <= 0:
+                        break
+                continue
+            if not heap:
+                break
+            key = heappop(heap)
+            full = jobs.get(key & ID_MASK)
+            if full is not None and full.state is WAITING and full.ready_key() == key:
+                full.state = ACTIVE  # taken: a duplicate entry of the same key must not match
+                picked.append(full)
+                if budget:
+                    budget -= payload_size(full)
+                    if budget <= 0:
+                        break
         return picked
 
     def _hold(self, owner: int, picked: list[Job]) -> None:
@@ -406,7 +495,8 @@ class Engine:
     # -- cancel, progress, results ------------------------------------------------------------
 
     def cancel(self, job_id: int) -> None:
-        self._job(job_id)
+        if not self.has_job(job_id):
+            raise JobNotFound(job_id)
         self.log_apply((R.CANCEL, self.clock(), job_id))
 
     def progress(
@@ -426,7 +516,8 @@ class Engine:
         return done.result if done is not None else None
 
     def get_job(self, job_id: int) -> Job | Finished | None:
-        return self.jobs.get(job_id) or self.finished.get(job_id)
+        """A live job (a compact one as a detached copy: to read) or a finished one."""
+        return self.jobs.get(job_id) or self.peek(job_id) or self.finished.get(job_id)
 
     # -- DLQ ----------------------------------------------------------------------------------
 

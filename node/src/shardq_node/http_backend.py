@@ -3,7 +3,7 @@
 ``call(node, req)`` runs one protocol request through the same path as a TCP
 line (validation, cluster checks, engine, WAL) and returns its answer once it
 is durable, waiting for a blocked PULL like a connection would. Jobs pulled
-this way are leased to no connection (owner 0): their lease ends at its
+this way are leased to no connection (owner ``jobs.HTTP``): their lease ends at its
 deadline, or with ACK/FAIL. ``EventStream`` is a subscriber that queues event
 lines for a Server-Sent Events response, bounded like a TCP subscriber.
 
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .jobs import HTTP
+
 if TYPE_CHECKING:
     from .pulls import Waiter
     from .runtime import Node
@@ -29,7 +31,7 @@ MAX_STREAM_EVENTS = 10_000
 class Inline:
     """The caller of one request made in-process (duck-types a TCP Session)."""
 
-    owner = 0
+    owner = HTTP
     authed = True
     cluster = False
 
@@ -96,7 +98,7 @@ async def call(node: Node, req: dict[str, Any], timeout: float | None = None) ->
 class EventStream:
     """An SSE subscriber: event lines queue up here until the response sends them."""
 
-    owner = 0
+    owner = HTTP
     authed = True
     cluster = False
     pending_rid = None

@@ -34,7 +34,7 @@ def stats(engine: Engine, storage: Storage | None, failed: bool) -> dict[str, An
                    and j.state is DELAYED and j.attempts)
     return {
         "queued": queued, "processing": processing, "delayed": delayed, "dlq": dlq,
-        "waiting_children": children, "jobs": len(engine.jobs), "retrying": retrying,
+        "waiting_children": children, "jobs": engine.job_count(), "retrying": retrying,
         "memory_bytes": engine.payload_bytes,
         "blobs": storage.blobs.count if storage else 0,
         "blob_bytes": storage.blobs.used if storage else 0,

@@ -1,15 +1,18 @@
 """The engine's records: jobs, their rarely used options, queues, token buckets.
 
-Plain data with ``__slots__`` and no behaviour beyond small helpers, so a
-waiting job costs a few hundred bytes. A job's payload is kept as the raw
-JSON bytes it arrived as (never re-parsed by the node) and sent back with
-``orjson.Fragment``. No I/O here.
+Plain data with ``__slots__`` and no behaviour beyond small helpers. A plain
+waiting job has no ``Job`` at all: it sits in its queue's ``Lane`` (its id,
+run_at and payload in arrays, about 265 bytes with a 200-byte payload). A job's
+payload is kept as the raw JSON bytes it arrived as (never re-parsed by the
+node) and sent back with ``orjson.Fragment``. No I/O here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from orjson import Fragment, dumps
@@ -253,15 +256,17 @@ class QueueState:
     """One named queue: its ready heap, counters, DLQ, unique keys and settings."""
 
     __slots__ = (
-        "completed", "concurrency", "dead_total", "dlq", "expired", "failed", "n_active",
-        "n_children", "n_delayed", "n_waiting", "name", "paused", "pushed", "rate", "ready",
-        "retried", "slot", "unique",
+        "completed", "concurrency", "dead_total", "dlq", "expired", "failed", "lanes",
+        "n_active", "n_children", "n_delayed", "n_waiting", "name", "paused", "pushed", "rate",
+        "ready", "retried", "slot", "unique",
     )
 
     def __init__(self, name: str, slot: int) -> None:
         self.name = name
         self.slot = slot
         self.ready: list[int] = []  # heap of ready_key ints; stale entries are skipped
+        #: its compact waiting jobs, a lane per priority, highest first (``lane_for``)
+        self.lanes: list[Lane] = []
         self.n_waiting = 0
         self.n_delayed = 0
         self.n_children = 0
@@ -296,6 +301,153 @@ class QueueState:
             "rate_limit": self.rate.limit if self.rate else None,
             "concurrency_limit": self.concurrency or None,
         }
+
+
+#: lanes (priorities kept compact) a queue has at most; jobs of other priorities are full
+MAX_LANES = 8
+
+
+class Lane:
+    """The compact waiting jobs of one queue and one priority: plain jobs (no options, no
+    delay, no blob, never pulled), kept as three arrays in push order instead of a ``Job``
+    each: the id and the run_at (= created_at) as 8-byte machine ints, the payload bytes.
+
+    A job joins only behind the last one (a greater id, a run_at not earlier, the lane's
+    priority), so the lane is in ready-heap order and its first live entry is its next job.
+    A queue's lanes are sorted by priority, highest first, so the first lane holding jobs
+    has the queue's next compact job; the engine compares its ready key with the top of
+    the queue's heap (which holds the other waiting jobs). A job leaves from the front
+    (pulled) or, rarely, from the middle (cancelled: its payload becomes None); its ``Job``
+    object is made then (``Engine.unpack``); reading one makes a detached copy
+    (``Engine.peek``). Ids are found by bisection (they ascend).
+    """
+
+    __slots__ = ("data", "head", "ids", "live", "priority", "times")
+
+    def __init__(self, priority: int) -> None:
+        self.priority = priority
+        self.ids: array[int] = array("q")
+        self.times: array[int] = array("q")
+        self.data: list[bytes | None] = []  # None: left from the middle
+        self.head = 0  # index of the first live entry (or the end)
+        self.live = 0
+
+    def fits(self, priority: int, run_at: int, job_id: int) -> bool:
+        """May a waiting plain job with these keys join at the end (in ready order)?"""
+        if priority != self.priority:
+            return False
+        return not self.live or (run_at >= self.times[-1] and job_id > self.ids[-1])
+
+    def add(self, job_id: int, run_at: int, data: bytes) -> None:
+        """Append a job that ``fits``."""
+        if not self.live:
+            self.clear()
+        self.ids.append(job_id)
+        self.times.append(run_at)
+        self.data.append(data)
+        self.live += 1
+
+    def extend(self, ids: Iterable[int], times: Iterable[int], data: list[bytes]) -> None:
+        """Append many jobs that fit, in order (a snapshot's or an import's CJOBS)."""
+        self.ids.extend(ids)
+        self.times.extend(times)
+        self.data.extend(data)
+        self.live += len(data)
+
+    def clear(self) -> None:
+        del self.ids[:], self.times[:], self.data[:]
+        self.head = self.live = 0
+
+    def head_key(self) -> int:
+        """The ready key of the first live job (the lane is not empty)."""
+        h = self.head
+        return ready_key(self.priority, self.times[h], self.ids[h])
+
+    def pop(self) -> tuple[int, int, bytes]:
+        """Take the first live job: (id, run_at, payload)."""
+        h = self.head
+        data = self.data[h]
+        assert data is not None
+        self.data[h] = None
+        out = (self.ids[h], self.times[h], data)
+        self._left()
+        return out
+
+    def find(self, job_id: int) -> int:
+        """Index of the live job ``job_id``, or -1."""
+        ids = self.ids
+        h = self.head
+        if h < len(ids) and ids[h] == job_id:
+            return h
+        i = bisect_left(ids, job_id, h)
+        if i < len(ids) and ids[i] == job_id and self.data[i] is not None:
+            return i
+        return -1
+
+    def take(self, i: int) -> bytes:
+        """Take the live job at index ``i`` (from ``find``) out; its payload."""
+        data = self.data[i]
+        assert data is not None
+        self.data[i] = None
+        self._left()
+        return data
+
+    def _left(self) -> None:
+        self.live -= 1
+        if not self.live:
+            self.clear()
+            return
+        data = self.data
+        h = self.head
+        while data[h] is None:
+            h += 1
+        self.head = h
+        if h >= 4096 and 2 * h >= len(data):  # drop the taken front, amortized O(1) a job
+            del self.ids[:h], self.times[:h], data[:h]
+            self.head = 0
+
+    def entries(self) -> list[tuple[int, int, bytes]]:
+        """The live jobs, in order: (id, run_at, payload)."""
+        ids, times, data = self.ids, self.times, self.data
+        out = []
+        for i in range(self.head, len(data)):
+            d = data[i]
+            if d is not None:
+                out.append((ids[i], times[i], d))
+        return out
+
+
+def lane_for(q: QueueState, priority: int) -> Lane | None:
+    """The lane of ``priority`` in ``q``: made, or an empty one taken over, when there is
+    none yet (None: ``MAX_LANES`` lanes all hold jobs of other priorities)."""
+    spare = None
+    for lane in q.lanes:
+        if lane.priority == priority:
+            return lane
+        if spare is None and not lane.live:
+            spare = lane
+    if spare is None:
+        if len(q.lanes) >= MAX_LANES:
+            return None
+        spare = Lane(priority)
+        q.lanes.append(spare)
+    else:
+        spare.clear()
+        spare.priority = priority
+    q.lanes.sort(key=_by_priority)
+    return spare
+
+
+def _by_priority(lane: Lane) -> int:
+    return -lane.priority
+
+
+def first_lane(q: QueueState) -> Lane | None:
+    """The lane with the queue's next compact job (the highest priority that has one)."""
+    for lane in q.lanes:
+        if lane.live:
+            return lane
+    return None
 
 
 #: Lease owners: a TCP connection is 1, 2, ...; ``HTTP`` holds what was pulled over HTTP

@@ -7,6 +7,7 @@ import gc
 import logging
 from collections.abc import Callable
 
+from shardq import native
 from shardq_server.running import install_uvloop, until_signalled
 
 from .runtime import Node
@@ -22,6 +23,7 @@ async def serve(settings: NodeSettings, on_ready: Callable[[Node], None] | None 
     await node.start()
     gc.freeze()  # the recovered state is long-lived: keep it out of every collection
     log.info("node %s listening on %s:%d", settings.name, settings.host, node.tcp_port)
+    log.info("node %s runs %s", settings.name, native.status().describe())
     if on_ready is not None:
         on_ready(node)
     try:

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from shardq_server.buckets import Buckets
 from shardq_server.limits import DROP_REASONS
+from shardq_server.running import build_info
 
 from . import replication as RP
 
@@ -98,6 +99,9 @@ class NodeCollector(Collector):
                     job = jobs.get(q.ready[0] & ((1 << 53) - 1))
                     if job is not None:
                         ages.append(max(0, now - job.run_at) / 1000)
+                for lane in q.lanes:  # the first of its compact jobs of each priority
+                    if lane.live:
+                        ages.append(max(0, now - lane.times[lane.head]) / 1000)
             oldest.add_metric([name], max(ages) if ages else 0.0)
         yield depth
         yield oldest
@@ -164,6 +168,7 @@ class NodeCollector(Collector):
                                  "metrics)", labels=["node"])
         info.add_metric([node.settings.name], 1.0)
         yield info
+        yield build_info()
         requests = CounterMetricFamily("shardq_requests", "Requests answered, by command",
                                        labels=["command"])
         for cmd, count in sorted(node.requests.items()):
@@ -191,7 +196,7 @@ class NodeCollector(Collector):
             dropped.add_metric([reason], float(node.drops.get(reason, 0)))
         yield dropped
         yield GaugeMetricFamily("shardq_jobs", "Live jobs on this node",
-                                value=float(len(node.engine.jobs)))
+                                value=float(node.engine.job_count()))
 
     def _replication(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         node = self.node

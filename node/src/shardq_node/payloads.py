@@ -41,9 +41,12 @@ class Payloads:
         self.log = log  # the WAL (or MemoryLog): ``failed`` refuses pushes
         self.serves = serves  # does this node serve a slot now (cluster.py)
         self.note_blob = note_blob  # a spilled payload travels with its record to followers
+        self.spilled = 0  # payloads the last push sent to the blob store
 
-    def push(self, queue: str, specs: list[JobSpec], payloads: list[bytes]) -> list[Job]:
-        """Push through the memory budget: spill to the blob store, or refuse when full."""
+    def push(self, queue: str, specs: list[JobSpec], payloads: list[bytes]) -> list[int]:
+        """Push through the memory budget: spill to the blob store, or refuse when full; the
+        new jobs' ids (``spilled`` tells how many payloads the last push sent to disk)."""
+        self.spilled = 0
         if self.log.failed is not None:
             raise StorageFailed(self.log.failed)
         budget = self.budget
@@ -77,24 +80,26 @@ class Payloads:
         if not spill:
             return self.engine.push(queue, specs, stored)
         assert storage is not None
-        return self._push_spilled(storage, queue, specs, stored, spill)
+        ids = self._push_spilled(storage, queue, specs, stored, spill)
+        self.spilled = len(spill)
+        return ids
 
     def _push_spilled(self, storage: Storage, queue: str, specs: list[JobSpec],
-                      stored: list[bytes | BlobRef], spill: list[tuple[int, bytes]]) -> list[Job]:
+                      stored: list[bytes | BlobRef], spill: list[tuple[int, bytes]]) -> list[int]:
         """Blobs first, then the jobs: a blob that cannot be written (ENOSPC, EMFILE, EIO)
         fails the storage before any job exists or is counted."""
         ids = self.engine.next_ids(queue, len(specs))
         fds = storage.write_blobs([(ids[i], data) for i, data in spill])
         try:
-            jobs = self.engine.push(queue, specs, stored)
+            pushed = self.engine.push(queue, specs, stored)
         except BaseException:  # refused (a duplicate key, ...): no blob stays behind
             storage.blobs.discard([ids[i] for i, _ in spill], fds)
             raise
-        assert [j.id for j in jobs] == ids
+        assert pushed == ids
         for i, data in spill:  # a replicated primary sends them with their records
             self.note_blob(ids[i], data)
         storage.keep_blobs(fds)
-        return jobs
+        return ids
 
     def _check_parents(self, specs: list[JobSpec]) -> None:
         """Parents in other slots that this node serves must exist (elsewhere: the WATCH

@@ -50,13 +50,20 @@ Snapshot (a file of the same framing; SNAP_BEGIN first, SNAP_END last, anything 
 between is state, in this order per slot):
 
   SNAP_BEGIN [100, t, format_version, wal_position, lsn]
-                                            lsn: the log position the state is at (format 2)
+                                            lsn: the log position the state is at (format 2);
+                                            format 3 adds CJOBS (formats 1 and 2 still load)
   SLOT       [101, t, slot, next_seq]       the id counter of a slot (ids never reused)
   QUEUE      [12, t, queue, SETTINGS]       (same record as in the WAL)
   JOB        [103, t, queue, JOBSTATE]      one live job
              JOBSTATE = [id, data, priority, created_at, run_at, started_at, attempts, state,
                          max_attempts, backoff, ttl, timeout, unique_key, depends_on,
                          progress, progress_msg, error, pending_parents, blob_size]
+  CJOBS      [106, t, queue, priority, [id, ...], [run_at, ...], [size, ...], packed]
+                                            compact waiting jobs (format 3; jobs.Lane): plain
+                                            jobs of one priority, never pulled, in ready order,
+                                            created at their run_at; ``packed`` is the base64
+                                            of their payloads' raw JSON, one after the other
+                                            (size[i] bytes each): loaded in bulk, unparsed
   FINISHED   [104, t, id, state, result]    a completed/cancelled/expired job kept for results
   CRON       [13, t, name, CRONSPEC]
   WATCH      [18, t, parent, child]         an open watch (see dependencies.py)
@@ -100,9 +107,10 @@ SLOT = 101
 JOB = 103
 FINISHED = 104
 TERMS = 105
+CJOBS = 106
 SNAP_END = 199
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 
 NAMES = {code: name for name, code in list(globals().items())
          if name.isupper() and type(code) is int and name != "SNAPSHOT_FORMAT"}

@@ -47,7 +47,7 @@ from .storage import Storage
 from .wal import Files
 
 if TYPE_CHECKING:
-    from .callers import Caller, Puller, Recipient
+    from .callers import Caller, Recipient
     from .server_tcp import Session
 
 log = logging.getLogger("shardq_node")
@@ -151,6 +151,8 @@ class Node:
         self.servers: list[asyncio.AbstractServer] = []
         self.started_at = clock()
         self.ready = False
+        #: set by ``stop``: a connection that closes from then on keeps its leases (below)
+        self.stopping = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -189,7 +191,7 @@ class Node:
             report.released = self.engine.release(sorted(self.engine.active), "node restarted")
         log.info(
             "recovered %d jobs in %.2fs (snapshot %s with %d records, %d WAL records replayed%s)",
-            len(self.engine.jobs), report.seconds, report.snapshot, report.snapshot_records,
+            self.engine.job_count(), report.seconds, report.snapshot, report.snapshot_records,
             report.replayed, f"; stopped early: {report.torn}" if report.torn else "",
         )
 
@@ -201,6 +203,7 @@ class Node:
 
     async def stop(self) -> None:
         self.ready = False
+        self.stopping = True
         self.replication.close()
         await self.peers.close()
         if self._http is not None:
@@ -452,13 +455,14 @@ class Node:
             self.events.unsubscribe(session, queue)
         if self.log.failed is not None or self.replication.follows:
             return  # a follower writes only what its primary sends
+        if self.stopping:
+            # A node going down writes nothing more (its log may be closed already): a
+            # replicated member's leases stay valid on the member promoted next, so a
+            # worker's ACK still lands there; a single copy releases them when it starts
+            # again (_recover).
+            return
         if self.engine.release_owner(session.owner, "worker disconnected"):
             self.after_batch()
-
-    def drop_waiter(self, caller: Puller) -> None:
-        """The caller left or gave up: forget its blocked pull (``Pulls.drop``; the name the
-        sessions have always called)."""
-        self.pulls.drop(caller)
 
     # -- topology -----------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from shardq_server.http_api import HttpSettings, make_app, start_http
+from shardq import native
+from shardq_server.http_api import HttpSettings, make_app
+from shardq_server.http_site import start_http
 
 from .http_backend import EventStream, call
 from .metrics import exposition, registry_for
@@ -68,7 +70,8 @@ class NodeBackend:
         repl = node.replication
         refusing = (repl.role == PRIMARY and repl.no_quorum_since is not None
                     and repl.quorum_lost_for() > node.settings.failure_timeout)
-        role = {"role": repl.role, "shard": repl.shard_name, "term": repl.term}
+        role = {"role": repl.role, "shard": repl.shard_name, "term": repl.term,
+                "compiled": native.status().compiled}
         return node.engine.payload_bytes, node.log.failed is None and not refusing, role
 
 

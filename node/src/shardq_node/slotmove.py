@@ -16,14 +16,15 @@ from shardq.wire.slots import SLOTS, slot_of
 
 from . import records as R
 from .jobs import DEAD, ID_MASK, WAITING, BlobRef, Job
-from .snapshot import job_state
+from .snapshot import compact_records, job_state
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 
 def slot_jobs(engine: Engine, slots: Collection[int]) -> dict[int, Job]:
-    """Every live job of ``slots``, by id (ready heaps, DLQs, and the engine-wide indexes)."""
+    """Every live job of ``slots`` kept as a ``Job``, by id (ready heaps, DLQs, and the
+    engine-wide indexes; compact ones are in their queues' lanes)."""
     found: dict[int, Job] = {}
     jobs = engine.jobs
     for name in _queues(engine, slots):
@@ -60,6 +61,7 @@ def export(engine: Engine, slots: Collection[int]) -> list[R.Record]:
         q = engine.queues[name]
         if q.paused or q.rate or q.concurrency:
             out.append((R.QUEUE, now, name, q.settings()))
+    out.extend(_compact(engine, slots, now))
     found = slot_jobs(engine, slots)
     for jid in sorted(found):
         job = found[jid]
@@ -77,6 +79,16 @@ def export(engine: Engine, slots: Collection[int]) -> list[R.Record]:
     for parent, children in sorted(engine.deps.watchers.items()):
         if parent % SLOTS in slots:
             out.extend((R.WATCH, now, parent, child) for child in sorted(children))
+    return out
+
+
+def _compact(engine: Engine, slots: Collection[int], now: int) -> list[R.Record]:
+    """The CJOBS records of the slots' compact jobs, in JSON form (an EXPORT answer's)."""
+    out: list[R.Record] = []
+    for name in _queues(engine, slots):
+        for lane in engine.queues[name].lanes:
+            if lane.live:
+                out.extend(compact_records(name, lane, now, packed=False))
     return out
 
 
@@ -107,6 +119,8 @@ def apply_drop(engine: Engine, rec: R.Record) -> None:
         if result is not None:
             engine.result_bytes -= len(result)
     for name in _queues(engine, slots):
+        for lane in engine.queues[name].lanes:
+            engine.payload_bytes -= sum(len(d) for d in lane.data if d is not None)
         del engine.queues[name]
     for s in slots:
         engine.slot_queues.pop(s, None)

@@ -29,7 +29,18 @@ from . import records as R
 from .blobs import BlobStore
 from .jobs import BlobRef
 from .snapshot import dump
-from .wal import HEADER, Files, Torn, Wal, decode, frame, list_segments, read_frames, segment_name
+from .wal import (
+    HEADER,
+    Files,
+    Torn,
+    Wal,
+    decode,
+    frame,
+    frame_packed,
+    list_segments,
+    read_frames,
+    segment_name,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -85,7 +96,7 @@ def write_snapshot(engine: Engine, path: str, wal_segment: int, lsn: int = 0) ->
         buf: list[bytes] = [frame(begin)]
         size = 0
         for rec in dump(engine):
-            data = frame(rec)
+            data = frame_packed(rec) if rec[0] == R.CJOBS else frame(rec)
             buf.append(data)
             size += len(data)
             count += 1
@@ -374,10 +385,6 @@ class Storage:
         self.files.fsync_dir(self.wal_dir)
 
     # -- snapshots --------------------------------------------------------------------------------
-
-    @property
-    def snapshotting(self) -> bool:
-        return self._snap is not None
 
     def snapshot_due(self) -> bool:
         return (

@@ -39,6 +39,7 @@ from .jobs import (
     Lease,
     QueueState,
     TokenBucket,
+    lane_for,
     ready_key,
 )
 
@@ -51,35 +52,43 @@ heappush = heapq.heappush
 # -- jobs in ------------------------------------------------------------------------------------
 
 
-def apply_push(e: Engine, rec: R.Record) -> list[Job]:
-    """PUSH: new jobs, waiting (inline here: the hot path), delayed or waiting for parents."""
+def apply_push(e: Engine, rec: R.Record) -> list[int]:
+    """PUSH: new jobs, waiting (inline here: the hot path), delayed or waiting for parents.
+    A plain job due now that fits its queue's lane is kept compact (jobs.Lane): no ``Job``."""
     _, now, queue, rows = rec
     q = e.queues.get(queue) or e.queue(queue)
     seqs = e.seqs
     jobs = e.jobs
     ready = q.ready
+    compact = e.compact
+    lane = q.lanes[0] if q.lanes else None
     out = []
     for row in rows:
         jid, data, prio, run_at, max_att, backoff, ttl, timeout, key, deps, blob = row
+        seq = jid >> SLOT_BITS
+        if seq > seqs[q.slot]:
+            seqs[q.slot] = seq
+        out.append(jid)
+        plain = not (max_att or backoff or ttl or timeout or key is not None or deps)
         if blob:
             data = BlobRef(blob)
         else:
             e.payload_bytes += len(data)
-        if max_att or backoff or ttl or timeout or key is not None or deps:
-            opts = JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps or ()))
-        else:
-            opts = PLAIN
+            if plain and run_at == now and compact:
+                if lane is None or lane.priority != prio:
+                    lane = lane_for(q, prio)
+                if lane is not None and lane.fits(prio, now, jid):
+                    lane.add(jid, now, data)
+                    q.n_waiting += 1
+                    continue
+        opts = PLAIN if plain else JobOpts(max_att, backoff, ttl, timeout, key, tuple(deps or ()))
         job = Job(jid, q, data, prio, now, run_at, opts)
         jobs[jid] = job
-        seq = jid >> SLOT_BITS
-        if seq > seqs[q.slot]:
-            seqs[q.slot] = seq
         if opts is not PLAIN or run_at > now:
             _push_options(e, q, job, now)
         if job.state is WAITING:
             q.n_waiting += 1
             heappush(ready, ready_key(prio, run_at, jid))
-        out.append(job)
     if q.n_waiting:
         e.wakeups.add(queue)
     q.pushed += len(rows)
@@ -132,8 +141,10 @@ def apply_start(e: Engine, rec: R.Record) -> None:
     _, now, ids = rec
     default_lease = e.config.default_lease_ms
     observe = e.observe_wait if e.emitting else None
+    jobs = e.jobs
     for jid in ids:
-        job = e.jobs[jid]
+        job = jobs.get(jid) or e.unpack(jid)  # pulled compact: made on a replay
+        assert job is not None
         if observe is not None:
             observe(max(0, now - job.run_at) / 1000)
         q = job.queue
@@ -270,7 +281,8 @@ def apply_timeout(e: Engine, rec: R.Record) -> None:
 
 def apply_cancel(e: Engine, rec: R.Record) -> None:
     _, now, jid = rec
-    job = e.jobs[jid]
+    job = e.jobs.get(jid) or e.unpack(jid)
+    assert job is not None
     leave_state(e, job)
     finish(e, job, CANCELLED, now, None)
     e.deps.parent_ended(jid, now, CANCELLED)

@@ -59,7 +59,9 @@ def control_path(port: int) -> str:
     return os.path.join(base, f"shardq-up-{port}.sock")
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the kernel's pick; another process may take it
+    before it is bound again)."""
     with socket.socket() as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]

@@ -9,6 +9,8 @@
 this package is shared by the server processes (protocol, slots, topology).
 """
 
+# first: decides, before any compiled module loads, whether the compiled ones are used
+from shardq import native as _native  # noqa: F401  (see shardq.native)
 from shardq.client import AsyncClient
 from shardq.errors import (
     AuthenticationRequired,

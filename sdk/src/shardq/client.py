@@ -16,9 +16,13 @@ from shardq.connection import DEFAULT_ADDRESS, Connection
 from shardq.errors import Moved, ShardqConnectionError, TryAgain
 from shardq.wire.commands import TABLE, Route
 from shardq.wire.job import Job
+from shardq.wire.retry import MOVED, Retry, kind_of
+from shardq.wire.slots import SlotCache
 from shardq.wire.topology import Topology
 
 JobRef = int | Job  # an id, or a Job received from the server
+#: Direct mode: how long a request refused for a slot move is retried (seconds).
+DIRECT_RETRY_BUDGET = 5.0
 
 
 def _id(job: JobRef) -> int:
@@ -69,6 +73,7 @@ class AsyncClient:
         self.token = token
         self.direct = direct
         self.routing: Topology | None = None  # direct mode: the topology it routes by
+        self._slots = SlotCache()
         self._main: dict[str, Connection] = {}
         self._idle: dict[str, list[Connection]] = {}
         self._all: set[Connection] = set()
@@ -121,7 +126,7 @@ class AsyncClient:
         command = TABLE.get(req["cmd"])
         route = command.route if command is not None else None
         if route is Route.QUEUE:
-            owner = topo.owner_of_queue(req["queue"])
+            owner = topo.owners[self._slots.slot_of(req["queue"])]
         elif route is Route.ID:
             owner = topo.owner_of_id(req["id"])
         else:
@@ -136,29 +141,25 @@ class AsyncClient:
         return await self._routed(req, blocking=False)
 
     async def _routed(self, req: dict[str, Any], blocking: bool) -> dict[str, Any]:
-        """Direct mode: to the owner; MOVED refreshes the topology, TRYAGAIN waits a little."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5.0
-        pause = 0.01
+        """Direct mode: to the owner, refused for a slot move retried as a gateway does
+        (shardq.wire.retry): MOVED reads the topology again, TRYAGAIN waits a little."""
+        retry: Retry | None = None
         while True:
             address = self._target(req)
             try:
                 if blocking:
                     return await self._on_own_connection(address, req)
                 return await (await self._conn(address)).call(req)
-            except Moved as exc:
-                await self.refresh_topology()
-                if exc.primary is None:
-                    continue
-                if loop.time() > deadline:  # a follower: a failover is under way
+            except (Moved, TryAgain) as exc:
+                if retry is None:
+                    retry = Retry(DIRECT_RETRY_BUDGET)
+                if isinstance(exc, Moved):
+                    await self.refresh_topology()
+                pause = retry.moved_pause() if kind_of(exc) == MOVED else retry.pause()
+                if pause is None:
                     raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
-            except TryAgain:
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
+                if pause:
+                    await asyncio.sleep(pause)
 
     async def _blocking(self, req: dict[str, Any]) -> dict[str, Any]:
         """Run a request that may wait on a connection of its own."""

@@ -106,20 +106,6 @@ class Connection:
             raise error_from_text(str(answer.get("error")))
         return answer
 
-    async def call_many(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Pipeline several requests; answers in order (errors stay in the list as dicts)."""
-        if self.closed or self.transport is None:
-            raise ShardqConnectionError(f"connection to {self.address} is closed")
-        data = b"".join(orjson.dumps(r) + b"\n" for r in reqs)
-        loop = asyncio.get_running_loop()
-        futs = []
-        for _ in reqs:
-            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-            self.pending.append(fut)
-            futs.append(fut)
-        self.transport.write(data)
-        return list(await asyncio.gather(*futs))
-
     def _answer(self, obj: Any) -> None:
         if type(obj) is dict and "event" in obj and "ok" not in obj:
             self.events.put_nowait(obj)

@@ -12,18 +12,18 @@ size (before it is read when it has a Content-Length), a body nested deeper than
 ``max_depth`` a 400, a body slower than ``body_timeout`` a 408; a connection
 that sends no complete request head within ``header_timeout`` (or idles that
 long) is closed, and past ``max_connections`` a new one gets a 503. Any other
-exception is a 500 ``Internal: …`` with its cause logged once.
+exception is a 500 ``Internal: …`` with its cause logged once. The listening side (the
+connection cap, the timeouts of a connection) is http_site.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -32,7 +32,8 @@ from shardq import errors as E
 from shardq.wire.job import EVENTS
 from shardq.wire.protocol import nesting_within, too_deep
 
-from .limits import Limits, too_many_connections
+from .auth import Tokens
+from .limits import Limits
 from .running import Causes
 
 log = logging.getLogger("shardq_server.http")
@@ -99,6 +100,7 @@ BACKEND = web.AppKey("backend", Backend)
 SETTINGS = web.AppKey("settings", HttpSettings)
 STREAMS = web.AppKey("streams", Streams)
 CAUSES = web.AppKey("causes", Causes)
+TOKENS = web.AppKey("tokens", Tokens)
 
 STATUS: list[tuple[type[E.ShardqError], int]] = [
     (E.InvalidRequest, 400), (E.AuthenticationRequired, 401), (E.InvalidToken, 401),
@@ -108,8 +110,6 @@ STATUS: list[tuple[type[E.ShardqError], int]] = [
     (E.InternalError, 500),
 ]
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
-#: After an answer that left a body unread, the rest is read and dropped this long at most.
-LINGER_SECONDS = 10.0
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -254,17 +254,14 @@ def _body_timeout(request: web.Request) -> web.Response:
 
 @web.middleware
 async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
-    tokens = request.app[SETTINGS].tokens
+    tokens = request.app[TOKENS]
     if tokens and request.path not in OPEN_PATHS and not request.path.startswith("/static/") \
             and request.path != "/":
         header = request.headers.get("Authorization", "")
         token = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
         if not token:
             return error_response("Authentication required")
-        ok = False
-        for known in tokens:
-            ok |= hmac.compare_digest(token.encode(), known.encode())
-        if not ok:
+        if not tokens.match(token):
             return error_response("Invalid token")
     return await handler(request)
 
@@ -530,76 +527,10 @@ def make_app(backend: Backend, settings: HttpSettings) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=settings.max_body)
     app[BACKEND] = backend
     app[SETTINGS] = settings
+    app[TOKENS] = Tokens(settings.tokens)
     app[STREAMS] = streams = Streams()
     app[CAUSES] = Causes(log, settings.server)
     app.on_shutdown.append(streams.end)
     app.add_routes(routes)
     app.add_routes(settings.extra)
     return app
-
-
-class _Refuse(asyncio.Protocol):
-    """A connection past ``http_max_connections``: one 503, then closed."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = orjson.dumps({"ok": False, "error": too_many_connections(self.limit)})
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
-        cast(asyncio.Transport, transport).write(head.encode() + body)
-        transport.close()
-
-
-class LimitedSite(web.BaseSite):
-    """A TCP site that serves at most ``limit`` connections at once; more get a 503."""
-
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, limit: int,
-                 on_drop: Callable[[str], None]) -> None:
-        super().__init__(runner)
-        self.host = host
-        self.port = port
-        self.limit = limit
-        self.on_drop = on_drop
-
-    @property
-    def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def start(self) -> None:
-        await super().start()
-        server = self._runner.server
-        assert server is not None
-
-        def connection() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self.limit:
-                self.on_drop("http_too_many_connections")
-                return _Refuse(self.limit)
-            return server()
-
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(connection, self.host, self.port,
-                                                reuse_address=True)
-
-    @property
-    def port_bound(self) -> int:
-        sockets = getattr(self._server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else self.port
-
-
-async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve ``app``; returns the runner (for cleanup) and the bound port."""
-    limits = app[SETTINGS].limits
-    # a handler whose client left is cancelled (SSE streams and waiting pulls end at once);
-    # a connection with no complete request head after header_timeout is closed (aiohttp's
-    # keep-alive timer runs from the connection's start and after each response); after an
-    # answer that left a body unread (413, 408), the rest is drained for at most 10 s
-    # (aiohttp's default), or body_timeout if shorter
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           keepalive_timeout=limits.http_header_timeout,
-                           lingering_time=min(LINGER_SECONDS, limits.http_body_timeout))
-    await runner.setup()
-    site = LimitedSite(runner, host, port, limits.http_max_connections, app[SETTINGS].on_drop)
-    await site.start()
-    return runner, site.port_bound

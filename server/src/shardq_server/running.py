@@ -10,6 +10,9 @@ import asyncio
 import logging
 import signal
 
+from prometheus_client.core import GaugeMetricFamily
+
+from shardq import native
 from shardq.errors import InternalError
 
 
@@ -21,6 +24,17 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+def build_info() -> GaugeMetricFamily:
+    """``shardq_build_info{compiled="true"}``: whether this process runs the hot path compiled
+    with mypyc or its interpreted sources (``shardq.native``), and how many modules."""
+    build = native.status()
+    info = GaugeMetricFamily("shardq_build_info", "The hot path: compiled with mypyc or "
+                             "interpreted (the same sources)", labels=["compiled", "modules"])
+    info.add_metric(["true" if build.compiled else "false",
+                     str(len(native.loaded_compiled()))], 1.0)
+    return info
 
 
 async def until_signalled() -> None:

@@ -9,7 +9,6 @@ naming exactly what was wrong. No I/O here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -156,12 +155,6 @@ def encode_within(value: Any, limit: int) -> bytes | None:
         inner.clear()
     levels = ENCODER_DEPTH - limit
     return text[levels:-levels]
-
-
-def check_nesting(value: Any, limit: int = MAX_DEPTH) -> None:
-    """Raise ``Invalid: nesting deeper than LIMIT`` if ``value`` nests deeper."""
-    if not nesting_within(value, limit):
-        raise too_deep(limit)
 
 
 # -- field checks -----------------------------------------------------------------------------
@@ -400,7 +393,3 @@ def error_answer(text: str, req_id: str | int | None = None) -> bytes:
     if req_id is None:
         return orjson.dumps({"ok": False, "error": text}) + b"\n"
     return orjson.dumps({"ok": False, "error": text, "reqId": req_id}) + b"\n"
-
-
-
-Validator = Callable[[Request], None]

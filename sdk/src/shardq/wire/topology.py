@@ -114,9 +114,6 @@ class Topology:
     def owner_of_id(self, job_id: int) -> str:
         return self.owners[slot_of_id(job_id)]
 
-    def slots_of(self, name: str) -> list[int]:
-        return [s for s, owner in enumerate(self.owners) if owner == name]
-
     def active_names(self) -> list[str]:
         """The owners that keep slots (the ring's names): shards, or nodes without shards."""
         if self.shards:

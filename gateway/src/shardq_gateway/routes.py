@@ -1,4 +1,6 @@
-"""What each command needs checked before it can be routed, and where it goes.
+"""The gateway's routes: what each command needs checked before it can be routed, and
+where it goes. Every route takes the ``Client`` that sent the request (clients.py),
+a TCP session or an in-process HTTP call alike.
 
 The gateway validates only the fields it routes by, with the checks of
 ``shardq.wire.protocol`` in the order a node's handler runs them, so a line it
@@ -20,7 +22,7 @@ to it unchanged.
   on a node. A token the client sent itself goes as is.
 - STATS, METRICS, LISTQUEUES, CRONLIST, CRONDELETE: every node, merged (merge.py).
 - TOPOLOGY, AUTH: answered by the gateway. SUBSCRIBE/UNSUBSCRIBE: every node, on
-  the session's own connections (subscriptions.py).
+  the client's own connections (subscriptions.py).
 - The internal cluster commands (SETTOPOLOGY, EXPORT, IMPORT, DROPSLOTS) are
   refused: they are for the nodes, from the coordinator.
 
@@ -29,70 +31,69 @@ Must not: re-encode a line it can forward as is, or do I/O itself.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shardq.errors import InvalidRequest, InvalidToken
+from shardq.errors import InvalidRequest
 from shardq.wire import commands as C
 from shardq.wire import protocol as P
 from shardq.wire.slots import SLOTS
 
 from . import merge
-from .inflight import BLOCKING, FOREVER, TRACK, Merge, answer_line
+from .inflight import BLOCKING, FOREVER, TRACK, Merge, answer_line, fan_out, forward, local, split
 
 if TYPE_CHECKING:
-    from .server_tcp import ClientSession
+    from .clients import Client
 
 Rid = str | int | None
-Route = Callable[["ClientSession", P.Request, bytes, Rid], None]
+Route = Callable[["Client", P.Request, bytes, Rid], None]
 
 INTERNAL = C.INTERNAL
 
 
-def to_queue(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def to_queue(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     queue = req.get("queue")
     if type(queue) is not str or not 0 < len(queue) <= P.MAX_QUEUE_NAME:
         queue = P.check_queue(req)  # raises the node's words for it
-    s.forward(line, s.router.slot_of_queue(queue), rid, 0)
+    forward(s, line, s.router.slot_of_queue(queue), rid, 0)
 
 
-def cron(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def cron(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     P.check_str(req, "name")  # a node checks the name first
     to_queue(s, req, line, rid)
 
 
-def pull(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def pull(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     queue = P.check_queue(req)
     _pull(s, req, line, rid, queue)
 
 
-def pullb(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def pullb(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     queue = P.check_queue(req)
     P.check_count(req, required=True)
     _pull(s, req, line, rid, queue)
 
 
-def _pull(s: ClientSession, req: P.Request, line: bytes, rid: Rid, queue: str) -> None:
+def _pull(s: Client, req: P.Request, line: bytes, rid: Rid, queue: str) -> None:
     """``timeout: 0`` shares a pipelined connection; a pull that may wait gets its own."""
     timeout = P.pull_timeout(req)
     slot = s.router.slot_of_queue(queue)
     if timeout == 0:
-        s.forward(line, slot, rid, TRACK)
+        forward(s, line, slot, rid, TRACK)
     elif timeout is None:
         try:
             chunked = orjson.dumps({**req, "timeout": s.settings.pull_chunk_ms})
         except TypeError:  # a field nested deeper than the encoder goes (parsed JSON: no other)
-            raise P.too_deep(s.limits.max_depth) from None
-        s.forward(chunked, slot, rid, BLOCKING | FOREVER | TRACK)
+            raise P.too_deep(s.settings.limits.max_depth) from None
+        forward(s, chunked, slot, rid, BLOCKING | FOREVER | TRACK)
     else:
-        s.forward(line, slot, rid, BLOCKING | TRACK)
+        forward(s, line, slot, rid, BLOCKING | TRACK)
 
 
-def by_id(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
-    s.forward(line, P.check_id(req) % SLOTS, rid, 0)
+def by_id(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
+    forward(s, line, P.check_id(req) % SLOTS, rid, 0)
 
 
 def with_lease(req: P.Request, line: bytes, token: int) -> bytes:
@@ -103,32 +104,32 @@ def with_lease(req: P.Request, line: bytes, token: int) -> bytes:
     return line[:-1] + b',"lease":%d}' % token
 
 
-def settle(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def settle(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     """ACK, FAIL: the attempt this client holds (its recorded token); then no longer its
     to hand back."""
     job_id = P.check_id(req)
-    token = s.leases.pop(job_id, 0)
+    token = s.leases.pop(job_id)
     if req.get("lease") is None:
         line = with_lease(req, line, token)
-    s.forward(line, job_id % SLOTS, rid, 0)
+    forward(s, line, job_id % SLOTS, rid, 0)
 
 
-def leased(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def leased(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     """PROGRESS, TOUCH: of the attempt this client holds (its recorded token)."""
     job_id = P.check_id(req)
     if req.get("lease") is None:
-        line = with_lease(req, line, s.leases.get(job_id, 0))
-    s.forward(line, job_id % SLOTS, rid, 0)
+        line = with_lease(req, line, s.leases.get(job_id))
+    forward(s, line, job_id % SLOTS, rid, 0)
 
 
-def cancel(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def cancel(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     """CANCEL (any job, no lease): if this client held it, not its to hand back any more."""
     job_id = P.check_id(req)
-    s.leases.pop(job_id, None)
-    s.forward(line, job_id % SLOTS, rid, 0)
+    s.leases.pop(job_id)
+    forward(s, line, job_id % SLOTS, rid, 0)
 
 
-def ackb(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def ackb(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     ids = P.check_ids(req)
     fields: dict[str, list[Any]] = {}
     results = req.get("results")
@@ -139,34 +140,34 @@ def ackb(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
     _split_leased(s, "ACKB", req, ids, fields, line, rid)
 
 
-def release(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def release(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     _split_leased(s, "RELEASE", req, P.check_ids(req), {}, line, rid)
 
 
-def _split_leased(s: ClientSession, cmd: str, req: P.Request, ids: list[int],
+def _split_leased(s: Client, cmd: str, req: P.Request, ids: list[int],
                   fields: dict[str, list[Any]], line: bytes, rid: Rid) -> None:
     """ACKB, RELEASE: with the client's own ``leases``, or the tokens recorded for it."""
     if req.get("leases") is not None:
         leases = P.check_ids(req, "leases")
         if len(leases) != len(ids):
             raise InvalidRequest("field 'leases' must be an array as long as 'ids'")
-        s.settled(ids)
+        s.leases.settled(ids)
     else:
-        leases = s.settled(ids)
+        leases = s.leases.settled(ids)
         line = orjson.dumps({**req, "leases": leases})
-    s.split(cmd, ids, {**fields, "leases": leases}, rid, line)
+    split(s, cmd, ids, {**fields, "leases": leases}, rid, line)
 
 
-def fan_out(merge_fn: Merge, cmd: str) -> Route:
+def to_every_node(merge_fn: Merge, cmd: str) -> Route:
     line = orjson.dumps({"cmd": cmd})
 
-    def route(s: ClientSession, req: P.Request, _line: bytes, rid: Rid) -> None:
-        s.fan_out(line, merge_fn, rid)
+    def route(s: Client, req: P.Request, _line: bytes, rid: Rid) -> None:
+        fan_out(s, line, merge_fn, rid)
 
     return route
 
 
-def listqueues(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def listqueues(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     """A page of queues: ``after`` and ``count`` go to every node, the pages merged."""
     page: dict[str, Any] = {"cmd": "LISTQUEUES"}
     if req.get("after") is not None:
@@ -178,51 +179,39 @@ def listqueues(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
     def merge_page(parts: list[tuple[str, dict[str, Any]]], router: Any) -> dict[str, Any]:
         return merge.listqueues(parts, router, count)
 
-    s.fan_out(orjson.dumps(page), merge_page, rid)
+    fan_out(s, orjson.dumps(page), merge_page, rid)
 
 
-def crondelete(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def crondelete(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     name = P.check_str(req, "name")
-    s.fan_out(orjson.dumps({"cmd": "CRONDELETE", "name": name}), merge.crondelete, rid)
+    fan_out(s, orjson.dumps({"cmd": "CRONDELETE", "name": name}), merge.crondelete, rid)
 
 
-def topology(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def topology(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     topo: Any = s.router.topology.wire() if s.router.epoch >= 0 else None
-    s.local(answer_line({"ok": True, "topology": topo}, rid))
+    local(s, answer_line({"ok": True, "topology": topo}, rid))
 
 
-def auth(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
-    token = req.get("token")
-    if token is None:
-        raise InvalidRequest("missing field 'token'")
-    if not authenticate(s.settings.tokens, token):
-        raise InvalidToken()
+def auth(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
+    s.auth.check(req.get("token"))  # a gateway has no cluster token
     s.authed = True
-    s.local(answer_line({"ok": True}, rid))
+    local(s, answer_line({"ok": True}, rid))
 
 
-def authenticate(tokens: tuple[str, ...], token: object) -> bool:
-    """Like a node: any token when none are configured; constant-time compare of each."""
-    if not tokens:
-        return True
-    if type(token) is not str:
-        return False
-    given = token.encode()
-    ok = False
-    for known in tokens:  # check every token: time does not tell which matched
-        ok |= hmac.compare_digest(given, known.encode())
-    return ok
-
-
-def subscribe(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def subscribe(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     queue = P.check_queue(req)
     P.check_events(req)
     s.subscriptions().subscribe(queue, line, rid)
 
 
-def unsubscribe(s: ClientSession, req: P.Request, line: bytes, rid: Rid) -> None:
+def unsubscribe(s: Client, req: P.Request, line: bytes, rid: Rid) -> None:
     queue = P.check_queue(req)
     s.subscriptions().unsubscribe(queue, rid)
+
+
+def command_name(cmd: object) -> str:
+    """What an ``Internal: …`` answer calls the request: its command, if it is one."""
+    return cmd if type(cmd) is str and cmd in ROUTES else "a request"
 
 
 def unknown(req: P.Request) -> InvalidRequest:
@@ -251,7 +240,7 @@ def _route(name: str, command: C.Command) -> Route:
     if name in SPECIAL:
         return SPECIAL[name]
     if command.route is C.Route.FANOUT:
-        return fan_out(MERGES[name], name)
+        return to_every_node(MERGES[name], name)
     return _DEFAULT[command.route]
 
 
