@@ -6,9 +6,9 @@ Run inside the node's network namespace (``RealNode.probe``)::
     python -m tests.e2e.probe --address ADDR --token T states 12 13 14
 
 ``outage --shard S`` pushes to a queue of shard S (replicated clusters) every 50 ms, each push
-bounded by 1 s, until a line (or EOF) on stdin or ``--limit`` seconds; it writes ``ready`` to
-stderr once a push went through, and prints the longest gap between two successful pushes
-with its wall-clock ends.
+bounded by 2 s (a new connection, bounded by 5 s, after a failed one), until a line (or EOF) on
+stdin or ``--limit`` seconds; it writes ``ready`` to stderr once a push went through, and
+prints the longest gap between two successful pushes with its wall-clock ends.
 ``markers`` pushes one job to each of ``count`` queues whose slots the node ``--node`` owns
 (per the topology the gateway serves) and prints ``{queue: id}``; ``states`` prints each job's
 state (``gone`` when the cluster has no such job). Must not: pull or ack anything.
@@ -46,7 +46,8 @@ async def states(c: AsyncClient, ids: list[int]) -> dict[str, str]:
     return out
 
 
-async def outage(c: AsyncClient, shard: str, limit: float) -> dict[str, Any]:
+async def outage(c: AsyncClient, shard: str, limit: float, address: str,
+                 token: str | None) -> dict[str, Any]:
     import sys
     import time
 
@@ -57,13 +58,23 @@ async def outage(c: AsyncClient, shard: str, limit: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     loop.add_reader(sys.stdin.fileno(), stop.set)
     oks: list[float] = []
+    client: AsyncClient | None
     failures = 0
     deadline = time.monotonic() + limit
+    client = c
     while time.monotonic() < deadline and not stop.is_set():
         try:
-            await asyncio.wait_for(c.push(queue, {"probe": True}), 1.0)
+            if client is None:
+                # (a slow machine: connecting through the Service's DNS name can take seconds)
+                client = await asyncio.wait_for(AsyncClient(address, token=token).__aenter__(),
+                                                5.0)
+            await asyncio.wait_for(client.push(queue, {"probe": True}), 2.0)
         except (Exception, TimeoutError):
             failures += 1
+            # a push cut short leaves its answer on the way: never reuse that connection
+            if client is not None and client is not c:
+                await client.close()
+            client = None
         else:
             if not oks:
                 print("ready", file=sys.stderr, flush=True)
@@ -78,7 +89,7 @@ async def outage(c: AsyncClient, shard: str, limit: float) -> dict[str, Any]:
 async def main(args: argparse.Namespace) -> Any:
     async with AsyncClient(args.address, token=args.token) as c:
         if args.what == "outage":
-            return await outage(c, args.shard, args.limit)
+            return await outage(c, args.shard, args.limit, args.address, args.token)
         if args.what == "markers":
             return await markers(c, args.node, args.count, args.prefix)
         return await states(c, args.ids)
