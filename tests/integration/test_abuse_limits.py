@@ -25,7 +25,8 @@ import pytest
 from shardq.wire.protocol import JobSpec
 from shardq_gateway.main import Gateway
 from shardq_gateway.settings import GatewaySettings
-from shardq_node.engine import Engine, EngineConfig
+from shardq_node.engine import Engine
+from shardq_node.engine_config import EngineConfig
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings
 from shardq_operator.local import LocalCluster

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from shardq import AsyncClient
-from shardq_node.engine import EngineConfig
+from shardq_node.engine_config import EngineConfig
 from shardq_node.runtime import Node
 from shardq_node.settings import NodeSettings
 

@@ -12,7 +12,8 @@ from shardq.wire.job import State
 from shardq.wire.protocol import JobSpec
 from shardq_node import dependencies as deps
 from shardq_node import records as R
-from shardq_node.engine import Engine, EngineConfig
+from shardq_node.engine import Engine
+from shardq_node.engine_config import EngineConfig
 from shardq_node.snapshot import dump
 from shardq_node.wal import decode, frame
 

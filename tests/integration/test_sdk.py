@@ -337,7 +337,7 @@ def test_worker_stops_gracefully_on_sigterm(node_process: str, tmp_path: Path) -
 
 
 async def test_a_long_job_without_timeout_keeps_its_lease(make_node: Any) -> None:
-    from shardq_node.engine import EngineConfig
+    from shardq_node.engine_config import EngineConfig
     from shardq_node.settings import NodeSettings
 
     node = await make_node(NodeSettings(port=0, http_port=0,

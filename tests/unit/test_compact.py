@@ -21,7 +21,8 @@ from shardq.wire.protocol import JobSpec
 from shardq.wire.slots import SLOTS, slot_of
 from shardq_node import records as R
 from shardq_node import slotmove
-from shardq_node.engine import Engine, EngineConfig
+from shardq_node.engine import Engine
+from shardq_node.engine_config import EngineConfig
 from shardq_node.jobs import MAX_LANES, Finished, Job
 from shardq_node.settings import StorageSettings
 from shardq_node.snapshot import dump

@@ -9,7 +9,8 @@ from shardq.errors import DuplicateJob, InvalidRequest, JobNotActive, JobNotFoun
 from shardq.wire.job import State
 from shardq.wire.protocol import JobSpec
 from shardq.wire.slots import SLOTS, slot_of
-from shardq_node.engine import Engine, EngineConfig
+from shardq_node.engine import Engine
+from shardq_node.engine_config import EngineConfig
 
 from ..helpers import FakeClock
 

@@ -14,7 +14,7 @@ from shardq.cli.flags import flag, tokens
 from shardq.cli.subcommands import SubCommand
 from shardq_server.cli_flags import limit_flags, limits, server_flags, setup_logging
 
-from .engine import EngineConfig
+from .engine_config import EngineConfig
 from .settings import FSYNC_POLICIES, NodeSettings, RequestLimits, StorageSettings
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from shardq.wire.protocol import DEFAULT_MAX_LINE
 from shardq_server.limits import Limits
 
-from .engine import EngineConfig
+from .engine_config import EngineConfig
 
 FSYNC_POLICIES = ("always", "everysec", "never")
 

@@ -33,6 +33,7 @@ from . import reconcile as rc
 from . import replicated
 from .kube import Kube, load
 from .kubestore import store_name
+from .pods import reachable, running_ip
 from .rebalance import Rebalancer
 from .ring import pending_moves
 
@@ -73,21 +74,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 def _owned(manifest: rc.Manifest, body: kopf.Body) -> rc.Manifest:
     kopf.adopt(manifest, owner=body)
     return manifest
-
-
-def _ip_ready(pod: Any) -> str | None:
-    if pod.status is None or pod.status.phase != "Running" or not pod.status.pod_ip:
-        return None
-    return str(pod.status.pod_ip)
-
-
-async def _reachable(ip: str, timeout: float) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, rc.TCP_PORT), timeout)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    return True
 
 
 def cluster_lock(memo: kopf.Memo, namespace: str, name: str) -> asyncio.Lock:
@@ -179,7 +165,7 @@ async def converge(name: str, namespace: str, body: kopf.Body, spec_raw: dict[st
     plan = rc.plan(name, current, spec.nodes)
     pods = {p.metadata.name: p for p in
             await kube.pods(namespace, rc.labels(name, "node"))}
-    seeds = [f"{ip}:{rc.TCP_PORT}" for p in pods.values() if (ip := _ip_ready(p))]
+    seeds = [f"{ip}:{rc.TCP_PORT}" for p in pods.values() if (ip := running_ip(p))]
     await _apply_all(kube, body, name, namespace, spec, plan.replicas_first, seeds,
                      with_claims=live is None)
     try:
@@ -296,8 +282,8 @@ async def _wait_for_members(kube: Kube, name: str, namespace: str, wanted: list[
     members = []
     for pod_name in wanted:
         pod = pods.get(pod_name)
-        ip = _ip_ready(pod) if pod is not None else None
-        if ip is None or not await _reachable(ip, cfg.connect_timeout):
+        ip = running_ip(pod) if pod is not None else None
+        if ip is None or not await reachable(f"{ip}:{rc.TCP_PORT}", cfg.connect_timeout):
             raise kopf.TemporaryError(f"waiting for node pod {pod_name} to run", delay=2)
         members.append(NodeInfo(pod_name, f"{ip}:{rc.TCP_PORT}", f"{ip}:{rc.HTTP_PORT}"))
     return members, listed
@@ -334,10 +320,10 @@ async def _rebalance(kube: Kube, name: str, namespace: str, spec: rc.Spec,
     reb = Rebalancer(token=token, batch=cfg.batch, on_progress=progress)
     try:
         wanted = {n.name for n in members}
-        extra = [f"{ip}:{rc.TCP_PORT}" for p in pods if (ip := _ip_ready(p))]
+        extra = [f"{ip}:{rc.TCP_PORT}" for p in pods if (ip := running_ip(p))]
         # where the other node pods (leaving ones of a scale-down) are now
         known = [NodeInfo(p.metadata.name, f"{ip}:{rc.TCP_PORT}", f"{ip}:{rc.HTTP_PORT}")
-                 for p in pods if p.metadata.name not in wanted and (ip := _ip_ready(p))]
+                 for p in pods if p.metadata.name not in wanted and (ip := running_ip(p))]
         topo = await reb.converge(members, extra, known)
     except Exception as exc:
         raise kopf.TemporaryError(f"rebalance not finished: {exc}", delay=3) from exc

@@ -43,6 +43,7 @@ from . import reconcile as rc
 from .controller import Controller, ControllerSettings, Seen, open_bounded
 from .kube import Kube
 from .kubestore import KubeStore, store_name
+from .pods import owner_reference, pod_info, pod_ip, reachable
 from .rebalance import Rebalancer
 from .ring import ring_owners
 from .store import Conflict, update
@@ -54,12 +55,6 @@ REVISION_LABEL = "controller-revision-hash"
 #: where the slowest of three trails the commit point by a group commit or two) when no
 #: record has waited for its ack longer than this (s).
 IN_SYNC_LAG = 0.5
-
-
-def owner_reference(body: kopf.Body) -> dict[str, Any]:
-    return {"apiVersion": f"{rc.GROUP}/{rc.VERSION}", "kind": rc.KIND,
-            "name": body["metadata"]["name"], "uid": body["metadata"]["uid"],
-            "controller": True, "blockOwnerDeletion": True}
 
 
 def topology_store(memo: kopf.Memo, body: kopf.Body) -> KubeStore:
@@ -75,31 +70,6 @@ def topology_store(memo: kopf.Memo, body: kopf.Body) -> KubeStore:
         store = stores[ns, name] = KubeStore(kube.api, ns, store_name(name),
                                              owner_reference(body), rc.labels(name, "node"))
     return store
-
-
-def pod_ip(pod: Any) -> str | None:
-    if pod.status is None or pod.status.phase != "Running" or not pod.status.pod_ip:
-        return None
-    if pod.metadata.deletion_timestamp is not None:
-        return None
-    return str(pod.status.pod_ip)
-
-
-def pod_info(pod: Any) -> NodeInfo | None:
-    ip = pod_ip(pod)
-    if ip is None:
-        return None
-    return NodeInfo(pod.metadata.name, f"{ip}:{rc.TCP_PORT}", f"{ip}:{rc.HTTP_PORT}")
-
-
-async def reachable(address: str, timeout: float) -> bool:
-    host, port = address.rsplit(":", 1)
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    return True
 
 
 async def storage_id(address: str, token: str | None) -> str:

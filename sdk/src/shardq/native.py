@@ -48,6 +48,7 @@ MODULES: tuple[str, ...] = (
     "shardq.wire.framing",
     # the engine and its indexes (pure: no I/O)
     "shardq_node.engine",
+    "shardq_node.engine_config",
     "shardq_node.transitions",
     "shardq_node.jobs",
     "shardq_node.timers",
