@@ -337,6 +337,16 @@ async def suite(port: int, t: Target, q: bool) -> dict[str, Any]:
     return out
 
 
+def mean_round(runs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Rounds of one workload as one: the mean rate (the first round's latencies), every
+    round's rate under ``rounds``."""
+    if any(r is None for r in runs):
+        return None
+    rates = [float(r["rate"]) for r in runs if r is not None]
+    first: dict[str, Any] = dict(runs[0] or {})
+    return {**first, "rate": sum(rates) / len(rates), "rounds": rates}
+
+
 # -- servers --------------------------------------------------------------------------------
 
 
@@ -433,16 +443,23 @@ async def measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
 
 async def _measure(q: bool, logs: Path, work: Path) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    for name, pure in (("shardq", False), ("shardq_pure", True)):
+    # compiled and interpreted in the order A B B A (a fresh node each round): a load that
+    # drifts during the run weighs on both alike; each figure is the mean of its two rounds
+    rounds: dict[str, list[dict[str, Any]]] = {"shardq": [], "shardq_pure": []}
+    for name, pure in (("shardq", False), ("shardq_pure", True), ("shardq_pure", True),
+                       ("shardq", False)):
         node = shardq_node(work, "everysec", logs, pure)
         try:
-            res[name] = await suite(node.port, SHARDQ, q)
-            res[name]["drain"] = {"rate": await drain(node.port, 20_000 if q else 100_000,
-                                                      pure=pure)}
-            res[name]["drain_prefetch"] = {
+            one = await suite(node.port, SHARDQ, q)
+            one["drain"] = {"rate": await drain(node.port, 20_000 if q else 100_000,
+                                                pure=pure)}
+            one["drain_prefetch"] = {
                 "rate": await drain(node.port, 20_000 if q else 100_000, 50, pure)}
+            rounds[name].append(one)
         finally:
             node.stop()
+    for name, both in rounds.items():
+        res[name] = {key: mean_round([r[key] for r in both]) for key in both[0]}
     cluster = Cluster(work, logs)
     client_on_cpu(False)  # four processes: the scheduler spreads them (and the client)
     try:

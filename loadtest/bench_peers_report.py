@@ -204,9 +204,11 @@ def targets18(res: dict[str, Any]) -> list[str]:
         "",
         f"The node as built by `scripts/build_native.py` ({native.status().describe()} in the "
         "benchmark's process) and the same node with `SHARDQ_PURE=1` (its interpreted "
-        "sources), one after the other in this run, the same client and CPU placement; the "
-        "SDK worker's drain runs compiled or interpreted like its node. Each cell: the ratio "
-        "to the peer (shardq's figure below it).",
+        "sources) in this run, in the order compiled, interpreted, interpreted, compiled (a "
+        "fresh node each; each figure is the mean of its two rounds; the fsync row: the "
+        "median of three), the same client and CPU placement; the SDK worker's drain runs "
+        "compiled or interpreted like its node. Each cell: the ratio to the peer (shardq's "
+        "figure below it).",
         "",
         "| target | before | compiled | interpreted | peer | bound | compiled | interpreted |",
         "|---|---:|---:|---:|---:|---:|---|---|",
