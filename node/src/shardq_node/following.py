@@ -65,16 +65,15 @@ class Follower:
         self.storage = storage
         self.wal = storage.wal
 
-    def append(self, first: int, count: int, blobs: list[tuple[int, bytes]],
-               frames: bytes) -> bytes:
-        """Append the primary's records at the same LSNs (buffered in the WAL, which writes
-        them with the next flush); the frames this log did not hold yet, for ``apply``."""
+    def records(self, first: int, count: int, blobs: list[tuple[int, bytes]],
+                frames: bytes) -> None:
+        """Append the primary's records at the same LSNs and apply them."""
         wal = self.wal
         if first > wal.seq + 1:
             raise ValueError(f"records from {first} but this log ends at {wal.seq}")
         skip = wal.seq + 1 - first
         if skip >= count:
-            return b""
+            return
         if skip:
             frames = skip_frames(frames, skip)
             count -= skip
@@ -82,10 +81,6 @@ class Follower:
         for job_id, data in blobs:
             storage.keep_blobs([storage.blobs.write(job_id, data)])
         wal.append_raw(frames, count)
-        return frames
-
-    def apply(self, frames: bytes) -> None:
-        """Apply appended records to the engine with ``Engine.apply``, as recovery does."""
         engine = self.host.engine
         for _, payload in read_frames(frames):
             engine.apply(decode(payload))
@@ -94,7 +89,7 @@ class Follower:
         engine.deps.to_watch.clear()
         engine.deps.outbox.clear()
         if engine.dropped_blobs:
-            self.host.blobs_dropped(self.wal.seq, engine.dropped_blobs)
+            self.host.blobs_dropped(wal.seq, engine.dropped_blobs)
             engine.dropped_blobs = []
         timers = engine.timers
         if len(timers.deadlines) + len(timers.delayed) > 2 * len(engine.jobs) + 10_000:
@@ -149,8 +144,6 @@ class FollowerStream:
         self._close = close
         self.reader = FrameReader()
         self.closed = False
-        #: records appended by this ``feed`` and not applied yet (``_applied``)
-        self.pending: list[bytes] = []
 
     def close(self) -> None:
         if not self.closed:
@@ -172,38 +165,20 @@ class FollowerStream:
             self.close()
             return
         repl.last_heard = time.monotonic()
-        try:
+        for kind, body in self.reader.feed(data):
             try:
-                for kind, body in self.reader.feed(data):
-                    self._message(kind, body)
-            finally:
-                self._applied()  # what was appended is applied, even before a broken message
-        except Exception:
-            log.exception("replication stream from %s broken; closing it", self.primary)
-            self.close()
-
-    def _applied(self) -> None:
-        """Write what was appended, then apply it: the WAL's write (and, with fsync=always,
-        the start of its fsync) acks the primary before the engine's work, which is then
-        off the primary's answers' path (a follower acks what its disk holds; its engine
-        catches up within this same call, before anything else can read it)."""
-        pending = self.pending
-        if pending:
-            self.pending = []
-            self.follower.wal.flush_now()
-            for frames in pending:
-                self.follower.apply(frames)
+                self._message(kind, body)
+            except Exception:
+                log.exception("replication stream from %s broken; closing it", self.primary)
+                self.close()
+                return
 
     def _message(self, kind: int, body: bytes) -> None:
         if kind == K_RECORDS:
             first, count, nblobs = RECORDS_HEAD.unpack_from(body)
             blobs, offset = split_blobs(body, RECORDS_HEAD.size, nblobs)
-            frames = self.follower.append(first, count, blobs, body[offset:])
-            if frames:
-                self.pending.append(frames)
-            return
-        self._applied()  # every other message sees the engine up to date
-        if kind == K_HEARTBEAT:
+            self.follower.records(first, count, blobs, body[offset:])
+        elif kind == K_HEARTBEAT:
             commit, last = HEARTBEAT.unpack_from(body)
             repl = self.repl
             repl.commit_seen, repl.primary_lsn = commit, last
