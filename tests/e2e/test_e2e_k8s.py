@@ -1154,8 +1154,11 @@ async def test_replicated_lost_volume_rebuilds_as_a_learner(replicated: Replicat
         await asyncio.to_thread(r.api.core.delete_namespaced_persistent_volume_claim, claim,
                                 NS_R)
         await asyncio.to_thread(r.api.core.delete_namespaced_pod, follower, NS_R)
+        # a learner now, or one already (a short catch-up can fall between two polls; the
+        # operator's MemberRebuilding event names a member whose storage id changed)
         await async_wait_until("the member a learner", lambda: follower in (
-            r.store()["shards"][shard]["learners"]), 120, every=0.2, hint=r.hint)
+            r.store()["shards"][shard]["learners"]) or any(
+            follower in m for m in r.events("MemberRebuilding")), 120, every=0.2, hint=r.hint)
         learner_at = time.monotonic() - started
         await async_wait_until("the member voting and in sync again", lambda: (
             follower in r.store()["shards"][shard]["members"] and r.converged(3)), 180,
