@@ -84,29 +84,14 @@ def _data(cfg: Config) -> dict[str, object]:
 
 
 async def seq_push(cfg: Config, port: int, target: str) -> C.Measure:
-    conn = await C.connect(port)
-    try:
-        line = C.push_line("bench.seq", _data(cfg))
-        await C.run([C.Sequential(conn, line, cfg.warm(cfg.n_seq), cfg.cap_s, C.check_ok)],
-                    cfg.cap_s)
-        w = C.Sequential(conn, line, cfg.n_seq, cfg.cap_s, C.check_ok)
-        await C.run([w], cfg.cap_s)
-        return C.measured([w])
-    finally:
-        conn.close()
+    line = C.push_line("bench.seq", _data(cfg))
+    return await C.sequential_push(port, line, cfg.n_seq, cfg.warm(cfg.n_seq), cfg.cap_s)
 
 
 async def pipe_push(cfg: Config, port: int, target: str) -> C.Measure:
-    conn = await C.connect(port)
-    try:
-        line = C.push_line("bench.pipe", _data(cfg))
-        warm = C.Windowed(conn, line, cfg.warm(cfg.n_pipe), cfg.window, cfg.cap_s, C.check_ok)
-        await C.run([warm], cfg.cap_s)
-        w = C.Windowed(conn, line, cfg.n_pipe, cfg.window, cfg.cap_s, C.check_ok)
-        await C.run([w], cfg.cap_s)
-        return C.measured([w])
-    finally:
-        conn.close()
+    line = C.push_line("bench.pipe", _data(cfg))
+    return await C.pipelined_push(port, line, cfg.n_pipe, cfg.warm(cfg.n_pipe), cfg.window,
+                                  cfg.cap_s)
 
 
 async def batch_push(cfg: Config, port: int, target: str) -> C.Measure:

@@ -352,3 +352,28 @@ def measured(workloads: list[Workload], per_unit: int = 1) -> Measure:
         jobs=sum(w.got for w in workloads) * per_unit, seconds=(t1 - t0) / 1e9,
         latencies_ns=lat, capped=any(w.capped for w in workloads),
     )
+
+
+async def sequential_push(port: int, line: bytes, n: int, warm: int, cap_s: float) -> Measure:
+    """``n`` PUSH lines one at a time on a fresh connection, after ``warm`` unmeasured ones."""
+    conn = await connect(port)
+    try:
+        await run([Sequential(conn, line, warm, cap_s, check_ok)], cap_s)
+        w = Sequential(conn, line, n, cap_s, check_ok)
+        await run([w], cap_s)
+        return measured([w])
+    finally:
+        conn.close()
+
+
+async def pipelined_push(port: int, line: bytes, n: int, warm: int, window: int,
+                         cap_s: float) -> Measure:
+    """``n`` PUSH lines with ``window`` in flight on a fresh connection, after ``warm``."""
+    conn = await connect(port)
+    try:
+        await run([Windowed(conn, line, warm, window, cap_s, check_ok)], cap_s)
+        w = Windowed(conn, line, n, window, cap_s, check_ok)
+        await run([w], cap_s)
+        return measured([w])
+    finally:
+        conn.close()

@@ -89,7 +89,9 @@ def engine_rate(data: Any, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-class _Caller:
+class Caller:
+    """The caller ``Node.execute`` gets from a TCP session: authenticated, no subscriptions."""
+
     owner = 1
     authed = True
     pending_rid: str | int | None = None
@@ -105,7 +107,7 @@ def execute_rate(line: bytes, lines: int, chunk: int, jobs_per_line: int = 1) ->
     answers joined, as ``Session._run`` does after each read.
     """
     node = Node(NodeSettings(), clock=wall_clock_ms)
-    caller = _Caller()
+    caller = Caller()
     execute = node.execute
     batch = [line] * chunk
     rounds = max(1, lines // chunk)

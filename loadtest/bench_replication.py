@@ -93,28 +93,13 @@ QUICK = {"n_seq": 1000, "n_seq_always": 300, "n_pipe": 10_000, "per_producer": 6
 
 
 async def seq_push(cfg: Config, port: int, n: int) -> C.Measure:
-    conn = await C.connect(port)
-    try:
-        line = C.push_line("bench.seq", C.payload(cfg.payload_bytes))
-        await C.run([C.Sequential(conn, line, cfg.warm(n), cfg.cap_s, C.check_ok)], cfg.cap_s)
-        w = C.Sequential(conn, line, n, cfg.cap_s, C.check_ok)
-        await C.run([w], cfg.cap_s)
-        return C.measured([w])
-    finally:
-        conn.close()
+    line = C.push_line("bench.seq", C.payload(cfg.payload_bytes))
+    return await C.sequential_push(port, line, n, cfg.warm(n), cfg.cap_s)
 
 
 async def pipe_push(cfg: Config, port: int, n: int) -> C.Measure:
-    conn = await C.connect(port)
-    try:
-        line = C.push_line("bench.pipe", C.payload(cfg.payload_bytes))
-        warm = C.Windowed(conn, line, cfg.warm(n), cfg.window, cfg.cap_s, C.check_ok)
-        await C.run([warm], cfg.cap_s)
-        w = C.Windowed(conn, line, n, cfg.window, cfg.cap_s, C.check_ok)
-        await C.run([w], cfg.cap_s)
-        return C.measured([w])
-    finally:
-        conn.close()
+    line = C.push_line("bench.pipe", C.payload(cfg.payload_bytes))
+    return await C.pipelined_push(port, line, n, cfg.warm(n), cfg.window, cfg.cap_s)
 
 
 async def producers(cfg: Config, port: int, n: int) -> C.Measure:

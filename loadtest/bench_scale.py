@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_report as report
+from bench_inproc import Caller
 
 from shardq import native
 from shardq.wire.protocol import JobSpec
@@ -61,15 +62,6 @@ QUEUE = "scale"
 _SECTIONS = {"compiled": "scale", "interpreted": "scale-interpreted"}
 PAYLOAD = 200  # bytes of each job's JSON payload
 BATCH = 100  # request lines between two flushes (a read's worth)
-
-
-class _Caller:
-    owner = 1
-    authed = True
-    pending_rid: str | int | None = None
-
-    def __init__(self) -> None:
-        self.subscriptions: dict[str, frozenset[str]] = {}
 
 
 def _payload(i: int) -> bytes:
@@ -102,7 +94,7 @@ def _node() -> Node:
     return Node(settings, clock=wall_clock_ms)
 
 
-def _run(node: Node, caller: _Caller, lines: list[bytes]) -> tuple[float, list[bytes]]:
+def _run(node: Node, caller: Caller, lines: list[bytes]) -> tuple[float, list[bytes]]:
     """Run ``lines`` as a session does; lines per CPU second of this process (no I/O here:
     its CPU time is the work, and the time other processes take the CPU is left out)."""
     execute = node.execute
@@ -133,7 +125,7 @@ class Filled:
         """One round: ``ops`` PUSH, then ``ops`` PULL, then ACK of what was pulled."""
         import orjson
 
-        node, caller = self.node, _Caller()
+        node, caller = self.node, Caller()
         data = orjson.dumps("x" * (PAYLOAD - 2))
         push = [b'{"cmd":"PUSH","queue":"%b","data":%b}' % (QUEUE.encode(), data)] * ops
         pull = [b'{"cmd":"PULL","queue":"%b","timeout":0}' % QUEUE.encode()] * ops

@@ -12,6 +12,7 @@ prove is the node's (``container_pids`` reads the pods' own cgroups).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tests.helpers import CI, eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "k8s"
+CHART = ROOT / "charts" / "shardq"
 NETNS = os.environ.get("SHARDQ_RN_NETNS", "shardq-rn")
 CGROUP_ROOT = f"/{NETNS}"  # the kubelet's cgroupRoot (real_node.sh)
 TIMINGS: dict[str, float] = {}
@@ -187,6 +189,34 @@ class LoadRun:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def gateway_load(node: RealNode, gateway: str, token: str, prefix: str) -> LoadRun:
+    """The tier's steady load through the gateway Service (bounded: 600 s, 60,000 jobs)."""
+    return LoadRun(node, ["--address", gateway, "--token", token, "--prefix", prefix,
+                          "--max-seconds", "600", "--max-jobs", "60000",
+                          "--drain-seconds", "120"])
+
+
+@contextlib.contextmanager
+def installed_release(node: RealNode, release: str, values: dict[str, Any]
+                      ) -> Iterator[tuple[Api, Any, float]]:
+    """``helm install`` of the chart as ``release`` in the namespace of the same name (its
+    cluster named so too): the API client, the helm client and when the install began."""
+    import helm_python
+
+    api = Api(node.kubeconfig, release, release)
+    helm = helm_python.Config(kubeconfig_path=str(node.kubeconfig), namespace=release)
+    try:
+        started = time.monotonic()
+        installed = helm.install(str(CHART), release, values, namespace=release,
+                                 create_namespace=True, timeout=300)
+        timed(f"helm install {release}", started)
+        assert installed["status"] == "deployed", installed
+        yield api, helm, started
+    finally:
+        helm.close()
+        api.close()
 
 
 def assert_nothing_lost(counts: dict[str, Any], at_least: int) -> None:

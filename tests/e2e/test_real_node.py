@@ -32,6 +32,8 @@ from .realnode import (
     container_pids,
     converged,
     eventually,
+    gateway_load,
+    installed_release,
     proc_status,
     ready,
     root_mount_options,
@@ -40,7 +42,6 @@ from .realnode import (
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(1800)]  # cold: builds first (~8 min)
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "shardq"
 NS = RELEASE = CLUSTER = "shardq"  # fullname = the release's name: shardq-node, shardq-gateway
 GATEWAY = f"{CLUSTER}-gateway.{NS}.svc.cluster.local:6789"  # the Service, by its DNS name
 TOKEN = "real-node-client-token"
@@ -65,9 +66,7 @@ class Release:
     installed_at: float
 
     def load(self, prefix: str) -> LoadRun:
-        return LoadRun(self.node, ["--address", GATEWAY, "--token", TOKEN, "--prefix", prefix,
-                                   "--max-seconds", "600", "--max-jobs", "60000",
-                                   "--drain-seconds", "120"])
+        return gateway_load(self.node, GATEWAY, TOKEN, prefix)
 
     def describe(self) -> str:
         """Pods, recent events and the operator's log: the hint of a failed wait."""
@@ -90,20 +89,10 @@ class Release:
 
 @pytest.fixture(scope="module")
 def release(real_node: RealNode) -> Iterator[Release]:
-    import helm_python
-
-    api = Api(real_node.kubeconfig, NS, CLUSTER)
-    helm = helm_python.Config(kubeconfig_path=str(real_node.kubeconfig), namespace=NS)
     try:
-        started = time.monotonic()
-        installed = helm.install(str(CHART), RELEASE, VALUES, namespace=NS,
-                                 create_namespace=True, timeout=300)
-        timed("helm install", started)
-        assert installed["status"] == "deployed", installed
-        yield Release(real_node, api, helm, started)
+        with installed_release(real_node, RELEASE, VALUES) as (api, helm, started):
+            yield Release(real_node, api, helm, started)
     finally:
-        helm.close()
-        api.close()
         print(f"\n[real-node] timings so far: {TIMINGS}", flush=True)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from .realnode import (
+    CHART,
     ROOT,
     SCRIPTS,
     Api,
@@ -42,12 +43,13 @@ from .realnode import (
     RealNode,
     container_pids,
     eventually,
+    gateway_load,
+    installed_release,
     timed,
 )
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(1800)]
 
-CHART = ROOT / "charts" / "shardq"
 NS = RELEASE = CLUSTER = "shardq-r"
 GATEWAY = f"{CLUSTER}-gateway.{NS}.svc.cluster.local:6789"
 TOKEN = "real-node-r-client-token"
@@ -70,9 +72,7 @@ class Replicated:
     installed_at: float
 
     def load(self, prefix: str) -> LoadRun:
-        return LoadRun(self.node, ["--address", GATEWAY, "--token", TOKEN, "--prefix", prefix,
-                                   "--max-seconds", "600", "--max-jobs", "60000",
-                                   "--drain-seconds", "120"])
+        return gateway_load(self.node, GATEWAY, TOKEN, prefix)
 
     def store(self) -> dict[str, Any]:
         cm = self.api.core.read_namespaced_config_map(f"{CLUSTER}-topology", NS)
@@ -123,20 +123,8 @@ class Replicated:
 
 @pytest.fixture(scope="module")
 def replicated(real_node: RealNode) -> Iterator[Replicated]:
-    import helm_python
-
-    api = Api(real_node.kubeconfig, NS, CLUSTER)
-    helm = helm_python.Config(kubeconfig_path=str(real_node.kubeconfig), namespace=NS)
-    try:
-        started = time.monotonic()
-        installed = helm.install(str(CHART), RELEASE, VALUES, namespace=NS,
-                                 create_namespace=True, timeout=300)
-        timed("replicated: helm install", started)
-        assert installed["status"] == "deployed", installed
+    with installed_release(real_node, RELEASE, VALUES) as (api, helm, started):
         yield Replicated(real_node, api, helm, started)
-    finally:
-        helm.close()
-        api.close()
 
 
 def assert_none_lost(counts: dict[str, Any], at_least: int) -> None:

@@ -30,13 +30,6 @@ from .test_fuzz import FUZZ, LineClient, NodeThread, byte_lines, requests, tame
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = await Cluster.start(3)
-    yield c
-    await c.stop()
-
-
-@pytest.fixture
 async def gateway(cluster: Cluster) -> AsyncIterator[Gateway]:
     gw = await start_gateway(cluster)
     yield gw

@@ -20,13 +20,6 @@ from ..helpers import RawClient, eventually, free_port
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = await Cluster.start(3)
-    yield c
-    await c.stop()
-
-
-@pytest.fixture
 async def gateway(cluster: Cluster) -> AsyncIterator[Gateway]:
     gw = Gateway(GatewaySettings(port=0, http_port=free_port(), seeds=cluster.seeds()))
     await gw.start()
