@@ -4,6 +4,7 @@ nodes on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import socket
@@ -324,14 +325,26 @@ class SteadyLoad:
         self.completed: dict[int, int] = {}
         self.acked_ids: dict[int, list[int]] = {}  # number -> the job ids acked for it
         self.unsure: set[int] = set()  # numbers whose ACK failed without an answer
+        #: unsure numbers the cluster did not hold completed (the ACK was not applied; the
+        #: job comes back once its lease runs out), with the state it said
+        self.unapplied: dict[int, str] = {}
         self.longest = 0.0
         self.errors: list[str] = []
         self.stop = asyncio.Event()
+        #: producers still running: a push answered after ``stop`` is still outstanding
+        self.producing = 0
 
     def timed(self, started: float) -> None:
         self.longest = max(self.longest, time.monotonic() - started)
 
     async def produce(self, producer: int) -> None:
+        self.producing += 1
+        try:
+            await self._produce(producer)
+        finally:
+            self.producing -= 1
+
+    async def _produce(self, producer: int) -> None:
         n = 0
         async with AsyncClient(self.producer_address, token=self.token) as c:
             while not self.stop.is_set():
@@ -352,7 +365,7 @@ class SteadyLoad:
 
     async def work(self, queues: list[str]) -> None:
         async with AsyncClient(self.worker_address, token=self.token) as c:
-            while not self.stop.is_set() or self.outstanding():
+            while not self.drained():
                 for q in queues:
                     started = time.monotonic()
                     try:
@@ -372,8 +385,13 @@ class SteadyLoad:
                     except ShardqError as exc:
                         self.errors.append(f"work: {exc}")
                         await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
-                if self.stop.is_set() and not self.outstanding():
+                if self.drained():
                     return
+                if self.stop.is_set() and not self.producing and not self.outstanding():
+                    # an ACK whose answer was lost may not have been applied: such a job
+                    # comes back when its lease runs out, so ask before giving up on it
+                    with contextlib.suppress(ShardqError, OSError):
+                        await self.settle_unsure()
                 await asyncio.sleep(self.work_pause)  # the workers' pace, not a wait for a state
 
     async def progressed(self, where: str, jobs: int = 20, timeout: float = 60.0) -> None:
@@ -384,17 +402,28 @@ class SteadyLoad:
                          what=f"{jobs} more jobs completed by the load {where}",
                          hint=lambda: f"errors: {self.errors[-5:]}")
 
+    def drained(self) -> bool:
+        """Stopped, every producer done, and every pushed job completed (or its ACK's answer
+        lost, with no lease to wait for)."""
+        return (self.stop.is_set() and not self.producing and not self.outstanding()
+                and (not self.unsure or self.job_timeout is None))
+
     def outstanding(self) -> set[int]:
         return self.pushed - self.completed.keys() - self.unsure
 
     async def settle_unsure(self) -> None:
-        """Count a job whose ACK answer was lost as completed if the cluster says it is."""
+        """Count a job whose ACK answer was lost as completed if the cluster says it is;
+        any other state makes it outstanding again (the ACK was not applied: the job is
+        handed out again once its lease runs out, and the workers wait for it)."""
+        asked = set(self.unsure)
         async with AsyncClient(self.worker_address, token=self.token) as c:
-            for number in sorted(self.unsure - self.completed.keys()):
+            for number in sorted(asked - self.completed.keys()):
                 job = await c.get_job(self.ids[number])
                 if job is not None and job.get("state") == "completed":
                     self.completed[number] = 1
-        self.unsure.clear()
+                else:
+                    self.unapplied[number] = (job or {}).get("state", "gone")
+        self.unsure -= asked
 
     def duplicate_evidence(self) -> dict[int, list[int]]:
         """Each number completed more than once, with the job ids its acks named (one id

@@ -41,6 +41,7 @@ from .realnode import (
     Api,
     LoadRun,
     RealNode,
+    assert_nothing_lost,
     container_pids,
     eventually,
     gateway_load,
@@ -127,20 +128,6 @@ def replicated(real_node: RealNode) -> Iterator[Replicated]:
         yield Replicated(real_node, api, helm, started)
 
 
-def assert_none_lost(counts: dict[str, Any], at_least: int) -> None:
-    """No acknowledged push lost, every pushed job completed. A job completed twice is
-    printed with the load's counts but not failed on here: a primary SIGKILLed under load
-    through the gateway has shown one (1 of 385 in one run, with an ack answered
-    JobNotFound by the new primary), a finding for the replication layer that the operator
-    cannot cause or mend (docs/kubernetes.md, Tests)."""
-    assert counts["pushed"] >= at_least, counts
-    assert counts["lost"] == 0, counts
-    assert counts["completed"] == counts["pushed"], counts
-    if counts["duplicated"]:
-        print(f"[real-node] DUPLICATED COMPLETIONS: {counts['duplicated']} "
-              f"(errors {counts['errors']})", flush=True)
-
-
 class Outage:
     """``probe.py outage --shard S`` inside the namespace: pushes through the Service every
     50 ms; ``stop()`` returns the longest gap between two successful pushes."""
@@ -208,7 +195,7 @@ def test_replicated_primary_sigkill_shard_takes_pushes_again(replicated: Replica
     timed("replicated: primary SIGKILL until its shard takes pushes", time.monotonic() - took)
     assert after["term"] > before["term"]
     assert took <= 10.0, gap
-    assert_none_lost(counts, at_least=50)
+    assert_nothing_lost(counts, at_least=50)
 
 
 def test_replicated_lost_volume_rebuilds_as_a_learner(replicated: Replicated) -> None:
@@ -238,7 +225,7 @@ def test_replicated_lost_volume_rebuilds_as_a_learner(replicated: Replicated) ->
           f"{r.events('MemberRebuilding')[-1:]} {r.events('MemberInSync')[-1:]}", flush=True)
     assert new_volume != old_volume
     assert any(victim in m for m in r.events("MemberInSync"))
-    assert_none_lost(counts, at_least=50)
+    assert_nothing_lost(counts, at_least=50)
 
 
 def test_replicated_operator_deleted_mid_failover_the_next_finishes(
@@ -303,7 +290,7 @@ def test_replicated_operator_deleted_mid_failover_the_next_finishes(
           f"primary): the next one made {after['primary']} primary in term {after['term']}",
           flush=True)
     assert after["term"] >= mid["term"]
-    assert_none_lost(counts, at_least=20)
+    assert_nothing_lost(counts, at_least=20)
 
 
 def test_replicated_rolling_restart_by_image_tag(replicated: Replicated) -> None:
@@ -334,7 +321,7 @@ def test_replicated_rolling_restart_by_image_tag(replicated: Replicated) -> None
           f"{len(r.events('Switchover'))}", flush=True)
     # failed requests are counted, not bounded: the image change also rolls the gateway
     # Deployment, and each replaced gateway pod cuts its clients' connections
-    assert_none_lost(counts, at_least=50)
+    assert_nothing_lost(counts, at_least=50)
 
 
 @pytest.mark.skipif(not os.environ.get("SHARDQ_RN_LONG"),
@@ -356,4 +343,4 @@ def test_replicated_scaling_3_5_2_shards(replicated: Replicated) -> None:
         timed("replicated: scale 5 -> 2 shards", started)
         counts = run.finish()
     assert sorted(r.store()["shards"]) == ["shard-0", "shard-1"]
-    assert_none_lost(counts, at_least=100)
+    assert_nothing_lost(counts, at_least=100)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from shardq.errors import ShardqError
 from shardq.wire.slots import slot_of
 from shardq_operator.local import LocalCluster
 
-from ..helpers import SteadyLoad, eventually, free_port
+from ..cluster import node_call
+from ..helpers import RawClient, SteadyLoad, eventually, free_port
 
 QUEUES = [f"rep-{i}" for i in range(12)]
 
@@ -165,3 +167,75 @@ async def test_a_blocked_pull_follows_the_primary_across_a_switchover(tmp_path: 
             assert await producer.get_job(job_id) is not None
     finally:
         await cluster.stop()
+
+
+@pytest.mark.slow
+async def test_a_push_delivered_to_a_primary_that_dies_is_never_sent_twice(
+        tmp_path: Path) -> None:
+    """The primary holds a PUSH it cannot commit (both followers stopped: its frames wait in
+    their sockets) and is SIGKILLed while the gateway is stopped; the failover makes a
+    follower primary, which reads that PUSH from its socket. Before: the gateway, resumed,
+    found its connection to the dead primary closed, read the topology again, saw the new
+    primary and sent the PUSH there too: one push, stored twice. Now the client is told
+    the push may have been applied, and the shard holds it exactly once."""
+    cluster, port = await _cluster(tmp_path, 1, failure_timeout=1.0)
+    stopped: list[subprocess.Popen[bytes]] = []
+    try:
+        topo = await cluster.current()
+        assert topo is not None and cluster.gateway is not None
+        shard = topo.shards["shard-0"]
+        primary = next(n for n in cluster.nodes if n.name == shard.primary)
+        followers = [n for n in cluster.nodes if n.name in shard.members and n is not primary]
+        queue = "delivered-once"
+        async with AsyncClient(f"127.0.0.1:{port}") as c:
+            await c.push("warm-up", {"warm": True})  # the gateway's links are open
+        client = await RawClient.connect(port)
+        try:
+            for proc in [f.proc for f in followers]:
+                assert proc is not None
+                proc.send_signal(signal.SIGSTOP)
+                stopped.append(proc)
+
+            async def written_not_committed() -> bool:
+                status = await node_call(primary.port, {"cmd": "STATUS"})
+                return int(status["seq"]) > int(status["commit"])
+
+            await client.send({"cmd": "PUSH", "queue": queue, "data": {"once": True}})
+            await eventually(written_not_committed, 10,
+                             what="the primary wrote the push and waits for a follower")
+            cluster.gateway.send_signal(signal.SIGSTOP)
+            stopped.append(cluster.gateway)
+            assert primary.proc is not None
+            primary.proc.send_signal(signal.SIGKILL)
+            primary.proc.wait()
+            for proc in stopped[:-1]:
+                proc.send_signal(signal.SIGCONT)
+
+            async def failed_over() -> bool:
+                t = await cluster.current()
+                return t is not None and t.shards["shard-0"].primary not in ("", primary.name)
+
+            await eventually(failed_over, 30, what="a follower made primary")
+            for proc in stopped:
+                proc.send_signal(signal.SIGCONT)
+            stopped.clear()
+            answer = await client.recv(30)
+        finally:
+            await client.close()
+        async with AsyncClient(f"127.0.0.1:{port}") as c:
+            async def counted() -> tuple[int] | None:
+                try:
+                    await c.push("after", {"probe": True})
+                except ShardqError:
+                    return None  # the new primary is not published everywhere yet
+                return (len(await c.pull_batch(queue, 10, timeout=0)),)
+
+            (held,) = await eventually(counted, 30, what="the shard takes pushes again")
+    finally:
+        for proc in stopped:
+            proc.send_signal(signal.SIGCONT)
+        await cluster.stop()
+    print(f"\nPUSH delivered to the killed primary: answered {answer}; the new primary "
+          f"holds it {held} time(s)")
+    assert answer["ok"] is False and "may have been applied" in answer["error"], answer
+    assert held == 1, held

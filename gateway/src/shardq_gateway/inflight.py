@@ -180,10 +180,16 @@ class Forward(Pending):
 
     def unavailable(self, text: str) -> None:
         """The owner did not answer: read the topology again once (its pod may have moved
-        to a new address, published meanwhile) and send there; else the clear error."""
+        to a new address, published meanwhile) and send there; else the clear error. A
+        request written to the owner before its connection dropped may have run (its
+        record may even live on in a follower that becomes primary): never sent again,
+        the client is told it may have been applied."""
+        if self.delivered:
+            self.finish(error_line(f"{text} (the request may have been applied)", self.rid))
+            return
         router = self.client.router
         link = router.by_slot[self.slot]
-        if router.replicated(self.slot) and not self.delivered:
+        if router.replicated(self.slot):
             # the controller replaces a lost primary: wait for it (a request never sent)
             retry = self.retry
             if retry is None or not retry.spent():
