@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shardq.errors import ShardqError, Unavailable
+from shardq.errors import GatewayDraining, ShardqError, Unavailable
 from shardq.wire.retry import ERROR_PREFIX, MOVED, TRYAGAIN, Retry, refusal
 from shardq.wire.slots import SLOTS
 
@@ -64,6 +64,10 @@ def answer_line(answer: dict[str, Any], rid: str | int | None) -> bytes:
     if rid is not None:
         answer["reqId"] = rid
     return orjson.dumps(answer)
+
+
+#: The answer of a request a draining gateway did not run (nor any after it on that connection).
+DRAINING = GatewayDraining().text
 
 
 def moving(slot: int) -> str:
@@ -162,7 +166,10 @@ class Forward(Pending):
                 return
         elif self.flags:
             if self.flags & FOREVER and answer.startswith(EMPTY_PULL):
-                self.dispatch()
+                if self.client.draining:  # it leased nothing: say so rather than wait again
+                    self.cut_short()
+                else:
+                    self.dispatch()
                 return
             if self.flags & TRACK:
                 self.client.took(answer)
@@ -181,6 +188,9 @@ class Forward(Pending):
     def unavailable(self, text: str) -> None:
         """The owner did not answer: read the topology again once (its pod may have moved
         to a new address, published meanwhile) and send there; else the clear error."""
+        if self.flags & BLOCKING and self.client.draining:
+            self.cut_short()  # its connection was closed by the drain: the node released it
+            return
         router = self.client.router
         link = router.by_slot[self.slot]
         if router.replicated(self.slot) and not self.delivered:
@@ -194,6 +204,12 @@ class Forward(Pending):
             if router.reread(link, lambda: self._after_reread(link, text)):
                 return
         self.finish(error_line(text, self.rid))
+
+    def cut_short(self) -> None:
+        """A draining gateway ends a pull that may wait: it leased nothing the client will
+        get (what its node leased on the closed connection went back), so it was not run."""
+        self.finish(error_line(DRAINING, self.rid))
+        self.client.farewell()
 
     def _after_reread(self, before: NodeLink, text: str) -> None:
         if self.client.closing:
