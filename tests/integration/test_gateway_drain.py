@@ -1,0 +1,224 @@
+"""A gateway drains on SIGTERM (shardq_gateway.drain): a rolling restart of the gateways
+under load fails no request, loses and duplicates no job.
+
+Real nodes (in-process), real gateway subprocesses, SDK clients through a test-side
+balancer that stands in for the Kubernetes Service (tests/balancer.py): round-robin over
+the gateways whose ``/ready`` answers 200, polled like kube-proxy learns it (late).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from shardq import AsyncClient
+from shardq.errors import GatewayDraining
+
+from ..balancer import Balancer
+from ..cluster import Cluster
+from ..helpers import RawClient, SteadyLoad, eventually, free_port, listens_in
+
+QUEUES = [f"drain-{i}" for i in range(8)]
+#: The gateways' drain settings here (the defaults are 5 s and 20 s).
+DRAIN_DELAY = 1.5
+DRAIN_TIMEOUT = 8.0
+#: A process's own start-up and exit around the drain (interpreter, sockets, logs).
+EXIT_SLACK = 3.0
+
+
+class GatewayProc:
+    """``shardq gateway`` as a subprocess on two free ports."""
+
+    def __init__(self, seeds: list[str], *args: str) -> None:
+        self.port, self.http_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "shardq.cli", "gateway", "--port", str(self.port),
+               "--http-port", str(self.http_port), "--seed", ",".join(seeds),
+               "--drain-delay", str(DRAIN_DELAY), "--drain-timeout", str(DRAIN_TIMEOUT), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    async def up(self) -> GatewayProc:
+        """Wait (without blocking the loop: the nodes run in it) until it listens."""
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}")
+            return listens_in(self.proc.pid, self.port) and listens_in(self.proc.pid,
+                                                                       self.http_port)
+
+        await eventually(listening, 30, 0.05, what=f"gateway listening on {self.port}")
+        return self
+
+    async def terminate(self) -> float:
+        """SIGTERM it and wait until it exits by itself; the seconds that took."""
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: self.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK + 5,
+                         0.05, what=f"gateway on port {self.port} exits after SIGTERM")
+        return time.monotonic() - sent
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = await Cluster.start(2)
+    yield c
+    await c.stop()
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[GatewayProc]]:
+    started: list[GatewayProc] = []
+    yield started
+    for gw in started:
+        gw.kill()
+
+
+@pytest.fixture
+async def balancer() -> AsyncIterator[Balancer]:
+    b = await Balancer(period=0.3).start()
+    yield b
+    await b.close()
+
+
+async def start(cluster: Cluster, gateways: list[GatewayProc],
+                balancer: Balancer | None = None) -> GatewayProc:
+    gw = GatewayProc(cluster.seeds())
+    gateways.append(gw)
+    await gw.up()
+    if balancer is not None:
+        balancer.add(gw.port, gw.http_port)
+    return gw
+
+
+async def finish(load: SteadyLoad, tasks: list[asyncio.Task[None]]) -> None:
+    load.stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    await load.settle_unsure()
+
+
+@pytest.mark.slow
+async def test_a_rolling_restart_of_the_gateways_under_load_fails_no_request(
+    cluster: Cluster, gateways: list[GatewayProc], balancer: Balancer,
+) -> None:
+    first = await start(cluster, gateways, balancer)
+    second = await start(cluster, gateways, balancer)
+    await eventually(lambda: len(balancer.ready_ports()) == 2, 10, what="both gateways ready")
+    load = SteadyLoad(QUEUES, balancer.address, pause=0.002, work_pause=0.002)
+    tasks = [asyncio.create_task(load.produce(i)) for i in range(4)]
+    tasks += [asyncio.create_task(load.work(QUEUES[i::3])) for i in range(3)]
+    try:
+        await load.progressed("before the restart", 300)
+        took = [await first.terminate()]
+        third = await start(cluster, gateways, balancer)
+        await eventually(lambda: third.port in balancer.ready_ports(), 10,
+                         what="the replacement gateway ready")
+        await load.progressed("after the first gateway's drain", 300)
+        took.append(await second.terminate())
+        await load.progressed("after the second gateway's drain", 300)
+    finally:
+        await finish(load, tasks)
+    codes = [first.proc.returncode, second.proc.returncode]
+    print(f"\ngateway drain: pushed {len(load.pushed)}, completed {len(load.completed)}, "
+          f"lost {load.lost()}, duplicated {load.duplicates()}, failed requests "
+          f"{len(load.errors)}, exits after SIGTERM {[f'{t:.2f}s' for t in took]}, "
+          f"exit codes {codes}, connections the balancer could not place {balancer.refused}")
+    assert load.errors == []
+    assert load.lost() == 0
+    assert load.duplicates() == 0, load.duplicate_evidence()
+    assert codes == [0, 0]
+    assert all(t <= DRAIN_TIMEOUT + EXIT_SLACK for t in took), took
+
+
+async def test_pipelined_requests_in_flight_get_every_answer_during_the_drain(
+    cluster: Cluster, gateways: list[GatewayProc],
+) -> None:
+    gw = await start(cluster, gateways)
+    client = await RawClient.connect(gw.port)
+    await client.call({"cmd": "PUSH", "queue": "pipe", "data": 0})  # connected and routed
+    gw.proc.send_signal(signal.SIGTERM)
+    # during the delay everything is served as usual: a burst of 500 pipelined requests
+    await client.send(*({"cmd": "PUSH", "queue": f"pipe-{i % 7}", "data": i, "reqId": str(i)}
+                        for i in range(500)))
+    answers = [await client.recv() for _ in range(500)]
+    assert [a["reqId"] for a in answers] == [str(i) for i in range(500)]
+    assert all(a["ok"] for a in answers), [a for a in answers if not a["ok"]][:3]
+    # once it closes connections, the idle client is told so and the connection ends
+    goodbye = await client.recv(DRAIN_DELAY + 5)
+    assert goodbye == {"ok": False, "error": GatewayDraining().text}
+    assert await client.closed_by_server()
+    await client.close()
+    await eventually(lambda: gw.proc.poll() is not None, DRAIN_TIMEOUT, 0.05,
+                     what="the drained gateway exits before its bound")
+    assert gw.proc.returncode == 0
+
+
+async def test_a_request_read_after_the_drain_began_is_refused_not_run_and_nothing_after_it(
+    cluster: Cluster, gateways: list[GatewayProc],
+) -> None:
+    gw = await start(cluster, gateways)
+    holder = await RawClient.connect(gw.port)  # holds a job: its connection outlives the delay
+    for data in ("settled", "held"):
+        await holder.call({"cmd": "PUSH", "queue": "raw", "data": data})
+    pulled = await holder.call({"cmd": "PULLB", "queue": "raw", "count": 2, "timeout": 0})
+    job = pulled["jobs"][0]["id"]
+    gw.proc.send_signal(signal.SIGTERM)
+    await eventually(lambda: ready(gw.http_port, 503), 5, 0.05, what="/ready fails at once")
+    await asyncio.sleep(DRAIN_DELAY + 0.5)  # the delay is a fixed duration, not a state
+    # a client holding jobs may still settle them
+    assert await holder.call({"cmd": "ACK", "id": job, "reqId": "a"}) == {"ok": True,
+                                                                         "reqId": "a"}
+    # anything else: refused, with that request's id, and the lines behind it are not run
+    await holder.send({"cmd": "PUSH", "queue": "raw", "data": "late", "reqId": "p"},
+                      {"cmd": "PUSH", "queue": "raw", "data": "later", "reqId": "q"})
+    refused = await holder.recv()
+    assert refused == {"ok": False, "error": GatewayDraining().text, "reqId": "p"}
+    assert refused["error"].startswith("Unavailable: gateway draining, request not executed")
+    assert await holder.closed_by_server()
+    await holder.close()
+    stats = await cluster.call(cluster.owner_of_queue("raw").settings.name, {"cmd": "STATS"})
+    # neither late push ran: only the held job is left (leased, or handed back by the node
+    # once the gateway exited: a drained client's jobs are not released with its connection)
+    assert stats["queued"] + stats["processing"] == 1, stats
+    await eventually(lambda: gw.proc.poll() is not None, DRAIN_TIMEOUT, 0.05,
+                     what="the drained gateway exits before its bound")
+
+
+async def test_the_sdk_sends_a_refused_request_again_through_another_gateway(
+    cluster: Cluster, gateways: list[GatewayProc], balancer: Balancer,
+) -> None:
+    first = await start(cluster, gateways, balancer)
+    await eventually(lambda: balancer.ready_ports() == [first.port], 10, what="first ready")
+    async with AsyncClient(balancer.address) as client:
+        await client.push("sdk", 1)
+        first.proc.send_signal(signal.SIGTERM)
+        await start(cluster, gateways, balancer)
+        await eventually(lambda: len(balancer.ready_ports()) == 1
+                         and first.port not in balancer.ready_ports(), 10,
+                         what="only the second gateway ready")
+        await eventually(lambda: first.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK,
+                         0.05, what="the first gateway drained and exited")
+        # the client's connection was closed by the drain while idle: the next push goes on
+        # a new connection, to the second gateway, and succeeds
+        ids = [await client.push("sdk", n) for n in range(2, 12)]
+        assert len(set(ids)) == 10
+        assert (await client.stats())["queued"] == 11
+
+
+def ready(http_port: int, status: int) -> Any:
+    async def check() -> bool:
+        async with (aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{http_port}/ready") as answer):
+            return answer.status == status
+
+    return check
