@@ -9,9 +9,11 @@ the gateways whose ``/ready`` answers 200, polled like kube-proxy learns it (lat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -23,7 +25,7 @@ from shardq import AsyncClient
 from shardq.errors import GatewayDraining
 
 from ..balancer import Balancer
-from ..cluster import Cluster
+from ..cluster import Cluster, blocked_pulls
 from ..helpers import RawClient, SteadyLoad, eventually, free_port, listens_in
 
 QUEUES = [f"drain-{i}" for i in range(8)]
@@ -42,7 +44,10 @@ class GatewayProc:
         cmd = [sys.executable, "-m", "shardq.cli", "gateway", "--port", str(self.port),
                "--http-port", str(self.http_port), "--seed", ",".join(seeds),
                "--drain-delay", str(DRAIN_DELAY), "--drain-timeout", str(DRAIN_TIMEOUT), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        #: its log (stdout and stderr), kept for a failure's message (``tail``)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (lives as long as the process)
+            prefix=f"gateway-{self.port}-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
     async def up(self) -> GatewayProc:
         """Wait (without blocking the loop: the nodes run in it) until it listens."""
@@ -67,6 +72,11 @@ class GatewayProc:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
+
+    def tail(self, lines: int = 15) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
 
 
 @pytest.fixture
@@ -101,10 +111,26 @@ async def start(cluster: Cluster, gateways: list[GatewayProc],
     return gw
 
 
-async def finish(load: SteadyLoad, tasks: list[asyncio.Task[None]]) -> None:
+async def finish(load: SteadyLoad, tasks: list[asyncio.Task[None]], cluster: Cluster) -> None:
     load.stop.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    except TimeoutError:
+        raise AssertionError(f"the load did not finish: {await stuck(load, cluster)}") from None
     await load.settle_unsure()
+
+
+async def stuck(load: SteadyLoad, cluster: Cluster) -> str:
+    """What the outstanding jobs are doing, asked of their nodes (for a failure's message)."""
+    states = []
+    for number in sorted(load.outstanding())[:10]:
+        job_id = load.ids.get(number)
+        for node in cluster.nodes:
+            answer = await cluster.call(node.settings.name, {"cmd": "GETJOB", "id": job_id})
+            if answer.get("job"):
+                states.append((number, job_id, node.settings.name, answer["job"]))
+    return (f"{len(load.outstanding())} outstanding; errors {load.errors[-5:]}; "
+            f"first states {states}")
 
 
 @pytest.mark.slow
@@ -127,7 +153,7 @@ async def test_a_rolling_restart_of_the_gateways_under_load_fails_no_request(
         took.append(await second.terminate())
         await load.progressed("after the second gateway's drain", 300)
     finally:
-        await finish(load, tasks)
+        await finish(load, tasks, cluster)
     codes = [first.proc.returncode, second.proc.returncode]
     print(f"\ngateway drain: pushed {len(load.pushed)}, completed {len(load.completed)}, "
           f"lost {load.lost()}, duplicated {load.duplicates()}, failed requests "
@@ -161,6 +187,69 @@ async def test_pipelined_requests_in_flight_get_every_answer_during_the_drain(
     await eventually(lambda: gw.proc.poll() is not None, DRAIN_TIMEOUT, 0.05,
                      what="the drained gateway exits before its bound")
     assert gw.proc.returncode == 0
+
+
+async def test_a_pipelining_client_gets_every_answer_then_one_refusal_and_nothing_after_runs(
+    cluster: Cluster, gateways: list[GatewayProc],
+) -> None:
+    gw = await start(cluster, gateways)
+    client = await RawClient.connect(gw.port)
+    gw.proc.send_signal(signal.SIGTERM)
+    sent = 0
+
+    async def write() -> None:  # bursts of pipelined pushes until the gateway stops reading
+        nonlocal sent
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await client.send(*({"cmd": "PUSH", "queue": "burst", "data": n,
+                                     "reqId": str(n)} for n in range(sent, sent + 50)))
+                sent += 50
+                await asyncio.sleep(0.001)  # the client's pace, not a wait for a state
+
+    writer = asyncio.create_task(write())
+    answers = []
+    while not answers or answers[-1]["ok"]:
+        answers.append(await client.recv(DRAIN_DELAY + 5))
+    assert await client.closed_by_server()
+    writer.cancel()
+    await client.close()
+    served, refused = answers[:-1], answers[-1]
+    # every request before the refusal was answered, in order; the refusal names the next one
+    assert [a["reqId"] for a in served] == [str(n) for n in range(len(served))]
+    assert all(a["ok"] for a in served)
+    # (unasked, without a reqId, if the drain found the connection idle between two bursts)
+    assert refused["error"] == GatewayDraining().text
+    assert refused.get("reqId", str(len(served))) == str(len(served))
+    assert sent >= len(served)
+    owner = cluster.owner_of_queue("burst").settings.name
+    stats = await cluster.call(owner, {"cmd": "STATS"})
+    assert stats["queued"] == len(served), (stats, len(served), sent)  # nothing after it ran
+    print(f"\npipelined burst: {len(served)} answered, then the refusal "
+          f"({'to ' + refused['reqId'] if 'reqId' in refused else 'unasked'}); {sent} sent")
+
+
+async def test_a_waiting_pull_is_cut_short_by_the_drain_and_the_sdk_sends_it_elsewhere(
+    cluster: Cluster, gateways: list[GatewayProc], balancer: Balancer,
+) -> None:
+    first = await start(cluster, gateways, balancer)
+    await eventually(lambda: balancer.ready_ports() == [first.port], 10, what="first ready")
+    async with AsyncClient(balancer.address) as worker, AsyncClient(balancer.address) as other:
+        pull = asyncio.create_task(worker.pull("waiting"))  # no timeout: waits for a job
+        await eventually(lambda: blocked_pulls(cluster.owner_of_queue("waiting"), "waiting"),
+                         10, 0.02, what="the pull waiting on its node")
+        # a rollout with maxSurge 1: the new gateway is ready before the old one is stopped
+        await start(cluster, gateways, balancer)
+        await eventually(lambda: len(balancer.ready_ports()) == 2, 10, what="both ready")
+        first.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: first.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK,
+                         0.05, what="the first gateway drained and exited")
+        # sent again, through the second gateway, and waiting there
+        assert not pull.done(), f"{pull}\nthe first gateway's log:\n{first.tail()}"
+        pushed = await other.push("waiting", "the job")
+        job = await asyncio.wait_for(pull, 10)
+        assert job is not None and job.id == pushed
+        await worker.ack(job)
+    assert first.proc.returncode == 0
 
 
 async def test_a_request_read_after_the_drain_began_is_refused_not_run_and_nothing_after_it(
