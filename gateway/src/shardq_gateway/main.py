@@ -81,6 +81,8 @@ class Gateway:
             self.server.close()
         for session in list(self.sessions):
             session.close()
+            if session.transport is not None:
+                session.transport.close()  # one half-closed by the drain, too
         if self.server is not None:
             await self.server.wait_closed()
         await self.router.close()
