@@ -9,8 +9,12 @@
    any other is answered ``Unavailable: gateway draining, request not executed…``, which
    guarantees that it and everything sent after it on that connection were not run, and
    the connection half-closes. An idle session gets that line unasked (docs/protocol.md).
-   The gateway stops once no session is left, or at ``drain_timeout`` seconds after the
-   signal, whichever comes first; what is left then is closed as ``Gateway.stop`` does.
+   A pull that waits is cut short the same way, but its node connection stays open: the
+   jobs the client pulled over it stay leased for it to settle (through another gateway,
+   with their tokens) until this gateway exits.
+   The gateway stops once no session is left and no such connection is open, or at
+   ``drain_timeout`` seconds after the signal, whichever comes first; what is left then
+   is closed as ``Gateway.stop`` does (the nodes hand back the jobs still leased on it).
 
 Must not: wait without the bound, or close a connection that has an answer on its way.
 """
@@ -43,12 +47,18 @@ async def drain(gateway: Gateway) -> bool:
     gateway.closing = True
     for session in list(gateway.sessions):
         session.drain()
-    while gateway.sessions and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (gateway.sessions or holds_pulls(gateway)):
         await asyncio.sleep(POLL)
     left = len(gateway.sessions)
     if left:
         log.warning("drain bound (%.1fs) reached with %d connections left: closing them",
                     s.drain_timeout, left)
+    elif holds_pulls(gateway):
+        log.info("drained; closing the node connections of clients' pulls at the bound")
     else:
         log.info("drained: every connection closed")
     return not left
+
+
+def holds_pulls(gateway: Gateway) -> bool:
+    return any(link.holds_pulls() for link in list(gateway.router.links.values()))

@@ -139,7 +139,7 @@ class Forward(Pending):
 
     def dispatch(self) -> None:
         client = self.client
-        if client.closing:
+        if client.closing or self.answer is not None:  # (answered: cut short by the drain)
             return
         link = client.router.by_slot[self.slot]
         if self.retry is not None:
@@ -159,6 +159,8 @@ class Forward(Pending):
             link.send(self, client.index)
 
     def done(self, answer: bytes) -> None:
+        if self.answer is not None:  # cut short by the drain: what its pull leased stays with
+            return  # that node connection, handed back when the gateway exits
         if answer.startswith(ERROR_PREFIX):
             why = refusal(answer)
             if why is not None:
@@ -188,8 +190,10 @@ class Forward(Pending):
     def unavailable(self, text: str) -> None:
         """The owner did not answer: read the topology again once (its pod may have moved
         to a new address, published meanwhile) and send there; else the clear error."""
+        if self.answer is not None:
+            return  # cut short by the drain already
         if self.flags & BLOCKING and self.client.draining:
-            self.cut_short()  # its connection was closed by the drain: the node released it
+            self.cut_short()  # its node connection closed: the node released what it leased
             return
         router = self.client.router
         link = router.by_slot[self.slot]
@@ -206,8 +210,10 @@ class Forward(Pending):
         self.finish(error_line(text, self.rid))
 
     def cut_short(self) -> None:
-        """A draining gateway ends a pull that may wait: it leased nothing the client will
-        get (what its node leased on the closed connection went back), so it was not run."""
+        """A draining gateway ends a pull that may wait: the client gets nothing from it, so
+        for the client it was not run. Its node connection stays open until the gateway
+        exits (the jobs the client pulled over it earlier stay leased meanwhile, for it to
+        settle); a job the node leases on it from now on is handed back then."""
         self.finish(error_line(DRAINING, self.rid))
         self.client.farewell()
 

@@ -44,7 +44,7 @@ from shardq.errors import AuthenticationRequired, ShardqError
 from shardq.wire.protocol import parse_line, req_id_of
 from shardq_server.line_session import LineSession, TooLong, too_slow
 
-from .inflight import DRAINING, Pending, Split, error_line, local
+from .inflight import BLOCKING, DRAINING, Forward, Pending, Split, error_line, local
 from .leases import Leases
 from .routes import ROUTES, command_name, unknown
 from .subscriptions import Subscriptions
@@ -115,8 +115,9 @@ class ClientSession(LineSession):
 
     def _lost(self) -> None:
         self.sessions.discard(self)
-        for conn in self.pulls.values():
-            conn.close()  # the node hands back what it leased on them
+        if not self.farewell_said:  # (a drained client's stay open until the gateway exits)
+            for conn in self.pulls.values():
+                conn.close()  # the node hands back what it leased on them
         self.pulls.clear()
         if self.subs is not None:
             self.subs.close()
@@ -236,12 +237,14 @@ class ClientSession(LineSession):
     def drain(self) -> None:
         """The gateway stops: from now on a line runs only if it settles a job this client
         holds; any other is answered ``GatewayDraining`` and nothing after it runs. A pull
-        that waits is cut short the same way. The connection ends with that answer, or with
-        an unasked one once nothing of the client's is in flight and it holds no jobs."""
+        that waits is cut short the same way (``Forward.cut_short``). The connection ends
+        with that answer, or with an unasked one once nothing of the client's is in flight
+        and it holds no jobs."""
         self.draining = True
-        for conn in self.pulls.values():
-            conn.close()  # its pull comes back as ``cut_short`` (inflight.py)
-        self.pulls.clear()
+        for call in list(self.fifo):
+            if type(call) is Forward and call.flags & BLOCKING and call.answer is None:
+                call.cut_short()
+                break  # the lines behind a waiting pull have not run: they are dropped
         self._farewell_if_idle()
 
     def farewell(self) -> None:
