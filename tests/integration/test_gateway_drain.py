@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from shardq import AsyncClient
-from shardq.errors import GatewayDraining
+from shardq.errors import GatewayDraining, Unavailable, error_from_text
 
 from ..balancer import Balancer
 from ..cluster import Cluster, blocked_pulls
@@ -252,6 +252,36 @@ async def test_a_waiting_pull_is_cut_short_by_the_drain_and_the_sdk_sends_it_els
     assert first.proc.returncode == 0
 
 
+async def test_a_job_pulled_by_a_waiting_pull_can_be_acked_elsewhere_after_the_drain(
+    cluster: Cluster, gateways: list[GatewayProc], balancer: Balancer,
+) -> None:
+    """The SDK's workers pull on connections of their own: the drain keeps the node
+    connection those jobs are leased on until the gateway exits, so a worker still running
+    one when its connections are drained acks it through the other gateway."""
+    first = await start(cluster, gateways, balancer)
+    await eventually(lambda: balancer.ready_ports() == [first.port], 10, what="first ready")
+    async with AsyncClient(balancer.address) as worker:
+        await worker.push("running", "a long job")
+        job = await worker.pull("running", timeout=5000)  # on a connection of its own
+        assert job is not None
+        await start(cluster, gateways, balancer)
+        await eventually(lambda: len(balancer.ready_ports()) == 2, 10, what="both ready")
+        pulling = set(worker._all) - {worker._main[worker.address]}
+        first.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: worker._main[worker.address].closed, DRAIN_DELAY + 5, 0.05,
+                         what="the worker's idle connection drained (told unasked)")
+        # its next pull goes on the pull connection to the first gateway: refused there (the
+        # connection ends), sent again through the second
+        assert await worker.pull_batch("running", 1, timeout=100) == []
+        assert all(c.closed for c in pulling)
+        assert first.proc.poll() is None  # still holding the job's node connection
+        await worker.ack(job)  # through the second gateway, with the job's lease token
+        assert (await worker.get_job(job.id) or {}).get("state") == "completed"
+    await eventually(lambda: first.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK, 0.05,
+                     what="the first gateway exits at its bound")
+    assert first.proc.returncode == 0
+
+
 async def test_a_request_read_after_the_drain_began_is_refused_not_run_and_nothing_after_it(
     cluster: Cluster, gateways: list[GatewayProc],
 ) -> None:
@@ -311,3 +341,13 @@ def ready(http_port: int, status: int) -> Any:
             return answer.status == status
 
     return check
+
+
+def test_the_draining_refusal_is_an_unavailable_the_sdk_knows_is_safe_to_send_again() -> None:
+    refusal = GatewayDraining()
+    assert refusal.text.startswith("Unavailable: gateway draining, request not executed")
+    parsed = error_from_text(refusal.text)
+    assert isinstance(parsed, GatewayDraining) and isinstance(parsed, Unavailable)
+    # any other Unavailable stays what it was: the SDK does not resend it
+    other = error_from_text("Unavailable: slot 5 is moving, try again")
+    assert type(other) is Unavailable
