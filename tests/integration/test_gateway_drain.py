@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from shardq import AsyncClient
+from shardq import AsyncClient, AsyncWorker, Job
 from shardq.errors import GatewayDraining, Unavailable, error_from_text
 
 from ..balancer import Balancer
@@ -164,6 +165,59 @@ async def test_a_rolling_restart_of_the_gateways_under_load_fails_no_request(
     assert load.duplicates() == 0, load.duplicate_evidence()
     assert codes == [0, 0]
     assert all(t <= DRAIN_TIMEOUT + EXIT_SLACK for t in took), took
+
+
+@pytest.mark.slow
+async def test_sdk_workers_on_waiting_pulls_ride_a_rolling_restart_of_the_gateways(
+    cluster: Cluster, gateways: list[GatewayProc], balancer: Balancer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same rollout with ``AsyncWorker``s (waiting pulls on connections of their own,
+    acks batched on another): every job handled exactly once, no warning from the SDK."""
+    first = await start(cluster, gateways, balancer)
+    second = await start(cluster, gateways, balancer)
+    await eventually(lambda: len(balancer.ready_ports()) == 2, 10, what="both gateways ready")
+    load = SteadyLoad(QUEUES, balancer.address, pause=0.002)
+    handled: dict[int, int] = {}
+
+    def handle(job: Job) -> None:
+        handled[job.data["n"]] = handled.get(job.data["n"], 0) + 1
+
+    workers = [AsyncWorker(q, handle, address=balancer.address, concurrency=4, poll_ms=300)
+               for q in QUEUES]
+    caplog.set_level(logging.WARNING, logger="shardq")
+    runs = [asyncio.create_task(w.run(handle_signals=False)) for w in workers]
+    producers = [asyncio.create_task(load.produce(i)) for i in range(3)]
+    try:
+        await eventually(lambda: len(handled) > 300, 30, what="jobs handled before the restart")
+        took = [await first.terminate()]
+        third = await start(cluster, gateways, balancer)
+        await eventually(lambda: third.port in balancer.ready_ports(), 10,
+                         what="the replacement gateway ready")
+        took.append(await second.terminate())
+        done = len(handled)
+        await eventually(lambda: len(handled) > done + 300, 30, what="jobs handled after")
+    finally:
+        load.stop.set()
+        await asyncio.wait_for(asyncio.gather(*producers), 30)
+        await eventually(lambda: load.pushed <= handled.keys(), 30, 0.05,
+                         what="every pushed job handled",
+                         hint=lambda: f"{len(load.pushed - handled.keys())} not handled")
+        for w in workers:
+            w.stop()
+        await asyncio.wait_for(asyncio.gather(*runs), 30)
+    twice = {n: c for n, c in handled.items() if c > 1}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    print(f"\nworkers through the drain: pushed {len(load.pushed)}, handled {len(handled)}, "
+          f"twice {len(twice)}, push errors {len(load.errors)}, SDK warnings {len(warnings)}, "
+          f"exits after SIGTERM {[f'{t:.2f}s' for t in took]}")
+    assert load.errors == []
+    assert warnings == []
+    assert twice == {}
+    assert [first.proc.returncode, second.proc.returncode] == [0, 0]
+    for node in cluster.nodes:  # every job acked: none left queued or leased
+        stats = await cluster.call(node.settings.name, {"cmd": "STATS"})
+        assert (stats["queued"], stats["processing"]) == (0, 0), stats
 
 
 async def test_pipelined_requests_in_flight_get_every_answer_during_the_drain(
