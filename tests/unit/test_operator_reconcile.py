@@ -21,6 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
+from shardq_gateway.settings import GatewaySettings
 from shardq_operator import reconcile as rc
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "charts" / "shardq" / "crds" / "shardqcluster.yaml"
@@ -355,6 +356,19 @@ def test_the_gateway_gets_its_seeds_in_env_and_listens_everywhere() -> None:
     assert env_of(c)["SHARDQ_SEED"] == {"name": "SHARDQ_SEED",
                                         "value": "10.1.0.4:6789,10.1.0.5:6789"}
     assert c["resources"] == {"limits": {"cpu": "1"}}
+
+
+def test_a_gateway_rollout_starts_the_new_pod_first_and_gives_the_old_one_its_drain() -> None:
+    dep = rc.gateway_deployment("demo", "ns", rc.Spec(), ["a:1"])
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = dep["spec"]["template"]["spec"]
+    # the gateway's --drain-timeout default (20 s) is bounded well inside the grace period
+    assert pod["terminationGracePeriodSeconds"] == rc.GATEWAY_GRACE_SECONDS == 30
+    assert GatewaySettings().drain_timeout + 5 <= pod["terminationGracePeriodSeconds"]
+    probe = container(dep)["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/ready"  # what the drain fails first
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 5
 
 
 def test_disruption_budgets_allow_one_node_and_one_gateway_down() -> None:

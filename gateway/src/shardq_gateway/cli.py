@@ -20,6 +20,10 @@ def gateway_arguments(p: argparse.ArgumentParser) -> None:
     limit_flags(p)
     flag(p, "--seed", "127.0.0.1:6800", help="node addresses host:port[,host:port…]")
     flag(p, "--cluster-token", None, help="token the gateway uses with the nodes")
+    flag(p, "--drain-delay", 5.0, float,
+         help="on SIGTERM: seconds it goes on serving as usual after /ready fails")
+    flag(p, "--drain-timeout", 20.0, float,
+         help="on SIGTERM: seconds from the signal to the exit, at most")
 
 
 def run_gateway(args: argparse.Namespace) -> int:
@@ -31,6 +35,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, http_port=args.http_port,
         seeds=[s for s in args.seed.split(",") if s], tokens=tokens(args.token),
         cluster_token=args.cluster_token, limits=limits(args),
+        drain_delay=args.drain_delay, drain_timeout=args.drain_timeout,
     ))
     return 0
 

@@ -35,6 +35,9 @@ class Client(Protocol):
     #: the jobs this client holds, with their lease tokens
     leases: Leases
 
+    #: the gateway is draining (docs/protocol.md): a pull that would wait is cut short
+    draining: bool
+
     @property
     def closing(self) -> bool:
         """The client left: nothing more is sent for it."""
@@ -63,6 +66,10 @@ class Client(Protocol):
 
     def retry_end(self) -> None:
         """It was answered."""
+
+    def farewell(self) -> None:
+        """A draining gateway answered a request with ``GatewayDraining``: nothing after it
+        on this client's connection runs, and the connection ends once it is written."""
 
     def subscriptions(self) -> Subscriptions:
         """This client's subscriptions (created on first use)."""

@@ -86,6 +86,7 @@ class HttpCall:
     """One request routed in-process: a ``Client`` (clients.py) with one answer to wait for."""
 
     authed = True
+    draining = False
 
     def __init__(self, host: HttpClient, puller: Puller | None = None) -> None:
         self.router = host.router
@@ -141,6 +142,9 @@ class HttpCall:
 
     def retry_end(self) -> None:
         """No request of this caller waits behind it."""
+
+    def farewell(self) -> None:
+        """HTTP calls are not drained one by one (the HTTP server stops as a whole)."""
 
     def subscriptions(self) -> Subscriptions:
         raise InvalidRequest("SUBSCRIBE over HTTP: use GET /events")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shardq.errors import ShardqError, Unavailable
+from shardq.errors import GatewayDraining, ShardqError, Unavailable
 from shardq.wire.retry import ERROR_PREFIX, MOVED, TRYAGAIN, Retry, refusal
 from shardq.wire.slots import SLOTS
 
@@ -64,6 +64,10 @@ def answer_line(answer: dict[str, Any], rid: str | int | None) -> bytes:
     if rid is not None:
         answer["reqId"] = rid
     return orjson.dumps(answer)
+
+
+#: The answer of a request a draining gateway did not run (nor any after it on that connection).
+DRAINING = GatewayDraining().text
 
 
 def moving(slot: int) -> str:
@@ -135,7 +139,7 @@ class Forward(Pending):
 
     def dispatch(self) -> None:
         client = self.client
-        if client.closing:
+        if client.closing or self.answer is not None:  # (answered: cut short by the drain)
             return
         link = client.router.by_slot[self.slot]
         if self.retry is not None:
@@ -155,6 +159,8 @@ class Forward(Pending):
             link.send(self, client.index)
 
     def done(self, answer: bytes) -> None:
+        if self.answer is not None:  # cut short by the drain: what its pull leased stays with
+            return  # that node connection, handed back when the gateway exits
         if answer.startswith(ERROR_PREFIX):
             why = refusal(answer)
             if why is not None:
@@ -162,7 +168,10 @@ class Forward(Pending):
                 return
         elif self.flags:
             if self.flags & FOREVER and answer.startswith(EMPTY_PULL):
-                self.dispatch()
+                if self.client.draining:  # it leased nothing: say so rather than wait again
+                    self.cut_short()
+                else:
+                    self.dispatch()
                 return
             if self.flags & TRACK:
                 self.client.took(answer)
@@ -184,6 +193,11 @@ class Forward(Pending):
         request written to the owner before its connection dropped may have run (its
         record may even live on in a follower that becomes primary): never sent again,
         the client is told it may have been applied."""
+        if self.answer is not None:
+            return  # cut short by the drain already
+        if self.flags & BLOCKING and self.client.draining:
+            self.cut_short()  # its node connection closed: the node released what it leased
+            return
         if self.delivered:
             self.finish(error_line(f"{text} (the request may have been applied)", self.rid))
             return
@@ -200,6 +214,14 @@ class Forward(Pending):
             if router.reread(link, lambda: self._after_reread(link, text)):
                 return
         self.finish(error_line(text, self.rid))
+
+    def cut_short(self) -> None:
+        """A draining gateway ends a pull that may wait: the client gets nothing from it, so
+        for the client it was not run. Its node connection stays open until the gateway
+        exits (the jobs the client pulled over it earlier stay leased meanwhile, for it to
+        settle); a job the node leases on it from now on is handed back then."""
+        self.finish(error_line(DRAINING, self.rid))
+        self.client.farewell()
 
     def _after_reread(self, before: NodeLink, text: str) -> None:
         if self.client.closing:

@@ -18,6 +18,7 @@ from shardq import native
 from shardq_server.auth import Auth
 from shardq_server.running import install_uvloop, until_signalled
 
+from .drain import drain
 from .router import Router
 from .server_tcp import ClientSession, start_tcp
 from .settings import GatewaySettings
@@ -40,6 +41,10 @@ class Gateway:
         self._http: Any = None
         self._http_backend: Any = None
         self.http_port = 0
+        #: SIGTERM came: /ready fails (drain.py); still serving as usual
+        self.draining = False
+        #: the drain closes connections: a new one is drained as soon as it is made
+        self.closing = False
 
     async def start(self) -> None:
         """Read the topology from the seeds (retrying), then listen."""
@@ -76,6 +81,8 @@ class Gateway:
             self.server.close()
         for session in list(self.sessions):
             session.close()
+            if session.transport is not None:
+                session.transport.close()  # one half-closed by the drain, too
         if self.server is not None:
             await self.server.wait_closed()
         await self.router.close()
@@ -86,7 +93,7 @@ class Gateway:
 async def serve(
     settings: GatewaySettings, on_ready: Callable[[Gateway], None] | None = None
 ) -> None:
-    """Start a gateway and run it until SIGTERM/SIGINT."""
+    """Start a gateway and run it until SIGTERM/SIGINT, then drain it (drain.py) and stop."""
     gateway = Gateway(settings)
     await gateway.start()
     log.info("gateway listening on %s:%d (topology epoch %d, %d nodes)", settings.host,
@@ -96,6 +103,7 @@ async def serve(
         on_ready(gateway)
     try:
         await until_signalled()
+        await drain(gateway)
     finally:
         log.info("gateway stopping")
         await gateway.stop()

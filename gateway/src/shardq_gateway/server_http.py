@@ -39,6 +39,7 @@ class GatewayBackend:
     (http_backend.py), the gateway's own metrics, readiness and health."""
 
     def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
         self.router = gateway.router
         self.registry = registry_for(gateway)
         self.requests = HttpRequests(gateway.router, gateway.settings, gateway.next_index())
@@ -55,6 +56,8 @@ class GatewayBackend:
         return exposition(self.registry)
 
     def readiness(self) -> tuple[bool, str]:
+        if self.gateway.draining:  # SIGTERM: out of the Service's endpoints (drain.py)
+            return False, "draining"
         epoch = self.router.epoch
         return (epoch >= 0, "ok" if epoch >= 0 else "no topology yet")
 

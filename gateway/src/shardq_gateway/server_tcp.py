@@ -44,7 +44,7 @@ from shardq.errors import AuthenticationRequired, ShardqError
 from shardq.wire.protocol import parse_line, req_id_of
 from shardq_server.line_session import LineSession, TooLong, too_slow
 
-from .inflight import Pending, Split, error_line, local
+from .inflight import BLOCKING, DRAINING, Forward, Pending, Split, error_line, local
 from .leases import Leases
 from .routes import ROUTES, command_name, unknown
 from .subscriptions import Subscriptions
@@ -68,6 +68,8 @@ MAX_READS = 64
 #: What ``hint`` starts at: four 2 MiB answers in flight at first (8 MiB budget).
 FIRST_HINT = 2 * 1024 * 1024
 DROPPED = b'{"event":"dropped"'
+#: What a client holding jobs may still send to a draining gateway: it settles them.
+SETTLES = frozenset({"ACK", "ACKB", "FAIL", "TOUCH", "PROGRESS", "RELEASE", "AUTH"})
 
 
 class ClientSession(LineSession):
@@ -97,20 +99,31 @@ class ClientSession(LineSession):
         self.pulls: dict[NodeLink, Upstream] = {}
         self.subs: Subscriptions | None = None
         self.dirty = False
+        self.draining = False  # the gateway drains: see ``drain``
+        self.farewell_said = False  # the DRAINING answer is queued: nothing more runs
+        self.late = False  # opened after the drain began: drains as soon as it is made
 
     # -- LineSession ------------------------------------------------------------------------------
 
     def error_line(self, text: str) -> bytes:
         return error_line(text, None)  # answers are joined with newlines when written
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.late and not self.closing:
+            self.drain()
+
     def _lost(self) -> None:
         self.sessions.discard(self)
-        for conn in self.pulls.values():
-            conn.close()  # the node hands back what it leased on them
+        if not self.farewell_said:  # (a drained client's stay open until the gateway exits)
+            for conn in self.pulls.values():
+                conn.close()  # the node hands back what it leased on them
         self.pulls.clear()
         if self.subs is not None:
             self.subs.close()
-        if self.leases:
+        if self.leases and not self.farewell_said:
+            # (a drained client still holds its jobs: it settles them through another
+            # gateway with their tokens; the node hands back the rest when this one exits)
             self._release_leases()
         self.fifo.clear()
         self.held_bytes = 0
@@ -141,6 +154,8 @@ class ClientSession(LineSession):
             if not self._dispatch(line):  # too many large answers on their way
                 self._requeue(lines[n:])
                 return
+            if self.farewell_said:  # the lines after it are not run (docs/protocol.md)
+                return
             room -= len(line)
             if self.blocking or self.retrying or room < 0:
                 self._requeue(lines[n + 1 :])
@@ -170,6 +185,10 @@ class ClientSession(LineSession):
                 raise unknown(req)
             if not self.authed and cmd != "AUTH":
                 raise AuthenticationRequired()
+            if self.draining and not (self.leases and cmd in SETTLES):
+                local(self, error_line(DRAINING, rid))
+                self.farewell()
+                return True
             reads = cmd in READS
             if reads and self.reads >= self._read_window():
                 self.read_wait = True
@@ -212,6 +231,50 @@ class ClientSession(LineSession):
     def _schedule_resume(self) -> None:
         if self.backlog and not self.closing and not self.output_full:
             asyncio.get_running_loop().call_soon(self._resume)
+
+    # -- draining (drain.py) ----------------------------------------------------------------
+
+    def drain(self) -> None:
+        """The gateway stops: from now on a line runs only if it settles a job this client
+        holds; any other is answered ``GatewayDraining`` and nothing after it runs. A pull
+        that waits is cut short the same way (``Forward.cut_short``). The connection ends
+        with that answer, or with an unasked one once nothing of the client's is in flight
+        and it holds no jobs."""
+        self.draining = True
+        for call in list(self.fifo):
+            if type(call) is Forward and call.flags & BLOCKING and call.answer is None:
+                call.cut_short()
+                break  # the lines behind a waiting pull have not run: they are dropped
+        self._farewell_if_idle()
+
+    def farewell(self) -> None:
+        """A ``GatewayDraining`` answer is queued: what the client sent after it is dropped
+        unread (it was not run); the connection half-closes once that answer is written."""
+        self.farewell_said = True
+        self.refusing = True  # LineSession: nothing more is read into lines
+        self.backlog.clear()
+        self.backlog_bytes = 0
+
+    def _farewell_if_idle(self) -> None:
+        if (self.draining and not self.farewell_said and not self.closing and not self.fifo
+                and not self.backlog and not self.leases):
+            local(self, error_line(DRAINING, None))
+            self.farewell()
+
+    def _half_close(self) -> None:
+        """The DRAINING answer is written: send FIN, and read (and drop) what the client still
+        sends until it closes, so its unread bytes never turn into a reset that could lose
+        that answer on the way. ``Gateway.stop`` closes what is left at the drain's bound."""
+        transport = self.transport
+        self.closing = True
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            if self.read_paused:
+                transport.resume_reading()
+        else:
+            transport.close()
 
     # -- Client: what routing and the calls in flight use -------------------------------------
 
@@ -322,6 +385,11 @@ class ClientSession(LineSession):
         if self.close_when_sent and not fifo:
             self.close()
             return
+        if self.draining and not fifo:
+            if self.farewell_said:
+                self._half_close()
+                return
+            self._farewell_if_idle()
         self._update_reading()
         if self.output_full:
             self._drained()
@@ -331,8 +399,10 @@ async def start_tcp(gateway: Gateway, host: str, port: int) -> asyncio.AbstractS
     loop = asyncio.get_running_loop()
 
     def session() -> ClientSession:
-        return ClientSession(router=gateway.router, settings=gateway.settings, auth=gateway.auth,
-                             flusher=gateway.flusher, sessions=gateway.sessions,
-                             index=gateway.next_index())
+        new = ClientSession(router=gateway.router, settings=gateway.settings, auth=gateway.auth,
+                            flusher=gateway.flusher, sessions=gateway.sessions,
+                            index=gateway.next_index())
+        new.late = gateway.closing  # a late connection of a draining gateway: told at once
+        return new
 
     return await loop.create_server(session, host, port, reuse_address=True)

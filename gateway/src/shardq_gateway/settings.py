@@ -50,6 +50,12 @@ class GatewaySettings:
     max_line: int = DEFAULT_MAX_LINE
     #: Requests of one client in flight at once; past this, reading from it pauses.
     max_inflight: int = 20_000
+    #: SIGTERM: how long the gateway goes on accepting and serving as usual once ``/ready``
+    #: fails (s), while Kubernetes takes it out of the Service's endpoints (drain.py).
+    drain_delay: float = 5.0
+    #: SIGTERM: the bound (s) from the signal to the exit; keep it below the pod's
+    #: ``terminationGracePeriodSeconds`` (the operator sets 30).
+    drain_timeout: float = 20.0
     #: Output budgets, backlogs, connection caps, HTTP timeouts, nesting (docs/limits.md).
     limits: Limits = field(default_factory=Limits)
 

@@ -378,6 +378,10 @@ class NodeLink:
             f"node {self.name} at {self.address} is not reachable ({self.reason})"
         ).text
 
+    def holds_pulls(self) -> bool:
+        """Are connections of clients' own pulls still open (drain.py waits for them)?"""
+        return any(conn.state != CLOSED for conn in self.dedicated)
+
     def close(self) -> None:
         self.closed = True
         self.reason = "the gateway is stopping"

@@ -210,6 +210,9 @@ class LocalCluster:
         argv = [
             sys.executable, "-m", "shardq.cli", "gateway", "--host", self.host,
             "--port", str(self.port), "--http-port", str(self.http_port), "--seed", seeds,
+            # the one gateway: no Service to take it out, no other gateway to hand clients
+            # to; on stop it tells its clients at once and is gone within 2 s
+            "--drain-delay", "0", "--drain-timeout", "2",
         ]
         return self._spawn(argv, "gateway")  # it speaks to the nodes with a client token
 

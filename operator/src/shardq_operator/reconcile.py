@@ -250,7 +250,16 @@ def statefulset(cluster: str, namespace: str, spec: Spec, replicas: int,
     return sts
 
 
+#: A gateway's drain on SIGTERM (shardq_gateway.drain, docs/kubernetes.md): its default
+#: bound is 20 s (``--drain-timeout``), well inside this.
+GATEWAY_GRACE_SECONDS = 30
+
+
 def gateway_deployment(cluster: str, namespace: str, spec: Spec, seeds: list[str]) -> Manifest:
+    """A rolling update starts the new gateway first (``maxSurge: 1``, ``maxUnavailable: 0``);
+    the old one, on SIGTERM, fails ``/ready`` at once (probed every 2 s, out after two
+    failures), serves as usual for its ``--drain-delay`` while endpoint removal reaches
+    every kube-proxy, then drains its connections within ``GATEWAY_GRACE_SECONDS``."""
     container = {
         "name": "gateway",
         "image": spec.image,
@@ -260,7 +269,7 @@ def gateway_deployment(cluster: str, namespace: str, spec: Spec, seeds: list[str
         "env": [{"name": "SHARDQ_SEED", "value": ",".join(seeds)},
                 *_auth_env(spec, cluster_token=False)],
         "ports": _ports(),
-        "readinessProbe": _probe("/ready"),
+        "readinessProbe": {**_probe("/ready"), "periodSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {**_probe("/health"), "failureThreshold": 6},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "resources": spec.gateway_resources,
@@ -273,11 +282,14 @@ def gateway_deployment(cluster: str, namespace: str, spec: Spec, seeds: list[str
         "spec": {
             "replicas": spec.gateway_replicas,
             "selector": {"matchLabels": labels(cluster, "gateway")},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": labels(cluster, "gateway"),
                              "annotations": {"prometheus.io/scrape": "true",
                                              "prometheus.io/port": str(HTTP_PORT)}},
-                "spec": _pod_spec(spec, container),
+                "spec": _pod_spec(spec, container,
+                                  terminationGracePeriodSeconds=GATEWAY_GRACE_SECONDS),
             },
         },
     }

@@ -16,6 +16,7 @@ from shardq.errors import (
     AuthenticationRequired,
     CronNotFound,
     DuplicateJob,
+    GatewayDraining,
     InternalError,
     InvalidRequest,
     InvalidToken,
@@ -42,7 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient", "AsyncQueue", "AsyncWorker", "AuthenticationRequired", "Client",
-    "CronNotFound", "DuplicateJob", "InternalError", "InvalidRequest", "InvalidToken", "Job",
+    "CronNotFound", "DuplicateJob", "GatewayDraining", "InternalError", "InvalidRequest",
+    "InvalidToken", "Job",
     "JobContext", "JobNotActive", "JobNotFound", "LeaseExpired", "LimitReached", "Moved",
     "PayloadTooLarge",
     "Queue", "QueueFull", "RateLimited", "ShardqConnectionError", "ShardqError", "State",

@@ -4,16 +4,22 @@ Non-blocking commands share one pipelined connection. A blocking pull would
 hold back every answer behind it on its connection (PROTOCOL.md), so each
 pull in flight takes a connection of its own from a small pool; the jobs it
 leases belong to that connection and are returned by the node if it closes.
+
+A request that was certainly not run is sent again on a new connection to the same
+address (through a Service: another gateway), for up to ``RESEND_BUDGET`` seconds:
+one a draining gateway refused (``GatewayDraining``), or one whose connection could not
+be opened (``NotSent``). A request whose answer was lost is never sent again: it may
+have run (``ShardqConnectionError``, as before).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from shardq.connection import DEFAULT_ADDRESS, Connection
-from shardq.errors import Moved, ShardqConnectionError, TryAgain
+from shardq.errors import GatewayDraining, Moved, NotSent, ShardqConnectionError, TryAgain
 from shardq.wire.commands import TABLE, Route
 from shardq.wire.job import Job
 from shardq.wire.retry import MOVED, Retry, kind_of
@@ -23,6 +29,9 @@ from shardq.wire.topology import Topology
 JobRef = int | Job  # an id, or a Job received from the server
 #: Direct mode: how long a request refused for a slot move is retried (seconds).
 DIRECT_RETRY_BUDGET = 5.0
+#: How long a request that was not run (a draining gateway, a connection that could not be
+#: opened) is sent again on a new connection before its error is raised (seconds).
+RESEND_BUDGET = 10.0
 
 
 def _id(job: JobRef) -> int:
@@ -58,6 +67,24 @@ def job_options(
     if depends_on:
         opts["depends_on"] = [_id(j) for j in depends_on]
     return opts
+
+
+async def resend(attempt: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """``attempt()``, again while it fails with a request that was not run: at once the
+    first time (a new connection goes to another gateway), then after growing pauses
+    (shardq.wire.retry), for ``RESEND_BUDGET`` seconds."""
+    retry: Retry | None = None
+    while True:
+        try:
+            return await attempt()
+        except (GatewayDraining, NotSent):
+            if retry is None:
+                retry = Retry(RESEND_BUDGET)
+                continue
+            pause = retry.pause()
+            if pause is None:
+                raise
+            await asyncio.sleep(pause)
 
 
 class AsyncClient:
@@ -136,9 +163,11 @@ class AsyncClient:
 
     async def call(self, req: dict[str, Any]) -> dict[str, Any]:
         if not self.direct:
-            conn = await self._conn(self.address)
-            return await conn.call(req)
+            return await resend(lambda: self._call_main(req))
         return await self._routed(req, blocking=False)
+
+    async def _call_main(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await (await self._conn(self.address)).call(req)
 
     async def _routed(self, req: dict[str, Any], blocking: bool) -> dict[str, Any]:
         """Direct mode: to the owner, refused for a slot move retried as a gateway does
@@ -165,7 +194,7 @@ class AsyncClient:
         """Run a request that may wait on a connection of its own."""
         if self.direct:
             return await self._routed(req, blocking=True)
-        return await self._on_own_connection(self.address, req)
+        return await resend(lambda: self._on_own_connection(self.address, req))
 
     async def _on_own_connection(self, address: str, req: dict[str, Any]) -> dict[str, Any]:
         idle = self._idle.setdefault(address, [])

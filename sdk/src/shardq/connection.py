@@ -3,7 +3,13 @@
 Requests are written as they come; answers arrive strictly in request order,
 so each request waits on a future at the back of a FIFO. Event lines (after
 SUBSCRIBE) are told apart by their ``event`` key and go to ``events``. A
-lost connection fails every waiting request with ``ShardqConnectionError``.
+lost connection fails every waiting request with ``ShardqConnectionError``: their
+outcome is unknown, and they are never sent again here.
+
+A draining gateway (docs/protocol.md) answers ``GatewayDraining`` to the first request
+it did not run, or unasked when nothing is in flight, and runs nothing sent after it on
+that connection: that request and every one still waiting behind it fail with
+``GatewayDraining`` (safe to send again, on a new connection) and the connection closes.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Any
 
 import orjson
 
-from shardq.errors import ShardqConnectionError, error_from_text
+from shardq.errors import GatewayDraining, NotSent, ShardqConnectionError, error_from_text
 
 DEFAULT_ADDRESS = "127.0.0.1:6789"
+DRAINING_TEXT = GatewayDraining().text
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -82,7 +89,7 @@ class Connection:
                 loop.create_connection(lambda: _Protocol(self), host, port), timeout
             )
         except (TimeoutError, OSError) as exc:
-            raise ShardqConnectionError(f"cannot connect to {self.address}: {exc}") from None
+            raise NotSent(f"cannot connect to {self.address}: {exc}") from None
         self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
         if self.token is not None:
             await self.call({"cmd": "AUTH", "token": self.token})
@@ -91,7 +98,7 @@ class Connection:
     def send(self, req: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
         """Write one request now; the future resolves with its answer."""
         if self.closed or self.transport is None:
-            raise ShardqConnectionError(f"connection to {self.address} is closed")
+            raise NotSent(f"connection to {self.address} is closed")
         line = orjson.dumps(req) + b"\n"  # a request that cannot be encoded leaves no trace
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending.append(fut)
@@ -110,13 +117,33 @@ class Connection:
         if type(obj) is dict and "event" in obj and "ok" not in obj:
             self.events.put_nowait(obj)
             return
+        if type(obj) is dict and obj.get("ok") is False and str(obj.get("error")).startswith(
+                DRAINING_TEXT):
+            self._drained()
+            return
         if self.pending:
             fut = self.pending.popleft()
             if not fut.done():
                 fut.set_result(obj)
 
+    def _drained(self) -> None:
+        """A draining gateway ran none of the requests still waiting: they fail with
+        ``GatewayDraining`` (the caller sends them again elsewhere); no more are sent here."""
+        self.closed = True
+        self.error = GatewayDraining()
+        while self.pending:
+            fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(GatewayDraining())
+        if self.transport is not None:
+            self.transport.close()
+
     def _lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if isinstance(self.error, GatewayDraining):
+            self.events.put_nowait(None)
+            self._writable.set()
+            return
         self.error = ShardqConnectionError(
             f"connection to {self.address} lost" + (f": {exc}" if exc else "")
         )

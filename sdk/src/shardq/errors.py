@@ -144,6 +144,18 @@ class Unavailable(ShardqError):
         self.reason = reason
 
 
+class GatewayDraining(Unavailable):
+    """A gateway that is shutting down (SIGTERM) did not run this request, nor any request
+    sent after it on the same connection, and closes that connection: send them again on a
+    new one (through the same Service address: another gateway). The one ``Unavailable``
+    that is always safe to resend (docs/protocol.md, "A gateway that drains")."""
+
+    REASON = "gateway draining, request not executed: send it again on a new connection"
+
+    def __init__(self) -> None:
+        super().__init__(self.REASON)
+
+
 class InternalError(ShardqError):
     """A server failed on one request for a reason of its own (a bug); it logged the cause.
     The request's outcome is unknown, as after a lost connection."""
@@ -155,6 +167,11 @@ class InternalError(ShardqError):
 
 class ShardqConnectionError(ShardqError):
     """The client lost or could not open its connection (client-side only)."""
+
+
+class NotSent(ShardqConnectionError):
+    """The connection could not be opened, or was closed before the request was written:
+    nothing was sent, so the SDK may send it again (client-side only)."""
 
 
 _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], ShardqError]]] = [
@@ -178,6 +195,8 @@ _PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], ShardqError]]] 
     (re.compile(r"^MOVED (\d+)$"), lambda m: Moved(int(m[1]))),
     (re.compile(r"^MOVED (\d+) NOTPRIMARY ?(\S*)$"), lambda m: Moved(int(m[1]), m[2])),
     (re.compile(r"^TRYAGAIN$"), lambda m: TryAgain()),
+    (re.compile(r"^Unavailable: gateway draining, request not executed"),
+     lambda m: GatewayDraining()),
     (re.compile(r"^Unavailable: (.*)$", re.S), lambda m: Unavailable(m[1])),
     (re.compile(r"^Internal: (.*)$", re.S), lambda m: InternalError(m[1])),
 ]
