@@ -303,8 +303,11 @@ class SteadyLoad:
     """Producers push numbered jobs and workers pull and ack them, until ``stop`` is set and
     every pushed job was completed; counts what a test checks: pushed, completed (how often),
     errors, and the longest single request. An ACK whose answer was lost (a node died with
-    it) may have completed its job: such jobs are ``unsure`` until ``settle_unsure`` asks
-    the cluster for their state."""
+    it) may have completed its job: such jobs are ``unsure``. Once ``stop`` is set the
+    workers ask the cluster for their state: a completed one counts as completed, any other
+    is outstanding again (its lease runs out and it is handed out again: the drain waits for
+    it), one the cluster does not know is lost. ``settle_unsure`` does the same for what a
+    drain cut short left unsure."""
 
     def __init__(self, queues: list[str], producer_address: str,
                  worker_address: str | None = None, *, token: str | None = None,
@@ -324,6 +327,7 @@ class SteadyLoad:
         self.completed: dict[int, int] = {}
         self.acked_ids: dict[int, list[int]] = {}  # number -> the job ids acked for it
         self.unsure: set[int] = set()  # numbers whose ACK failed without an answer
+        self.gone: set[int] = set()  # unsure numbers whose job the cluster does not know
         self.longest = 0.0
         self.errors: list[str] = []
         self.stop = asyncio.Event()
@@ -352,7 +356,12 @@ class SteadyLoad:
 
     async def work(self, queues: list[str]) -> None:
         async with AsyncClient(self.worker_address, token=self.token) as c:
-            while not self.stop.is_set() or self.outstanding():
+            while True:
+                if self.stop.is_set() and not self.outstanding():
+                    if not self.unsure:
+                        return
+                    await self._resolve_unsure(c)  # completed, or outstanding again
+                    continue
                 for q in queues:
                     started = time.monotonic()
                     try:
@@ -372,9 +381,25 @@ class SteadyLoad:
                     except ShardqError as exc:
                         self.errors.append(f"work: {exc}")
                         await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
-                if self.stop.is_set() and not self.outstanding():
+                if self.stop.is_set() and not self.outstanding() and not self.unsure:
                     return
                 await asyncio.sleep(self.work_pause)  # the workers' pace, not a wait for a state
+
+    async def _resolve_unsure(self, c: AsyncClient) -> None:
+        """Each unsure number: completed (its lost ACK landed), outstanding again (it did
+        not: the job comes back after its lease), or gone (the cluster does not know it)."""
+        for number in sorted(self.unsure):
+            try:
+                job = await c.get_job(self.ids[number])
+            except ShardqError as exc:
+                self.errors.append(f"settle: {exc}")
+                await asyncio.sleep(self.error_pause)  # back-off after an error (pacing)
+                return
+            self.unsure.discard(number)
+            if job is None:
+                self.gone.add(number)
+            elif job.get("state") == "completed":
+                self.completed.setdefault(number, 1)
 
     async def progressed(self, where: str, jobs: int = 20, timeout: float = 60.0) -> None:
         """Wait until ``jobs`` more jobs were completed: the load works on the cluster as it
@@ -385,7 +410,7 @@ class SteadyLoad:
                          hint=lambda: f"errors: {self.errors[-5:]}")
 
     def outstanding(self) -> set[int]:
-        return self.pushed - self.completed.keys() - self.unsure
+        return self.pushed - self.completed.keys() - self.unsure - self.gone
 
     async def settle_unsure(self) -> None:
         """Count a job whose ACK answer was lost as completed if the cluster says it is."""
