@@ -189,6 +189,10 @@ class Forward(Pending):
             if retry is None or not retry.spent():
                 self._again(TRYAGAIN, 0)
                 return
+        if self.delivered:  # the node may have run it: say so (an unknown outcome)
+            text += "; the request may have been applied"
+            self.finish(error_line(text, self.rid))
+            return
         if not self.looked and link is not None:
             self.looked = True
             if router.reread(link, lambda: self._after_reread(link, text)):
