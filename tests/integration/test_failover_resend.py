@@ -77,8 +77,9 @@ async def test_a_push_the_killed_primary_wrote_is_not_sent_again(tmp_path: Path)
             stopped.clear()
             try:
                 job_id: int | None = await asyncio.wait_for(push, 30)
-            except ShardqError as exc:  # its answer was lost with the primary
+            except ShardqError as exc:  # its answer was lost with the primary: it says so
                 print(f"\nthe push failed: {exc}")
+                assert "may have been applied" in str(exc), exc
                 job_id = None
 
             async def taken() -> bool:  # the shard has a primary again
