@@ -198,8 +198,8 @@ class Forward(Pending):
         if self.flags & BLOCKING and self.client.draining:
             self.cut_short()  # its node connection closed: the node released what it leased
             return
-        if self.delivered:
-            self.finish(error_line(f"{text} (the request may have been applied)", self.rid))
+        if self.delivered:  # the node may have run it: say so (an unknown outcome)
+            self.finish(error_line(f"{text}; the request may have been applied", self.rid))
             return
         router = self.client.router
         link = router.by_slot[self.slot]

@@ -198,6 +198,10 @@ class Upstream(asyncio.Protocol):
         self.state = AUTHING
         auth = _Auth(self, token)
         self.waiting.appendleft(auth)
+        # written like any request: its answer takes one off ``written`` (data_received), so
+        # it must count, or every request after it would count one short and the last one
+        # on a dropped connection would pass for never sent (and be sent again: issue 17)
+        self.written += 1
         self.transport.write(auth.line + b"\n")
 
     def authenticated(self) -> None:

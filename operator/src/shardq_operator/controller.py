@@ -83,9 +83,10 @@ class Controller:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for conn in self._conns.values():
+        # a snapshot: a call failing meanwhile pops its connection from ``_conns``
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
             await conn.close()
-        self._conns.clear()
 
     # -- talking to nodes -------------------------------------------------------------------------
 
