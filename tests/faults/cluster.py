@@ -102,6 +102,9 @@ class FaultCluster:
     shards: int = 3
     replicas: int = 1
     token: str = "faults-cluster-token"
+    #: clients authenticate, and so does the gateway on each of its node connections (as
+    #: every pod the operator makes does: an AUTH line first on each link)
+    client_token: str = "faults-client-token"
     members: dict[str, Member] = field(default_factory=dict)
     shard_names: list[str] = field(default_factory=list)
     gateway: subprocess.Popen[bytes] | None = None
@@ -129,7 +132,8 @@ class FaultCluster:
         seeds = ",".join(m.proxy.address for m in self.members.values())
         self.gateway = self._spawn("gateway", [
             "gateway", "--host", GATEWAY_IP, "--port", str(self.gateway_port),
-            "--http-port", "0", "--seed", seeds,
+            "--http-port", "0", "--seed", seeds, "--token", self.client_token,
+            "--cluster-token", self.token,
         ])
         await self._wait_listening(GATEWAY_IP, self.gateway_port, self.gateway, "gateway")
 
@@ -220,7 +224,7 @@ class FaultCluster:
         m.proc = self._spawn(name, [
             "node", "--name", name, "--host", m.ip, "--port", str(m.port), "--http-port", "0",
             "--data-dir", str(m.data_dir), "--fsync", "always", "--cluster-token", self.token,
-            *STORAGE_FLAGS,
+            "--token", self.client_token, *STORAGE_FLAGS,
         ])
         m.paused = False
 

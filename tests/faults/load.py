@@ -49,9 +49,10 @@ class LoadConfig:
 class Session:
     """One client connection to the gateway, opened again after it failed."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, token: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.token = token
         self.conn: Connection | None = None
 
     async def ready(self) -> bool:
@@ -59,8 +60,8 @@ class Session:
         if self.conn is not None and not self.conn.closed:
             return True
         try:
-            self.conn = await asyncio.wait_for(Connection(self.address).open(self.timeout),
-                                               self.timeout + 1)
+            conn = Connection(self.address, self.token)
+            self.conn = await asyncio.wait_for(conn.open(self.timeout), self.timeout + 1)
             return True
         except (ShardqError, TimeoutError, OSError):
             return False
@@ -88,6 +89,7 @@ class Load:
     def __init__(self, address: str, queues: list[str], history: History,
                  config: LoadConfig | None = None, seed: int = 0) -> None:
         self.address = address
+        self.token: str | None = None  # the client token the gateway wants, if any
         self.seed = seed
         self.queues = queues
         self.history = history
@@ -119,7 +121,7 @@ class Load:
     async def _produce(self, i: int) -> None:
         c = self.config
         name = f"producer-{i}"
-        session = Session(self.address, c.op_timeout)
+        session = Session(self.address, c.op_timeout, self.token)
         n = 0
         try:
             while not self.stop_producing.is_set() and self.pushes < c.max_pushes:
@@ -143,7 +145,7 @@ class Load:
     async def _work(self, i: int) -> None:
         c = self.config
         name = f"worker-{i}"
-        session = Session(self.address, c.op_timeout)
+        session = Session(self.address, c.op_timeout, self.token)
         shift = i * len(self.queues) // max(1, c.workers)
         queues = self.queues[shift:] + self.queues[:shift]
         rnd = random.Random(self.seed * 1000 + i)

@@ -342,6 +342,7 @@ async def _round(cluster: FaultCluster, load: Load, history: History, r: Round, 
                  moves: bool, grow: bool, errors: list[str]) -> None:
     await cluster.start(owning=SHARDS - 1 if moves and grow else None)
     load.address = cluster.address
+    load.token = cluster.client_token
     load.start()
     await eventually(lambda: _oks(history, "push") >= 50, timeout=20,
                      what="50 pushes answered ok before the fault")
