@@ -13,8 +13,7 @@ duplicated from its own records) while something happens:
   same image under a second name): members one at a time, followers first; the failed
   requests the load counted, the total time;
 - the operator pod deleted in the middle of a failover: the next one finishes it;
-- scale 3 -> 5 -> 2 shards (only with ``SHARDQ_RN_LONG=1``: ~3 minutes more than CI's budget
-  for this tier; the test-kubelet tier runs it on every CI run).
+- scale 3 -> 5 -> 2 shards.
 
 Must not: sleep for a state (``eventually``), signal a process it cannot prove is the pod's.
 """
@@ -319,14 +318,14 @@ def test_replicated_rolling_restart_by_image_tag(replicated: Replicated) -> None
     failed = sum(counts["errors"].values())
     print(f"[real-node] rolling restart: {took:.1f}s, failed requests {failed}, switchovers "
           f"{len(r.events('Switchover'))}", flush=True)
-    # failed requests are counted, not bounded: the image change also rolls the gateway
-    # Deployment, and each replaced gateway pod cuts its clients' connections
+    # the image change rolls the gateway Deployment too: each gateway pod drains on SIGTERM
+    # (its readiness off, then refusals that promise "not run") and the SDK sends again
+    # what a draining gateway did not run. Before the drain, 9 and 17 requests failed here;
+    # the target is 0 (measured 0 of 16,984), the bound leaves 2 for a slow machine
+    assert failed <= 2, counts["error_samples"]
     assert_nothing_lost(counts, at_least=50)
 
 
-@pytest.mark.skipif(not os.environ.get("SHARDQ_RN_LONG"),
-                    reason="~3 min beyond CI's budget for this tier: SHARDQ_RN_LONG=1 runs it "
-                           "(the test-kubelet tier scales 3 -> 5 -> 2 shards on every run)")
 def test_replicated_scaling_3_5_2_shards(replicated: Replicated) -> None:
     r = replicated
     r.wait_converged(3)
