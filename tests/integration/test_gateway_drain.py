@@ -65,9 +65,14 @@ class GatewayProc:
         """SIGTERM it and wait until it exits by itself; the seconds that took."""
         sent = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        await eventually(lambda: self.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK + 5,
-                         0.05, what=f"gateway on port {self.port} exits after SIGTERM")
+        await self.exited(DRAIN_TIMEOUT + EXIT_SLACK + 5,
+                          f"gateway on port {self.port} exits after SIGTERM")
         return time.monotonic() - sent
+
+    async def exited(self, within: float, what: str) -> int | None:
+        """Wait until it has exited by itself, at most ``within`` seconds; its exit code."""
+        await eventually(lambda: self.proc.poll() is not None, within, 0.05, what=what)
+        return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -238,8 +243,7 @@ async def test_pipelined_requests_in_flight_get_every_answer_during_the_drain(
     assert goodbye == {"ok": False, "error": GatewayDraining().text}
     assert await client.closed_by_server()
     await client.close()
-    await eventually(lambda: gw.proc.poll() is not None, DRAIN_TIMEOUT, 0.05,
-                     what="the drained gateway exits before its bound")
+    await gw.exited(DRAIN_TIMEOUT, "the drained gateway exits before its bound")
     assert gw.proc.returncode == 0
 
 
@@ -295,8 +299,7 @@ async def test_a_waiting_pull_is_cut_short_by_the_drain_and_the_sdk_sends_it_els
         await start(cluster, gateways, balancer)
         await eventually(lambda: len(balancer.ready_ports()) == 2, 10, what="both ready")
         first.proc.send_signal(signal.SIGTERM)
-        await eventually(lambda: first.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK,
-                         0.05, what="the first gateway drained and exited")
+        await first.exited(DRAIN_TIMEOUT + EXIT_SLACK, "the first gateway drained and exited")
         # sent again, through the second gateway, and waiting there
         assert not pull.done(), f"{pull}\nthe first gateway's log:\n{first.tail()}"
         pushed = await other.push("waiting", "the job")
@@ -331,8 +334,7 @@ async def test_a_job_pulled_by_a_waiting_pull_can_be_acked_elsewhere_after_the_d
         assert first.proc.poll() is None  # still holding the job's node connection
         await worker.ack(job)  # through the second gateway, with the job's lease token
         assert (await worker.get_job(job.id) or {}).get("state") == "completed"
-    await eventually(lambda: first.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK, 0.05,
-                     what="the first gateway exits at its bound")
+    await first.exited(DRAIN_TIMEOUT + EXIT_SLACK, "the first gateway exits at its bound")
     assert first.proc.returncode == 0
 
 
@@ -363,8 +365,7 @@ async def test_a_request_read_after_the_drain_began_is_refused_not_run_and_nothi
     # neither late push ran: only the held job is left (leased, or handed back by the node
     # once the gateway exited: a drained client's jobs are not released with its connection)
     assert stats["queued"] + stats["processing"] == 1, stats
-    await eventually(lambda: gw.proc.poll() is not None, DRAIN_TIMEOUT, 0.05,
-                     what="the drained gateway exits before its bound")
+    await gw.exited(DRAIN_TIMEOUT, "the drained gateway exits before its bound")
 
 
 async def test_the_sdk_sends_a_refused_request_again_through_another_gateway(
@@ -379,8 +380,7 @@ async def test_the_sdk_sends_a_refused_request_again_through_another_gateway(
         await eventually(lambda: len(balancer.ready_ports()) == 1
                          and first.port not in balancer.ready_ports(), 10,
                          what="only the second gateway ready")
-        await eventually(lambda: first.proc.poll() is not None, DRAIN_TIMEOUT + EXIT_SLACK,
-                         0.05, what="the first gateway drained and exited")
+        await first.exited(DRAIN_TIMEOUT + EXIT_SLACK, "the first gateway drained and exited")
         # the client's connection was closed by the drain while idle: the next push goes on
         # a new connection, to the second gateway, and succeeds
         ids = [await client.push("sdk", n) for n in range(2, 12)]
