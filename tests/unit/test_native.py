@@ -91,3 +91,28 @@ def test_a_node_says_once_at_start_that_it_runs_interpreted(tmp_path: Path) -> N
         proc.terminate()
         proc.wait(20)
     assert log.read_text().count("runs interpreted") == 1
+
+
+def test_a_stamped_install_stays_compiled_when_a_layer_keeps_whole_seconds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image copies the compiled files beside freshly installed sources and stamps them;
+    the layer then stores mtimes in whole seconds. Before, the stamp kept the fraction, so
+    every image ran interpreted ("the build is older than shardq/wire/commands.py")."""
+    import hashlib
+
+    package = tmp_path / "shardq"
+    (package / "wire").mkdir(parents=True)
+    source = package / "wire" / "commands.py"
+    source.write_bytes(b"X = 1\n")
+    os.utime(source, ns=(1_796_617_479_249_789_174, 1_796_617_479_249_789_174))
+    manifest = {"sources": {"shardq/wire/commands.py": [
+        0, 0, hashlib.sha256(source.read_bytes()).hexdigest()]}}
+    (package / native.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(native, "_here", lambda: str(package))
+    assert native.stamp().startswith("stamped 1 sources")
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns // 10**9 * 10**9))  # what a tar keeps
+    sources = native._built()
+    assert sources is not None and native._stale(sources) == ""
+    source.write_bytes(b"X = 2\n")  # an edit is still seen
+    assert native._stale(sources) == "shardq/wire/commands.py"

@@ -151,7 +151,12 @@ def stamp() -> str:
                 os.remove(path)
                 return f"{rel} differs from the source compiled: the sources will run"
         st = os.stat(full)
-        entry[0], entry[1] = st.st_size, st.st_mtime_ns
+        # an image layer (a tar) keeps whole seconds: a recorded fraction would make every
+        # source look edited after the build once the layer is unpacked
+        whole = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
+        if whole != st.st_mtime_ns:
+            os.utime(full, ns=(st.st_atime_ns, whole))
+        entry[0], entry[1] = st.st_size, whole
     with open(path, "w", encoding="utf-8") as f:
         json.dump(built, f, indent=1, sort_keys=True)
     return f"stamped {len(built['sources'])} sources: the compiled modules will run"
