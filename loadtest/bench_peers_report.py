@@ -181,9 +181,9 @@ ISSUE18: list[tuple[str, str, tuple[str, str] | None, float, str]] = [
 #: issue 18's targets measured elsewhere (or still to come), each with where
 ISSUE18_ELSEWHERE = [
     ("push, pull and ack rates at 10 M waiting jobs ÷ at 10 k", "≥ 0.8",
-     "the compact-jobs work (issue 18, item 2-3) adds this row"),
+     "loadtest/bench_scale.py (sections Scale), compiled and interpreted"),
     ("recovery from a snapshot, per million jobs", "≤ 1 s",
-     "the compact-jobs work (issue 18, item 2-3) adds this row"),
+     "loadtest/bench_scale.py (sections Scale), compiled and interpreted"),
     ("the rates above at R = 3 ÷ R = 1", "≥ 0.6",
      "loadtest/bench_replication.py (section Replication), compiled only"),
 ]
