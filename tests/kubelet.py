@@ -326,24 +326,20 @@ class Kubelet:
             return fields[path]
         if src.config_map_key_ref is not None:
             ref = src.config_map_key_ref
-            try:
-                cm = core.read_namespaced_config_map(ref.name, self.namespace)
-            except ApiException as exc:
-                if exc.status == 404 and ref.optional:
-                    return None
-                raise
+            cm = _read_optional(core.read_namespaced_config_map, ref.name, self.namespace,
+                                ref.optional)
+            if cm is None:
+                return None
             value = (cm.data or {}).get(ref.key)
             if value is None and not ref.optional:
                 raise RuntimeError(f"configmap {ref.name} has no key {ref.key}")
             return value
         if src.secret_key_ref is not None:
             ref = src.secret_key_ref
-            try:
-                secret = core.read_namespaced_secret(ref.name, self.namespace)
-            except ApiException as exc:
-                if exc.status == 404 and ref.optional:
-                    return None
-                raise
+            secret = _read_optional(core.read_namespaced_secret, ref.name, self.namespace,
+                                    ref.optional)
+            if secret is None:
+                return None
             raw = (secret.data or {}).get(ref.key)
             if raw is None:
                 if ref.optional:
@@ -523,3 +519,14 @@ def _http_ok(ip: str, probe: tuple[str, int]) -> bool:
         return False
     finally:
         conn.close()
+
+
+def _read_optional(read: Any, name: str, namespace: str, optional: bool | None) -> Any:
+    """``read(name, namespace)``; None when the object is missing and the reference is
+    optional (a required one missing raises, as the kubelet fails such a pod)."""
+    try:
+        return read(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404 and optional:
+            return None
+        raise

@@ -1022,6 +1022,14 @@ def _queue_of(topo: dict[str, Any], shard: str, tag: str) -> str:
                 if topo["owners"][slot_of(q)] == shard)
 
 
+def _resume(stopped: list[PodRun]) -> None:
+    """SIGCONT each stopped member, and forget them."""
+    for run in stopped:
+        if run.proc is not None:
+            run.proc.send_signal(signal.SIGCONT)
+    stopped.clear()
+
+
 async def _pushes_again(gateway: str, queue: str, since: float, limit: float) -> float:
     """Seconds from ``since`` until a push to ``queue`` succeeds (each try bounded)."""
     async with AsyncClient(gateway, token=TOKEN) as c:
@@ -1221,10 +1229,7 @@ async def test_replicated_operator_killed_mid_failover_is_finished_by_the_next(
             except AssertionError:
                 print(f"[e2e-k8s] follower stopped {delay}s after the primary: no failover "
                       "began (both silent too long); again", flush=True)
-                for run in stopped:
-                    assert run.proc is not None
-                    run.proc.send_signal(signal.SIGCONT)
-                stopped.clear()
+                _resume(stopped)
                 await async_wait_until("in sync", lambda: r.converged(3), 120, every=0.5,
                                        hint=r.hint)
                 before = (await asyncio.to_thread(r.store))["shards"][shard]
@@ -1239,10 +1244,7 @@ async def test_replicated_operator_killed_mid_failover_is_finished_by_the_next(
         killed = time.monotonic()
         print(f"[e2e-k8s] operator SIGKILLed mid-failover of {shard}: term {mid['term']}, no "
               "primary", flush=True)
-        for run in stopped:
-            assert run.proc is not None
-            run.proc.send_signal(signal.SIGCONT)
-        stopped.clear()
+        _resume(stopped)
         await asyncio.sleep(1.0)  # the shard stays without a primary while no operator runs
         assert not (await asyncio.to_thread(r.store))["shards"][shard]["primary"]
         dep.start_operator()
@@ -1255,9 +1257,7 @@ async def test_replicated_operator_killed_mid_failover_is_finished_by_the_next(
                                hint=r.hint)
         await load.progressed("after the failover")
     finally:
-        for run in stopped:
-            if run.proc is not None:
-                run.proc.send_signal(signal.SIGCONT)
+        _resume(stopped)
         await _finish(load, tasks, "operator killed mid-failover")
     print(f"[e2e-k8s] the next operator finished it: {after['primary']} primary in term "
           f"{after['term']}; pushes worked {took:.1f}s after the kill", flush=True)
