@@ -1146,8 +1146,9 @@ async def test_replicated_primary_sigkill_fails_over_under_load(replicated: Repl
     assert took <= 10.0, took
     # a job completed twice failed here before the gateway stopped sending a request it had
     # delivered to the dead primary again (docs/replication.md)
+    # the load worked before the kill and after the failover: load.progressed() waits for it
+    # (a count of pushes over the whole test is the machine's speed, not the cluster's)
     assert load.lost() == 0 and load.duplicates() == 0
-    assert len(load.pushed) > 50
 
 
 async def test_replicated_lost_volume_rebuilds_as_a_learner(replicated: Replicated) -> None:

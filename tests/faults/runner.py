@@ -27,6 +27,7 @@ import contextlib
 import math
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,20 @@ class Round:
     affected: list[str] = field(default_factory=list)
     rebalance: subprocess.Popen[bytes] | None = None
     overlapped_move: bool = False  # the rebalance was running when the fault started
+    move_held: bool = False  # the rebalance is SIGSTOPped until the fault starts
+
+    def hold_move(self) -> None:
+        """Stop the rebalance (SIGSTOP) so it is still moving slots when the fault lands: on
+        an idle machine a rebalance of this size can be over within the fault's seeded delay.
+        A stopped coordinator is one that is slow between two steps, which any may be."""
+        if self.rebalance is not None and self.rebalance.poll() is None:
+            self.rebalance.send_signal(signal.SIGSTOP)
+            self.move_held = True
+
+    def release_move(self) -> None:
+        if self.move_held and self.rebalance is not None:
+            self.rebalance.send_signal(signal.SIGCONT)
+            self.move_held = False
 
     async def pick_shard(self) -> tuple[dict[str, object], str]:
         """The topology now and a seeded shard among those serving load queues."""
@@ -82,6 +97,7 @@ class Round:
                     **detail: object) -> AsyncIterator[None]:
         """Records the fault's start and end (its heal) in the history."""
         self.affected = queues
+        self.release_move()
         moving = self.rebalance is not None and self.rebalance.poll() is None
         self.overlapped_move = moving
         self.history.fault("start", kind, target, queues, during_move=moving, **detail)
@@ -353,8 +369,12 @@ async def _round(cluster: FaultCluster, load: Load, history: History, r: Round, 
         rebalance = r.rebalance = cluster.start_rebalance(wanted)
         await eventually(lambda: _moved(cluster, epoch), timeout=20, ignore=NOT_YET,
                          what="the rebalance published a new topology")
+        r.hold_move()  # released as the fault starts (Round.fault)
     await asyncio.sleep(r.rnd.uniform(0.05, 0.6))  # the fault lands at a seeded instant
-    await kind.run(r)
+    try:
+        await kind.run(r)
+    finally:
+        r.release_move()
     if moves and not r.overlapped_move:
         errors.append("the rebalance was over before the fault started")
     healed, affected = r.healed_at, set(r.affected)
