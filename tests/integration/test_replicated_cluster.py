@@ -132,16 +132,18 @@ async def test_scaling_3_to_5_to_2_shards_of_3_under_load(tmp_path: Path) -> Non
         topo = await cluster.scale(5, lambda d, t: None)
         assert sorted(topo.shards) == [f"shard-{i}" for i in range(5)] and not topo.moving
         assert len(topo.nodes) == 15
+        await load.progressed("on 5 shards", 100)
         topo = await cluster.scale(2, lambda d, t: None)
         assert sorted(topo.shards) == ["shard-0", "shard-1"] and not topo.moving
         assert set(topo.owners) == {"shard-0", "shard-1"} and len(topo.nodes) == 6
+        await load.progressed("on 2 shards", 100)
         await _finish(load, producers, workers)
     finally:
         await cluster.stop()
     print(f"\nscaling 3->5->2 shards at R=3: {len(load.pushed)} pushed, "
           f"{len(load.completed)} completed, {load.duplicates()} twice, {load.lost()} lost, "
           f"{len(load.errors)} errors {load.errors[:3]}, longest {load.longest * 1000:.0f} ms")
-    assert len(load.pushed) > 300
+    assert len(load.pushed) > 300  # 100 before the scale-up, then two progressed() waits
     assert load.lost() == 0 and load.duplicates() == 0
     assert load.errors == []
 
