@@ -106,15 +106,23 @@ class Server:
         self.stop()
 
 
+#: A profiled node runs its interpreted sources: cProfile sees only Python functions, so
+#: under a compiled build (shardq.native) every compiled function's time would be charged
+#: to its interpreted caller and the profile would name none of them. ``env`` execs, so
+#: the node keeps the PID the benchmark pins.
+PROFILED = ["env", "SHARDQ_PURE=1"]
+
+
 def node_argv(profile_to: Path | None = None, gcstats: bool = False) -> list[str]:
     """How the node is run: memory only, any free port, no HTTP.
 
-    ``profile_to``: under cProfile, writing there; ``gcstats``: through
-    ``node_gcstats.py``, which times the garbage collector (same CLI otherwise).
+    ``profile_to``: under cProfile, writing there, with the interpreted sources
+    (``PROFILED``); ``gcstats``: through ``node_gcstats.py``, which times the garbage
+    collector (same CLI otherwise).
     """
     argv = [sys.executable]
     if profile_to is not None:
-        argv += ["-m", "cProfile", "-o", str(profile_to)]
+        argv = [*PROFILED, sys.executable, "-m", "cProfile", "-o", str(profile_to)]
     argv += [str(HERE / "node_gcstats.py")] if gcstats else ["-m", "shardq.cli"]
     return [
         *argv, "node", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",

@@ -265,15 +265,15 @@ def _median_of(per_round: list[dict[str, float | None]]) -> dict[str, float | No
 #: share a name: ``Replication.ship`` calls ``FollowerLink.ship``, and includes it)
 PRIMARY_FUNCS = [
     ("shipping (build RECORDS, write to both followers)", "replication.py", "ship"),
-    ("reading acks (incl. the commit and releasing answers)", "replication.py", "_session"),
+    ("taking acks (incl. the commit and releasing answers)", "shipping.py", "_acked"),
     ("commit LSN (`advance`, every call)", "replication.py", "advance"),
     ("releasing held answers (`released`)", "runtime.py", "released"),
 ]
 FOLLOWER_FUNCS = [
-    ("the stream (`FollowerStream.feed`)", "replication.py", "feed"),
-    ("append + apply (`follow_records`)", "runtime.py", "follow_records"),
+    ("the stream (`FollowerStream.feed`)", "following.py", "feed"),
+    ("append + apply (`Follower.records`)", "following.py", "records"),
     ("applying (`Engine.apply`)", "engine.py", "apply"),
-    ("acks", "replication.py", "ack"),
+    ("acks", "following.py", "ack"),
 ]
 
 
@@ -315,6 +315,10 @@ async def _profiled(cfg: Config, place: Placement, work: Path, r: int, key: str,
         total, top = bench.top_functions(path, 15)
         role = "primary" if name == NAMES[0] else "follower"
         funcs = cumulative(path, PRIMARY_FUNCS if role == "primary" else FOLLOWER_FUNCS)
+        missing = [label for label, v in funcs.items() if not v["ncalls"]]
+        if r > 1 and missing:  # a function renamed or moved: the breakdown would read 0%
+            raise procs.ServerError(f"the R = {r} {role}'s profile has no calls of "
+                                    f"{missing}: see PRIMARY_FUNCS and FOLLOWER_FUNCS")
         out[role] = {"total_tt": total, "top": top, "funcs": funcs,
                      "file": str(path.relative_to(procs.ROOT))}
     cli.progress(f"  profile R={r} {key}: {m.rate:,.0f} jobs/s under cProfile; primary CPU "

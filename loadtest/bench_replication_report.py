@@ -225,7 +225,9 @@ def where_the_time_goes(res: dict[str, Any]) -> list[str]:
     if profiles:
         out.append(
             "  (Profiles are of the whole process, start-up included, under cProfile with a "
-            "CPU-time clock, `loadtest/node_cpuprofile.py`: time preempted or idle in the "
+            "CPU-time clock, `loadtest/node_cpuprofile.py`, with the interpreted sources "
+            "(`SHARDQ_PURE=1`: cProfile sees Python functions only; the rates above are of "
+            "the compiled build): time preempted or idle in the "
             "event loop is charged to no function; the profiler's cost per call inflates "
             "call-heavy code such as `advance`, so read the shares, not absolute times.)")
     return out

@@ -125,11 +125,13 @@ def node_argv(name: str, data_dir: Path, fsync: str, http_port: int = 0,
               profile_to: Path | None = None) -> list[str]:
     """``shardq node`` with a data directory and (``http_port``) its /metrics, where the
     WAL's fsync times are read; ``profile_to``: under cProfile timed by CPU time
-    (``node_cpuprofile.py``), writing there when it stops."""
+    (``node_cpuprofile.py``) with the interpreted sources (``bench_procs.PROFILED``),
+    writing there when it stops."""
     argv = procs.node_argv()
     if profile_to is not None:
         assert argv[1:3] == ["-m", "shardq.cli"]
-        argv = [argv[0], str(procs.HERE / "node_cpuprofile.py"), str(profile_to), *argv[3:]]
+        argv = [*procs.PROFILED, argv[0], str(procs.HERE / "node_cpuprofile.py"),
+                str(profile_to), *argv[3:]]
     argv[argv.index("--http-port") + 1] = str(http_port)
     return [*argv, "--name", name, "--data-dir", str(data_dir), "--fsync", fsync]
 

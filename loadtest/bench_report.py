@@ -232,6 +232,8 @@ def profile_section(res: dict[str, Any]) -> str:
         "## Where the node spends its time (cProfile)",
         "",
         "_Written by `loadtest/bench.py --profile`: the node runs under `python -m cProfile` "
+        "with its interpreted sources (`SHARDQ_PURE=1`: cProfile sees Python functions only; "
+        "a compiled build's would be charged to their callers) "
         "(one fresh node per workload, stopped with SIGINT so the profile is written). "
         "Profiled throughput is not comparable to the table above. uvloop's loop is C code "
         "that cProfile does not see: its time (epoll, socket reads, idle time before and "
