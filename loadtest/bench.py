@@ -345,13 +345,14 @@ def _gc_line(gc: dict[str, Any] | None) -> str:
 
 
 def _profiled_run(
-    cfg: Config, place: Placement, key: str, fn: Workload, prof: Path | None
+    cfg: Config, place: Placement, key: str, fn: Workload, prof: Path | None, cores: str
 ) -> tuple[C.Measure, dict[str, Any] | None]:
-    """One fresh node (through node_gcstats.py, under cProfile if ``prof``), one workload."""
+    """One fresh node (through node_gcstats.py, under cProfile if ``prof``), one workload,
+    placed as the node table places it (``cores``)."""
     tag = f"node-{'profile' if prof else 'gcstats'}-{key}"
     server = procs.node(OUT_DIR, tag, profile_to=prof, gcstats=True)
     with server:
-        place.apply("split", server)
+        place.apply(cores, server)
         m = asyncio.run(fn(cfg, server.port, "node"))
         place.release()
     code = server.stop()
@@ -364,13 +365,14 @@ def profile(cfg: Config, place: Placement) -> list[dict[str, Any]]:
     """Pipelined PUSH, PUSHB and PUSH→PULL→ACK: once plain (rate, GC time), once under
     cProfile."""
     out = []
-    for key, title, fn in (("pipe", "Pipelined PUSH", pipe_push),
-                           ("batch", f"Batch PUSHB of {cfg.batch_size:,}", batch_push),
-                           ("cycle", "PUSH→PULL→ACK, one request in flight", cycle)):
-        plain, plain_gc = _profiled_run(cfg, place, key, fn, None)
+    for key, title, fn, cores in (
+            ("pipe", "Pipelined PUSH", pipe_push, "split"),
+            ("batch", f"Batch PUSHB of {cfg.batch_size:,}", batch_push, "split"),
+            ("cycle", "PUSH→PULL→ACK, one request in flight", cycle, "same")):
+        plain, plain_gc = _profiled_run(cfg, place, key, fn, None, cores)
         prof = OUT_DIR / f"profile-{key}.prof"
         prof.unlink(missing_ok=True)
-        m, prof_gc = _profiled_run(cfg, place, key, fn, prof)
+        m, prof_gc = _profiled_run(cfg, place, key, fn, prof, cores)
         total, top = top_functions(prof, 25)
         out.append({
             "key": key, "title": title, "rate": m.rate, "jobs": m.jobs, "seconds": m.seconds,
