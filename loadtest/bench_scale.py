@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_report as report
+import orjson
 from bench_inproc import Caller
 
 from shardq import native
@@ -333,6 +334,24 @@ def section(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+#: Where ``--write`` also leaves the figures issue 18's targets table reads
+#: (bench_peers_report.py, the last step of ``make bench``), one file per build.
+SUMMARY = Path(__file__).resolve().parent.parent / "build" / "bench" / "scale-{mode}.json"
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The target figures of one run: the lowest of the rates at the largest size ÷ at the
+    smallest, recovery per million jobs, memory ÷ Redis."""
+    rows = res["rates"]
+    first, last = rows[0], rows[-1]
+    ratios = {k: last[k] / first[k] for k in ("push", "pull", "ack")}
+    rec = res["recovery"]
+    per_m = 1e6 / rec["jobs"]
+    return {"mode": res["mode"], "date": res["date"], "sizes": [first["jobs"], last["jobs"]],
+            "ratios": ratios, "worst": min(ratios.values()),
+            "snapshot_s_per_m": rec["snapshot"] * per_m, "log_s_per_m": rec["log"] * per_m}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--write", help="update this BENCHMARKS.md")
@@ -362,13 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     res["load"] = os.getloadavg()[1]
     build = native.status()
     res["mode"] = "compiled" if build.compiled else "interpreted"
-    res["meta"] = f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, " \
-                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    res["date"] = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    res["meta"] = f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {res['date']}"
     command = " ".join(["loadtest/bench_scale.py", *(argv if argv is not None else sys.argv[1:])])
     body = section(res, command)
     print(body)
     if args.write:
         report.write_section(Path(args.write), _SECTIONS[res["mode"]], body)
+        out = Path(str(SUMMARY).format(mode=res["mode"]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(orjson.dumps(summary(res), option=orjson.OPT_INDENT_2))
     return 0
 
 
